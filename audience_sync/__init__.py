@@ -1,0 +1,66 @@
+"""audience-sync: keep Crisp in step with audiences computed in a warehouse or exported as files.
+
+The library API: ``load_config`` -> ``sync`` -> ``SyncResult``; ``trait_key`` names a trait.
+The ``audience-sync`` command is a thin shell over these.
+"""
+
+from __future__ import annotations
+
+from audience_sync.config import AudienceConfig, Config, load_config
+from audience_sync.diff import Plan, plan
+from audience_sync.engine import AudienceResult, SyncResult, sync
+from audience_sync.errors import (
+    AlreadyRunning,
+    AudienceSyncError,
+    ConfigError,
+    CredentialsError,
+    DestinationError,
+    QuotaExhausted,
+    SafeguardError,
+    SnapshotError,
+    StateError,
+)
+from audience_sync.model import (
+    Change,
+    DeliveryStatus,
+    Identity,
+    Outcome,
+    RunMode,
+    RunStatus,
+    Snapshot,
+    Trigger,
+    UserUpdate,
+)
+from audience_sync.naming import trait_key
+from audience_sync.sources import load_snapshot
+
+__all__ = [
+    "AlreadyRunning",
+    "AudienceConfig",
+    "AudienceResult",
+    "AudienceSyncError",
+    "Change",
+    "Config",
+    "ConfigError",
+    "CredentialsError",
+    "DeliveryStatus",
+    "DestinationError",
+    "Identity",
+    "Outcome",
+    "Plan",
+    "QuotaExhausted",
+    "RunMode",
+    "RunStatus",
+    "SafeguardError",
+    "Snapshot",
+    "SnapshotError",
+    "StateError",
+    "SyncResult",
+    "Trigger",
+    "UserUpdate",
+    "load_config",
+    "load_snapshot",
+    "plan",
+    "sync",
+    "trait_key",
+]

@@ -1,0 +1,364 @@
+"""The ``audience-sync`` command: parses arguments, calls the library, prints results.
+
+Errors are ``AudienceSyncError`` subclasses, each with its exit code (see ``errors.py``);
+tracebacks only with ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from audience_sync.config import DEFAULT_CONFIG_PATH, STATE_URL_ENV, Config, load_config
+from audience_sync.engine import SyncResult, sync
+from audience_sync.errors import AudienceSyncError
+from audience_sync.naming import dropped_non_ascii, trait_key
+from audience_sync.state import StateStore, connect, upgrade
+
+# Wide enough for the history table when the output is a file or a pipe.
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True)
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=DEFAULT_CONFIG_PATH,
+    show_default=True,
+    help="The TOML configuration file.",
+)
+
+
+def _setup_logging(verbose: bool) -> None:
+    """Structured ``key=value`` log lines on stderr; only warnings when a person is watching."""
+    level = logging.DEBUG if verbose else (logging.WARNING if err.is_terminal else logging.INFO)
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s level=%(levelname)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
+        force=True,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logs and full tracebacks.")
+@click.version_option(package_name="audience-sync")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Keep Crisp (or a JSONL file) in step with your audience snapshots."""
+    ctx.obj = {"verbose": verbose}
+    _setup_logging(verbose)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("syncing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("sync", total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield advance
+
+
+@cli.command()
+@config_option
+@click.option(
+    "--audience", "audiences", multiple=True, help="Audience name or key (repeatable); default all."
+)
+@click.option(
+    "--all", "all_audiences", is_flag=True, help="Every configured audience (the default)."
+)
+@click.option("--full", is_flag=True, help="Full resync: resend every member, rebuild the state.")
+@click.option("--dry-run", is_flag=True, help="Show the plan; send and change nothing.")
+@click.option("--retry-failed", is_flag=True, help="Also retry users held after a permanent error.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def run(
+    config_path: Path,
+    audiences: tuple[str, ...],
+    all_audiences: bool,
+    full: bool,
+    dry_run: bool,
+    retry_failed: bool,
+    as_json: bool,
+) -> None:
+    """Sync audiences once, now."""
+    if all_audiences and audiences:
+        raise click.UsageError("--all and --audience cannot be combined")
+    config = load_config(config_path)
+    with _progress(err.is_terminal and not dry_run and not as_json) as progress:
+        result = sync(
+            config,
+            audiences=audiences,
+            full=full,
+            dry_run=dry_run,
+            retry_failed=retry_failed,
+            progress=progress,
+        )
+    if as_json:
+        click.echo(json.dumps(_result_json(result), indent=2, default=str))
+    else:
+        _print_result(result)
+    sys.exit(result.exit_code)
+
+
+def _result_json(result: SyncResult) -> dict[str, Any]:
+    return {
+        "destination": result.destination,
+        "dry_run": result.dry_run,
+        "exit_code": result.exit_code,
+        "audiences": [
+            {
+                "audience": r.audience.name,
+                "key": r.audience.trait_key,
+                "run_id": r.run_id,
+                "mode": r.mode.value,
+                "status": r.status.value,
+                **r.counts,
+                "error": r.error,
+                "rejected": [
+                    {"row": x.row, "user_id": x.user_id, "reason": x.reason} for x in r.rejected
+                ],
+                **({"sample": r.sample} if result.dry_run else {}),
+            }
+            for r in result.audiences
+        ],
+    }
+
+
+_COLUMNS = (
+    "snapshot_rows",
+    "rejected_rows",
+    "entered",
+    "exited",
+    "unchanged",
+    "delivered",
+    "failed",
+    "skipped",
+    "pending",
+)
+_HEADERS = (
+    "rows",
+    "rejected",
+    "entered",
+    "exited",
+    "unchanged",
+    "delivered",
+    "failed",
+    "skipped",
+    "pending",
+)
+
+
+def _print_result(result: SyncResult) -> None:
+    title = (
+        f"{'Plan (dry run, nothing sent)' if result.dry_run else 'Sync'} -> {result.destination}"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("audience")
+    table.add_column("run", justify="right")
+    table.add_column("mode")
+    table.add_column("status")
+    columns = (*_COLUMNS[:5], "pending") if result.dry_run else _COLUMNS
+    for header, column in zip(_HEADERS, _COLUMNS, strict=True):
+        if column in columns:
+            table.add_column(
+                "to send" if result.dry_run and column == "pending" else header, justify="right"
+            )
+    for r in result.audiences:
+        status = "planned" if result.dry_run and r.error is None else r.status.value
+        table.add_row(
+            r.audience.name,
+            str(r.run_id or "-"),
+            r.mode.value,
+            status,
+            *(str(r.counts.get(c, "-")) for c in columns),
+        )
+    out.print(table)
+    for r in result.audiences:
+        for rej in r.rejected:
+            who = f"user_id={rej.user_id}" if rej.user_id is not None else "no user_id"
+            out.print(f"  {r.audience.trait_key}: row {rej.row} rejected ({who}): {rej.reason}")
+        hidden = r.counts.get("rejected_rows", 0) - len(r.rejected)
+        if hidden > 0:
+            out.print(f"  {r.audience.trait_key}: ... and {hidden} more rejected rows")
+        if r.error:
+            out.print(f"  {r.audience.trait_key}: {r.error}", markup=False)
+        for s in r.sample:
+            out.print(f"  {r.audience.trait_key}: would send {json.dumps(s)}", markup=False)
+
+
+@cli.command()
+@click.argument("name")
+def key(name: str) -> None:
+    """Print the trait key for an audience NAME (its snake_case form)."""
+    try:
+        result = trait_key(name)
+    except ValueError as exc:
+        raise AudienceSyncError(str(exc)) from None
+    if dropped_non_ascii(name):
+        err.print(f"warning: non-ASCII characters were dropped from {name!r}; key is {result!r}")
+    click.echo(result)
+
+
+def _state_url(config_path: Path, url: str | None) -> tuple[str, Config | None]:
+    if url:
+        return url, None
+    config = load_config(config_path)
+    return config.state.url, config
+
+
+def _local(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+@cli.command()
+@config_option
+@click.option("--audience", "audiences", multiple=True, help="Only this audience (name or key).")
+@click.option("--limit", default=20, show_default=True, help="How many runs to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--failed", is_flag=True, help="List users waiting for retry, with the reason.")
+@click.option("--user", "user_id", help="Show every change the runs attempted for this user.")
+@click.option("--url", help=f"State database URL (default: from the config, or ${STATE_URL_ENV}).")
+def history(
+    config_path: Path,
+    audiences: tuple[str, ...],
+    limit: int,
+    as_json: bool,
+    failed: bool,
+    user_id: str | None,
+    url: str | None,
+) -> None:
+    """Show recent sync runs (newest first) from the state database."""
+    state_url, config = _state_url(config_path, url)
+    keys = (
+        [a.trait_key for a in config.select(audiences)] if config and audiences else list(audiences)
+    )
+    engine = connect(state_url)
+    try:
+        store = StateStore(engine)
+        columns: tuple[str, ...]
+        if user_id is not None:
+            rows = store.user_changes(user_id, limit=limit)
+            columns = (
+                "at",
+                "run_id",
+                "destination",
+                "audience_name",
+                "trait_key",
+                "value",
+                "outcome",
+                "reason",
+            )
+            title = f"Changes for user {user_id}"
+        elif failed:
+            rows = store.retry_rows(audience_keys=keys, limit=limit)
+            columns = (
+                "audience_key",
+                "user_id",
+                "value",
+                "status",
+                "reason",
+                "status_code",
+                "attempts",
+                "first_at",
+                "last_at",
+            )
+            title = "Users waiting for retry"
+        else:
+            rows = store.runs(audience_keys=keys, limit=limit)
+            columns = (
+                "id",
+                "started_at",
+                "audience_name",
+                "destination",
+                "mode",
+                "trigger",
+                "status",
+                *_COLUMNS,
+                "error",
+            )
+            title = "Sync runs"
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(
+            json.dumps(
+                rows,
+                indent=2,
+                default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v),
+            )
+        )
+        return
+    table = Table(title=f"{title} (times in UTC)", title_justify="left")
+    for column in columns:
+        table.add_column(dict(zip(_COLUMNS, _HEADERS, strict=True)).get(column, column))
+    for row in rows:
+        table.add_row(
+            *(
+                _local(v) if isinstance(v, datetime) else ("" if v is None else str(v))
+                for v in (row.get(c) for c in columns)
+            )
+        )
+    out.print(table)
+    if not rows:
+        out.print("no rows")
+
+
+@cli.group()
+def db() -> None:
+    """Manage the state database schema."""
+
+
+@db.command("upgrade")
+@config_option
+@click.option("--url", help="State database URL (default: from the config).")
+def db_upgrade(config_path: Path, url: str | None) -> None:
+    """Create or migrate the state tables to the current version (Alembic)."""
+    state_url, _ = _state_url(config_path, url)
+    engine = connect(state_url)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    click.echo(
+        f"state database at the current schema: {engine.url.render_as_string(hide_password=True)}"
+    )
+
+
+def main() -> None:
+    """Entry point: map errors to exit codes."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except AudienceSyncError as exc:
+        if "-v" in sys.argv or "--verbose" in sys.argv:
+            raise
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,270 @@
+"""Load ``config/audience-sync.toml`` into one frozen, validated ``Config``.
+
+Every problem is reported before anything is sent, as a ``ConfigError`` naming the file, the key
+(``audiences[1].schedule``) and the audience. Secrets never live here: destinations read them
+from the environment, into types that do not print.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+from apscheduler.triggers.cron import CronTrigger
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from audience_sync.destinations import DestinationSettings, destination_class, kinds
+from audience_sync.errors import ConfigError
+from audience_sync.naming import TRAIT_KEY_PATTERN, trait_key
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "STATE_URL_ENV",
+    "AudienceConfig",
+    "Config",
+    "DestinationConfig",
+    "StateConfig",
+    "load_config",
+]
+
+DEFAULT_CONFIG_PATH = Path("config/audience-sync.toml")
+STATE_URL_ENV = "AUDIENCE_SYNC_STATE_URL"
+DEFAULT_STATE_URL = "sqlite:///audience_sync.db"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StateConfig(_Strict):
+    """``[state]``: where the last synced state and the run history live."""
+
+    url: str = DEFAULT_STATE_URL
+    change_log: bool = True
+    """Write one ``sync_changes`` row per attempted user change."""
+    auto_migrate: bool = True
+    """Bring the schema to the current version at the start of ``run`` and ``serve``."""
+
+
+class AudienceConfig(_Strict):
+    """One ``[[audiences]]`` entry."""
+
+    name: str = Field(min_length=1)
+    key: str | None = None
+    source: Path | None = None
+    query: str | None = None
+    source_url: str | None = None
+    schedule: str | None = None
+
+    @field_validator("key")
+    @classmethod
+    def _key_is_snake_case(cls, v: str | None) -> str | None:
+        if v is not None and not TRAIT_KEY_PATTERN.fullmatch(v):
+            raise ValueError(
+                f"{v!r} is not a valid trait key: use lower-case letters and digits joined by "
+                "single underscores, e.g. 'order_completed_last_30days'"
+            )
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_is_cron(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                CronTrigger.from_crontab(v, timezone="UTC")
+            except ValueError as exc:
+                raise ValueError(
+                    f"{v!r} is not a valid cron expression ({exc}); "
+                    "expected 5 fields: minute hour day month weekday, e.g. '0 */3 * * *'"
+                ) from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        if self.source is not None and (self.query is not None or self.source_url is not None):
+            raise ValueError("give either `source` (a file) or `query` + `source_url`, not both")
+        if self.source is None and self.query is None:
+            raise ValueError("missing `source` (a .csv or .parquet file) or `query` + `source_url`")
+        if self.query is not None and self.source_url is None:
+            raise ValueError("`query` needs `source_url`, the SQLAlchemy URL of the database")
+        if self.source_url is not None and self.query is None:
+            raise ValueError("`source_url` needs `query`, the SQL that selects the members")
+        if self.source is not None and self.source.suffix.lower() not in (".csv", ".parquet"):
+            raise ValueError(f"`source` {str(self.source)!r} must end in .csv or .parquet")
+        if self.key is None:
+            trait_key(self.name)  # raises when the name has nothing to build a key from
+        return self
+
+    @property
+    def trait_key(self) -> str:
+        """The key Crisp receives: the explicit ``key``, else the snake_cased name."""
+        return self.key if self.key is not None else trait_key(self.name)
+
+    @property
+    def source_label(self) -> str:
+        """Where the snapshot comes from, for messages (never the source URL's password)."""
+        return str(self.source) if self.source is not None else "SQL query"
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationConfig:
+    """``[destination]``: the kind, its name in the state tables, and its own validated settings."""
+
+    type: str
+    name: str
+    settings: DestinationSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration. ``path`` is the file it came from."""
+
+    path: Path
+    state: StateConfig
+    destination: DestinationConfig
+    audiences: tuple[AudienceConfig, ...]
+
+    @property
+    def config_dir(self) -> Path:
+        return self.path.parent
+
+    def select(self, names: Sequence[str]) -> tuple[AudienceConfig, ...]:
+        """The audiences named (by name or trait key), in config order; all when none given."""
+        if not names:
+            return self.audiences
+        known = {a.name: a for a in self.audiences} | {a.trait_key: a for a in self.audiences}
+        missing = [n for n in names if n not in known]
+        if missing:
+            listed = ", ".join(repr(a.name) for a in self.audiences)
+            raise ConfigError(
+                f"{self.path}: no audience named {', '.join(map(repr, missing))}; "
+                f"configured audiences: {listed}"
+            )
+        wanted = {known[n].trait_key for n in names}
+        return tuple(a for a in self.audiences if a.trait_key in wanted)
+
+
+def _location(loc: tuple[int | str, ...], raw: Mapping[str, Any]) -> str:
+    """``("audiences", 1, "schedule")`` -> ``audiences[1].schedule (audience 'X')``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    if len(loc) >= 2 and loc[0] == "audiences" and isinstance(loc[1], int):
+        audiences = raw.get("audiences")
+        if isinstance(audiences, list) and loc[1] < len(audiences):
+            entry = audiences[loc[1]]
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                text += f" (audience {entry['name']!r})"
+    return text
+
+
+def _format(path: Path, exc: ValidationError, raw: Mapping[str, Any], prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = _location(tuple(err["loc"]), raw)
+        loc = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling against the configuration reference)"
+        elif err["type"] == "missing":
+            msg = "missing required key"
+        lines.append(f"{path}: {loc}: {msg}" if loc else f"{path}: {msg}")
+    return "\n".join(lines)
+
+
+class _Document(_Strict):
+    state: StateConfig = StateConfig()
+    destination: dict[str, Any]
+    audiences: list[AudienceConfig] = Field(min_length=1)
+
+
+def _destination(path: Path, table: Mapping[str, Any]) -> DestinationConfig:
+    kind = table.get("type")
+    if kind is None:
+        raise ConfigError(f"{path}: destination.type: missing required key (one of {kinds()})")
+    try:
+        cls = destination_class(str(kind))
+    except KeyError:
+        raise ConfigError(
+            f"{path}: destination.type: unknown destination {kind!r}; choose one of {kinds()}"
+        ) from None
+    options = {k: v for k, v in table.items() if k not in ("type", "name")}
+    try:
+        settings = cls.settings_model.model_validate(options)
+    except ValidationError as exc:
+        raise ConfigError(_format(path, exc, table, prefix="destination")) from None
+    name = table.get("name")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ConfigError(f"{path}: destination.name: must be a non-empty string")
+    return DestinationConfig(str(kind), name or cls.default_name(settings), settings)
+
+
+def _check_audiences(path: Path, audiences: list[AudienceConfig]) -> tuple[AudienceConfig, ...]:
+    seen: dict[str, str] = {}
+    resolved = []
+    for i, audience in enumerate(audiences):
+        key = audience.trait_key
+        if key in seen:
+            raise ConfigError(
+                f"{path}: audiences[{i}] (audience {audience.name!r}): trait key {key!r} is "
+                f"already used by audience {seen[key]!r}; give one of them an explicit `key`"
+            )
+        seen[key] = audience.name
+        if audience.source is not None:
+            source = (
+                audience.source if audience.source.is_absolute() else path.parent / audience.source
+            )
+            if not source.is_file() or not os.access(source, os.R_OK):
+                why = "does not exist" if not source.exists() else "is not a readable file"
+                raise ConfigError(
+                    f"{path}: audiences[{i}].source (audience {audience.name!r}): {source} {why}"
+                )
+            audience = audience.model_copy(update={"source": source})
+        resolved.append(audience)
+    return tuple(resolved)
+
+
+def load_config(
+    path: str | Path = DEFAULT_CONFIG_PATH, *, env: Mapping[str, str] | None = None
+) -> Config:
+    """Read, validate and resolve the config at ``path``.
+
+    ``[state] url`` is overridden by ``$AUDIENCE_SYNC_STATE_URL``; relative ``source`` paths are
+    resolved against the config file's folder.
+    """
+    env = os.environ if env is None else env
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: config file not found (pass --config PATH or create {DEFAULT_CONFIG_PATH})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        doc = _Document.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format(path, exc, raw)) from None
+    state = doc.state
+    if env.get(STATE_URL_ENV):
+        state = state.model_copy(update={"url": env[STATE_URL_ENV]})
+    return Config(
+        path=path,
+        state=state,
+        destination=_destination(path, doc.destination),
+        audiences=_check_audiences(path, doc.audiences),
+    )

@@ -1,0 +1,140 @@
+"""A destination that needs no credentials: Segment-spec Identify messages, one JSON per line.
+
+Each audience change becomes one Identify (as Engage sends them), appended to a file and
+``fsync``-ed before its outcomes are confirmed, so the state never runs ahead of the file.
+Useful for trying audience-sync out, and as a hand-off to any tool that reads Segment messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, Self
+
+from audience_sync.destinations.base import Destination, DestinationSettings, TrackEvent
+from audience_sync.errors import DestinationError
+from audience_sync.model import Change, Outcome, UserUpdate
+
+__all__ = ["JsonlDestination", "JsonlSettings", "identify_message"]
+
+
+class JsonlSettings(DestinationSettings):
+    path: Path = Path("out/identify.jsonl")
+    """Output file, relative to the config file's folder; appended to."""
+    space_id: str = "audience-sync"
+    """Written as ``context.personas.space_id`` (Segment's Engage space)."""
+    flush_every: int = 1000
+    """Messages written between two ``fsync`` calls (each confirms that many users)."""
+    fsync: bool = True
+
+
+def computation_id(audience_key: str) -> str:
+    """A stable id for the audience in ``context.personas`` (Segment uses ``aud_...`` ids)."""
+    return "aud_" + hashlib.sha1(audience_key.encode()).hexdigest()[:24]
+
+
+def identify_message(
+    update: UserUpdate, change: Change, *, space_id: str, timestamp: str
+) -> dict[str, Any]:
+    """The Segment Identify that Engage would send for one audience change."""
+    return {
+        "type": "identify",
+        "userId": update.user_id,
+        "traits": {**update.identity.traits(), change.audience_key: change.value},
+        "context": {
+            "personas": {
+                "computation_class": "audience",
+                "computation_key": change.audience_key,
+                "computation_id": computation_id(change.audience_key),
+                "space_id": space_id,
+                "namespace": f"spa_{space_id}",
+            }
+        },
+        "messageId": change.message_id,
+        "timestamp": timestamp,
+        "integrations": {"All": False, "Crisp": True},
+    }
+
+
+class JsonlDestination(Destination):
+    kind = "jsonl"
+    settings_model = JsonlSettings
+    settings: JsonlSettings
+    _file: IO[str] | None = None
+
+    @property
+    def path(self) -> Path:
+        path = self.settings.path
+        return path if path.is_absolute() else self.config_dir / path
+
+    async def __aenter__(self) -> Self:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+        except OSError as exc:
+            raise DestinationError(f"cannot open {self.path} for writing: {exc.strerror}") from None
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _durable(self) -> None:
+        """Flush to the OS and to disk: a confirmed outcome must survive a crash."""
+        assert self._file is not None
+        self._file.flush()
+        if self.settings.fsync:
+            os.fsync(self._file.fileno())
+
+    def _write(self, lines: list[str]) -> None:
+        assert self._file is not None, "use the destination as an async context manager"
+        try:
+            self._file.writelines(lines)
+            self._durable()
+        except OSError as exc:
+            raise DestinationError(f"cannot write to {self.path}: {exc.strerror}") from None
+
+    async def deliver(self, updates: Iterable[UserUpdate]) -> AsyncIterator[list[Outcome]]:
+        timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        lines: list[str] = []
+        confirmed: list[Outcome] = []
+        for update in updates:
+            for change in update.changes:
+                message = identify_message(
+                    update, change, space_id=self.settings.space_id, timestamp=timestamp
+                )
+                lines.append(json.dumps(message, separators=(",", ":")) + "\n")
+            confirmed.append(Outcome.delivered(update.user_id))
+            if len(confirmed) >= self.settings.flush_every:
+                self._write(lines)
+                yield confirmed
+                lines, confirmed = [], []
+        if confirmed:
+            self._write(lines)
+            yield confirmed
+
+    async def track(self, events: Iterable[TrackEvent]) -> list[Outcome]:
+        timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        lines, outcomes = [], []
+        for event in events:
+            message: dict[str, Any] = {
+                "type": "track",
+                "userId": event.user_id,
+                "event": event.event,
+                "properties": event.properties,
+                "messageId": str(uuid.uuid4()),
+                "timestamp": timestamp,
+                "integrations": {"All": False, "Crisp": True},
+            }
+            if event.email is not None:
+                message["context"] = {"traits": {"email": event.email}}
+            lines.append(json.dumps(message, separators=(",", ":")) + "\n")
+            outcomes.append(Outcome.delivered(event.user_id))
+        self._write(lines)
+        return outcomes

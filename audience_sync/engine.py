@@ -1,0 +1,661 @@
+"""One sync run: the only module that calls the stages, in order.
+
+lock -> settle what a crashed run left -> load snapshot -> plan (diff) -> deliver -> record.
+
+All audiences of a run are planned first, then their changes are merged per user, so a
+destination can send one update per user however many audiences changed for them. Outcomes are
+committed as the destination confirms them; the state never moves for a change that was not
+confirmed, and a run stopped at any point leaves the rest pending for the next run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+
+from audience_sync.config import AudienceConfig, Config
+from audience_sync.destinations import Destination, destination_class
+from audience_sync.diff import Plan, plan
+from audience_sync.errors import (
+    AlreadyRunning,
+    AudienceSyncError,
+    CredentialsError,
+    DestinationError,
+    QuotaExhausted,
+    SnapshotError,
+    StateError,
+)
+from audience_sync.model import (
+    IDENTITY_TRAITS,
+    Change,
+    DeliveryStatus,
+    Identity,
+    Outcome,
+    RejectedRow,
+    RunMode,
+    RunStatus,
+    Trigger,
+    UserUpdate,
+)
+from audience_sync.sources import load_snapshot
+from audience_sync.state import Applied, AudienceRef, Lease, RunLock, StateStore, connect, upgrade
+from audience_sync.state.store import Clock, holder_id, schema_is_current, utc_now
+
+__all__ = ["AudienceResult", "SyncResult", "open_destination", "sync"]
+
+log = logging.getLogger("audience_sync")
+
+#: Namespace of the deterministic Segment ``messageId`` of a change.
+MESSAGE_NAMESPACE = uuid.UUID("6f1c3a52-3c1e-4bd4-9a8e-5d2b7f0c9e11")
+#: Confirmed outcomes are committed at least this often (a crash re-sends at most this window).
+COMMIT_EVERY_OUTCOMES = 1000
+COMMIT_EVERY_SECONDS = 1.0
+SAMPLE_SIZE = 5
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(slots=True)
+class AudienceResult:
+    """What happened to one audience in a run (its ``sync_runs`` row, as a value)."""
+
+    audience: AudienceConfig
+    status: RunStatus
+    mode: RunMode
+    run_id: int | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    error_type: type[AudienceSyncError] | None = None
+    rejected: tuple[RejectedRow, ...] = ()
+    sample: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SyncResult:
+    """All audiences of one ``sync`` call."""
+
+    destination: str
+    dry_run: bool
+    audiences: list[AudienceResult]
+    cost: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when all succeeded; else the most severe audience's code (see ``errors``)."""
+        codes = [0]
+        for r in self.audiences:
+            if r.error_type is not None:
+                codes.append(r.error_type.exit_code)
+            elif r.status is RunStatus.FAILED:
+                codes.append(AudienceSyncError.exit_code)
+            elif r.counts.get("rejected_rows"):
+                codes.append(SnapshotError.exit_code)
+            elif r.status in (RunStatus.PARTIAL, RunStatus.INTERRUPTED):
+                codes.append(PARTIAL_EXIT_CODE)
+        severity = [0, PARTIAL_EXIT_CODE, 4, 1, 6, 7, 3]
+        return max(codes, key=severity.index)
+
+
+PARTIAL_EXIT_CODE = 5
+
+
+def open_destination(config: Config, state: sa.Engine) -> Destination:
+    """The configured destination, ready to be entered (``async with``)."""
+    cls = destination_class(config.destination.type)
+    return cls(
+        config.destination.settings,
+        name=config.destination.name,
+        state=state,
+        config_dir=config.config_dir,
+    )
+
+
+def input_hash(value: bool, identity: Identity) -> str:
+    """Fingerprint of what a change sends: a held failure is retried once it changes."""
+    text = "\x1f".join([str(value), *(getattr(identity, k) or "" for k in IDENTITY_TRAITS)])
+    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+
+
+@dataclass(slots=True)
+class _AudienceRun:
+    """The engine's working state for one audience during a run."""
+
+    config: AudienceConfig
+    ref: AudienceRef
+    lease: Lease
+    run_id: int
+    mode: RunMode
+    members: pd.DataFrame
+    plan: Plan
+    retry: pd.DataFrame
+    counts: dict[str, int]
+    rejected: tuple[RejectedRow, ...]
+    held_failed: int = 0
+    resend: set[str] = field(default_factory=set)
+    retry_ids: set[str] = field(default_factory=set)
+    batch: Applied | None = None
+
+    def applied(self) -> Applied:
+        if self.batch is None:
+            self.batch = Applied(self.ref.id, self.run_id)
+        return self.batch
+
+
+class _Run:
+    """One call of ``sync``: plans, delivery and the commits in between."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: StateStore,
+        lock: RunLock,
+        destination: Destination,
+        *,
+        full: bool,
+        retry_failed: bool,
+        trigger: Trigger,
+        progress: Progress | None,
+        should_stop: Callable[[], bool],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.lock = lock
+        self.destination = destination
+        self.full = full
+        self.retry_failed = retry_failed
+        self.trigger = trigger
+        self.progress = progress
+        self.should_stop = should_stop
+        self.runs: list[_AudienceRun] = []
+        self.done = 0
+
+    # -- planning --------------------------------------------------------------------------
+
+    def prepare(self, audience: AudienceConfig) -> AudienceResult | None:
+        """Lock, start the run row, load and plan one audience; a result when it cannot go on."""
+        dest = self.destination.name
+        ref = self.store.audience(dest, audience.trait_key, audience.name)
+        mode = (
+            RunMode.FULL
+            if self.full
+            else (RunMode.INCREMENTAL if self.store.has_succeeded(ref.id) else RunMode.INITIAL)
+        )
+        try:
+            lease = self.lock.acquire(ref, holder_id())
+        except AlreadyRunning as exc:
+            log.warning("audience=%s status=locked %s", audience.trait_key, exc)
+            return AudienceResult(
+                audience, RunStatus.FAILED, mode, error=str(exc), error_type=AlreadyRunning
+            )
+        # We hold the lock, so any run still marked running died without finishing.
+        if self.store.mark_interrupted(
+            ref.id, reason="the process running it stopped (crash or kill)"
+        ):
+            log.warning(
+                "audience=%s marked an earlier unfinished run interrupted", audience.trait_key
+            )
+        run_id = self.store.start_run(ref, mode=mode.value, trigger=self.trigger.value)
+        self.lock.attach_run(lease, run_id)
+        log.info("audience=%s run=%d mode=%s started", audience.trait_key, run_id, mode.value)
+        try:
+            snapshot = load_snapshot(audience)
+        except SnapshotError as exc:
+            self.store.finish_run(run_id, RunStatus.FAILED, str(exc))
+            self.lock.release([lease])
+            log.error("audience=%s run=%d status=failed %s", audience.trait_key, run_id, exc)
+            return AudienceResult(
+                audience, RunStatus.FAILED, mode, run_id, error=str(exc), error_type=SnapshotError
+            )
+        synced = self.store.members(ref.id)
+        the_plan = plan(snapshot.members.index, synced, full=self.full, held=snapshot.held)
+        counts = {
+            "snapshot_rows": snapshot.rows,
+            "rejected_rows": snapshot.rejected_count,
+            "entered": len(the_plan.entered),
+            "exited": len(the_plan.exited),
+            "unchanged": the_plan.unchanged,
+            "delivered": 0,
+            "failed": 0,
+            "skipped": 0,
+            "pending": the_plan.sends,
+        }
+        self.store.update_run(run_id, **counts)
+        run = _AudienceRun(
+            audience,
+            ref,
+            lease,
+            run_id,
+            mode,
+            snapshot.members,
+            the_plan,
+            self.store.retry_queue(ref.id),
+            counts,
+            snapshot.rejected,
+            resend=set(the_plan.resend) if len(the_plan.resend) else set(),
+        )
+        self._settle_retry_queue(run)
+        self.runs.append(run)
+        for r in snapshot.rejected[:SAMPLE_SIZE]:
+            log.warning(
+                "audience=%s source=%s row=%d user_id=%s rejected: %s",
+                audience.trait_key,
+                snapshot.source,
+                r.row,
+                r.user_id,
+                r.reason,
+            )
+        return None
+
+    def _settle_retry_queue(self, run: _AudienceRun) -> None:
+        """Drop retry rows the plan no longer needs; note the ones a permanent error holds."""
+        retry = run.retry
+        if retry.empty:
+            return
+        planned = pd.concat(
+            [
+                pd.Series(True, index=run.plan.entered),
+                pd.Series(True, index=run.plan.resend),
+                pd.Series(False, index=run.plan.exited),
+            ]
+        )
+        planned = planned[~planned.index.duplicated()]
+        wanted = planned.reindex(retry.index)
+        stale = retry.index[wanted.isna() | (wanted != retry["value"])]
+        if len(stale):
+            self.store.drop_retries(run.ref.id, list(stale))
+        run.retry = retry.drop(index=stale)
+        run.retry_ids = set(run.retry.index)
+
+    # -- building per-user updates -----------------------------------------------------------
+
+    def _changes_frame(self) -> pd.DataFrame:
+        parts = []
+        for index, run in enumerate(self.runs):
+            for ids, value in (
+                (run.plan.entered, True),
+                (run.plan.resend, True),
+                (run.plan.exited, False),
+            ):
+                if len(ids):
+                    parts.append(pd.DataFrame({"user_id": ids, "run": index, "value": value}))
+        if not parts:
+            return pd.DataFrame({"user_id": [], "run": [], "value": []})
+        frame = pd.concat(parts, ignore_index=True)
+        # Sorting by user groups each user's changes across audiences into one update.
+        return frame.sort_values(["user_id", "run"], kind="stable", ignore_index=True)
+
+    def _identity(self, user_id: str, runs: Sequence[int]) -> Identity:
+        values: dict[str, str] = {}
+        for i in runs:
+            members = self.runs[i].members
+            if user_id in members.index:
+                row = members.loc[user_id]
+                for k in IDENTITY_TRAITS:
+                    if k not in values and k in members.columns and not pd.isna(row[k]):
+                        values[k] = str(row[k])
+        return Identity(**values)
+
+    def _message_id(self, run: _AudienceRun, user_id: str, value: bool) -> str:
+        # A re-sent change keeps its first attempt's id, so downstream dedup can drop it.
+        first_run = run.run_id
+        if user_id in run.retry_ids:
+            return str(run.retry.at[user_id, "message_id"])
+        key = f"{self.destination.name}\x1f{run.ref.key}\x1f{user_id}\x1f{value}\x1f{first_run}"
+        return str(uuid.uuid5(MESSAGE_NAMESPACE, key))
+
+    def updates(self, frame: pd.DataFrame) -> Iterator[UserUpdate]:
+        """Per-user updates, lazily; a held permanent failure is not re-sent."""
+        users = frame["user_id"].to_numpy()
+        run_index = frame["run"].to_numpy()
+        values = frame["value"].to_numpy()
+        start = 0
+        n = len(frame)
+        while start < n:
+            if self.should_stop():
+                return
+            end = start + 1
+            while end < n and users[end] == users[start]:
+                end += 1
+            user_id = str(users[start])
+            runs = [int(r) for r in run_index[start:end]]
+            identity = self._identity(user_id, runs)
+            changes = []
+            for i, value in zip(runs, values[start:end], strict=True):
+                run = self.runs[i]
+                if self._held(run, user_id, bool(value), identity):
+                    continue
+                changes.append(
+                    Change(
+                        run.ref.key,
+                        run.config.name,
+                        bool(value),
+                        self._message_id(run, user_id, bool(value)),
+                    )
+                )
+            start = end
+            if changes:
+                yield UserUpdate(user_id, identity, tuple(changes))
+
+    def _held(self, run: _AudienceRun, user_id: str, value: bool, identity: Identity) -> bool:
+        if self.retry_failed or user_id not in run.retry_ids:
+            return False
+        row = run.retry.loc[user_id]
+        if row["retryable"] or row["status"] != DeliveryStatus.FAILED.value:
+            return False
+        if row["input_hash"] != input_hash(value, identity):
+            return False  # the user's data changed: worth another try
+        run.held_failed += 1
+        run.counts["pending"] -= 1
+        return True
+
+    # -- recording outcomes ------------------------------------------------------------------
+
+    def record(self, update: UserUpdate, outcome: Outcome) -> None:
+        by_key = {r.ref.key: r for r in self.runs}
+        for change in update.changes:
+            run = by_key[change.audience_key]
+            batch = run.applied()
+            log_row = {
+                "user_id": update.user_id,
+                "trait_key": change.audience_key,
+                "value": change.value,
+                "outcome": outcome.status.value,
+                "reason": outcome.reason,
+            }
+            if self.config.state.change_log:
+                batch.changes.append(log_row)
+            run.counts["pending"] -= 1
+            if outcome.status is DeliveryStatus.DELIVERED:
+                batch.delivered += 1
+                run.counts["delivered"] += 1
+                if not change.value:
+                    batch.removed.append(update.user_id)
+                elif update.user_id not in run.resend:
+                    batch.added.append(update.user_id)
+                if update.user_id in run.retry_ids:
+                    batch.cleared.append(update.user_id)
+                continue
+            previous = run.retry.loc[update.user_id] if update.user_id in run.retry_ids else None
+            if outcome.status is DeliveryStatus.FAILED:
+                batch.failed += 1
+                run.counts["failed"] += 1
+            else:
+                batch.skipped += 1
+                run.counts["skipped"] += 1
+            batch.pending.append(
+                {
+                    "user_id": update.user_id,
+                    "value": change.value,
+                    "status": outcome.status.value,
+                    "reason": outcome.reason,
+                    "status_code": outcome.status_code,
+                    "retryable": outcome.retryable,
+                    "input_hash": input_hash(change.value, update.identity),
+                    "message_id": change.message_id,
+                    "attempts": 1 if previous is None else int(str(previous["attempts"])) + 1,
+                    "first_run_id": (
+                        run.run_id if previous is None else int(str(previous["first_run_id"]))
+                    ),
+                    "first_at": self.store.clock() if previous is None else previous["first_at"],
+                }
+            )
+
+    def commit(self) -> None:
+        batches = [r.batch for r in self.runs if r.batch is not None]
+        if batches:
+            self.store.apply(
+                batches, on_commit=lambda conn: self.lock.renew([r.lease for r in self.runs], conn)
+            )
+        for r in self.runs:
+            r.batch = None
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    async def deliver(self) -> tuple[RunStatus | None, str | None, type[AudienceSyncError] | None]:
+        """Send every planned change; returns how delivery ended (None: it ran to the end)."""
+        frame = self._changes_frame()
+        total = frame["user_id"].nunique() if len(frame) else 0
+        inflight: dict[str, UserUpdate] = {}
+
+        def feed() -> Iterator[UserUpdate]:
+            for update in self.updates(frame):
+                inflight[update.user_id] = update
+                yield update
+
+        last_commit = time.monotonic()
+        pending_outcomes = 0
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            if total:
+                async with self.destination as dest:
+                    async for outcomes in dest.deliver(feed()):
+                        for outcome in outcomes:
+                            self.record(inflight.pop(outcome.user_id), outcome)
+                        pending_outcomes += len(outcomes)
+                        self.done += len(outcomes)
+                        if (
+                            pending_outcomes >= COMMIT_EVERY_OUTCOMES
+                            or time.monotonic() - last_commit >= COMMIT_EVERY_SECONDS
+                        ):
+                            self.commit()
+                            pending_outcomes, last_commit = 0, time.monotonic()
+                        if self.progress is not None:
+                            self.progress(self.done, total)
+        except QuotaExhausted as exc:
+            return RunStatus.PARTIAL, str(exc), None
+        except CredentialsError as exc:
+            return RunStatus.FAILED, str(exc), CredentialsError
+        except DestinationError as exc:
+            return RunStatus.FAILED, str(exc), DestinationError
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            return RunStatus.INTERRUPTED, "stopped by a signal before the run finished", None
+        finally:
+            heartbeat.cancel()
+            self.commit()  # whatever was confirmed is recorded, however delivery ended
+        if self.should_stop():
+            return RunStatus.INTERRUPTED, "stopped by a signal before the run finished", None
+        return None, None, None
+
+    async def _heartbeat(self) -> None:
+        interval = max(self.lock.ttl.total_seconds() / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.to_thread(self.lock.renew, [r.lease for r in self.runs])
+
+    def finish(
+        self, ended: RunStatus | None, error: str | None, error_type: type[AudienceSyncError] | None
+    ) -> list[AudienceResult]:
+        results = []
+        for run in self.runs:
+            counts = run.counts
+            counts["failed"] += run.held_failed
+            status = ended or RunStatus.SUCCEEDED
+            message = error
+            if status is RunStatus.SUCCEEDED and (
+                counts["failed"]
+                or counts["skipped"]
+                or counts["pending"]
+                or counts["rejected_rows"]
+            ):
+                status = RunStatus.PARTIAL
+                message = _partial_reason(counts, run.held_failed)
+            self.store.finish_run(run.run_id, status, message, **counts)
+            log.info(
+                "audience=%s run=%d status=%s %s",
+                run.ref.key,
+                run.run_id,
+                status.value,
+                " ".join(f"{k}={v}" for k, v in counts.items()),
+            )
+            results.append(
+                AudienceResult(
+                    run.config,
+                    status,
+                    run.mode,
+                    run.run_id,
+                    dict(counts),
+                    message,
+                    error_type if status is RunStatus.FAILED else None,
+                    run.rejected,
+                )
+            )
+        self.lock.release([r.lease for r in self.runs])
+        return results
+
+
+def _partial_reason(counts: dict[str, int], held: int) -> str:
+    parts = []
+    if counts["rejected_rows"]:
+        parts.append(f"{counts['rejected_rows']} snapshot rows rejected")
+    if counts["failed"]:
+        note = f" ({held} held after a permanent error; use --retry-failed)" if held else ""
+        parts.append(f"{counts['failed']} users failed{note}")
+    if counts["skipped"]:
+        parts.append(f"{counts['skipped']} users skipped")
+    if counts["pending"]:
+        parts.append(f"{counts['pending']} changes pending")
+    return "; ".join(parts) + "; see `audience-sync history --failed`"
+
+
+def _dry_run(
+    config: Config,
+    engine: sa.Engine,
+    dest_name: str,
+    audiences: Sequence[AudienceConfig],
+    full: bool,
+) -> list[AudienceResult]:
+    store = StateStore(engine)
+    has_state = sa.inspect(engine).has_table("sync_audiences")
+    results = []
+    for audience in audiences:
+        ref = store.find_audience(dest_name, audience.trait_key) if has_state else None
+        mode = (
+            RunMode.FULL
+            if full
+            else (
+                RunMode.INCREMENTAL
+                if ref is not None and store.has_succeeded(ref.id)
+                else RunMode.INITIAL
+            )
+        )
+        try:
+            snapshot = load_snapshot(audience)
+        except SnapshotError as exc:
+            results.append(
+                AudienceResult(
+                    audience, RunStatus.FAILED, mode, error=str(exc), error_type=SnapshotError
+                )
+            )
+            continue
+        synced = store.members(ref.id) if ref is not None else pd.Index([], dtype="string[pyarrow]")
+        p = plan(snapshot.members.index, synced, full=full, held=snapshot.held)
+        sample = [
+            {"user_id": str(u), audience.trait_key: value}
+            for ids, value in ((p.entered, True), (p.resend, True), (p.exited, False))
+            for u in ids[:SAMPLE_SIZE]
+        ][: SAMPLE_SIZE * 2]
+        counts = {
+            "snapshot_rows": snapshot.rows,
+            "rejected_rows": snapshot.rejected_count,
+            "entered": len(p.entered),
+            "exited": len(p.exited),
+            "unchanged": p.unchanged,
+            "pending": p.sends,
+        }
+        results.append(
+            AudienceResult(
+                audience,
+                RunStatus.SUCCEEDED,
+                mode,
+                None,
+                counts,
+                None,
+                None,
+                snapshot.rejected,
+                sample,
+            )
+        )
+    return results
+
+
+def sync(
+    config: Config,
+    *,
+    audiences: Sequence[str] = (),
+    full: bool = False,
+    dry_run: bool = False,
+    retry_failed: bool = False,
+    trigger: Trigger = Trigger.MANUAL,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    clock: Clock = utc_now,
+    destination: Destination | None = None,
+) -> SyncResult:
+    """Sync the selected audiences (all by default) to the configured destination.
+
+    ``dry_run`` plans and reports without changing anything. ``destination`` replaces the
+    configured one (tests inject a fault-injecting destination this way).
+    """
+    selected = config.select(audiences)
+    engine = connect(config.state.url)
+    try:
+        dest = destination or open_destination(config, engine)
+        if dry_run:
+            if sa.inspect(engine).has_table("sync_audiences") and not schema_is_current(engine):
+                raise StateError("the state database needs `audience-sync db upgrade` first")
+            return SyncResult(dest.name, True, _dry_run(config, engine, dest.name, selected, full))
+        if config.state.auto_migrate:
+            upgrade(engine)
+        elif not schema_is_current(engine):
+            raise StateError(
+                "the state database is not at the current schema version; "
+                "run `audience-sync db upgrade` (or set [state] auto_migrate = true)"
+            )
+        store = StateStore(engine, clock)
+        run = _Run(
+            config,
+            store,
+            RunLock(engine, clock=clock),
+            dest,
+            full=full,
+            retry_failed=retry_failed,
+            trigger=trigger,
+            progress=progress,
+            should_stop=should_stop,
+        )
+        results: list[AudienceResult] = []
+        try:
+            for audience in selected:
+                early = run.prepare(audience)
+                if early is not None:
+                    results.append(early)
+            ended, error, error_type = asyncio.run(run.deliver())
+        except BaseException as exc:
+            # Leave no run marked running and no lock held for an error we can see.
+            message = (
+                str(exc) if isinstance(exc, AudienceSyncError) else f"unexpected error: {exc!r}"
+            )
+            status = (
+                RunStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
+            )
+            with contextlib.suppress(Exception):
+                run.finish(
+                    status, message, type(exc) if isinstance(exc, AudienceSyncError) else None
+                )
+            raise
+        results.extend(run.finish(ended, error, error_type))
+        order = {a.trait_key: i for i, a in enumerate(selected)}
+        results.sort(key=lambda r: order[r.audience.trait_key])
+        return SyncResult(dest.name, False, results)
+    finally:
+        engine.dispose()

@@ -1,0 +1,150 @@
+"""Values that flow between the stages: a loaded snapshot, the per-user updates the engine hands
+to a destination, and the per-user outcomes the destination hands back.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pandas as pd
+
+__all__ = [
+    "IDENTITY_TRAITS",
+    "Change",
+    "DeliveryStatus",
+    "Identity",
+    "Outcome",
+    "RejectedRow",
+    "RunMode",
+    "RunStatus",
+    "Snapshot",
+    "Trigger",
+    "UserUpdate",
+]
+
+#: Optional snapshot columns that describe who a user is (Crisp needs ``email`` to create one).
+IDENTITY_TRAITS: tuple[str, ...] = ("email", "name", "phone", "avatar")
+
+
+class RunMode(enum.StrEnum):
+    INITIAL = "initial"
+    INCREMENTAL = "incremental"
+    FULL = "full"
+
+
+class Trigger(enum.StrEnum):
+    MANUAL = "manual"
+    SCHEDULE = "schedule"
+
+
+class RunStatus(enum.StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+class DeliveryStatus(enum.StrEnum):
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedRow:
+    """A snapshot row that was not used, with its 1-based data row number and why."""
+
+    row: int
+    user_id: str | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One audience's validated membership.
+
+    ``members`` is indexed by ``user_id`` (unique, text) with the identity columns that the
+    source provided (a subset of ``IDENTITY_TRAITS``, nullable strings). ``held`` are users whose
+    rows were rejected for a conflict: they are neither entered nor exited this run.
+    """
+
+    source: str
+    members: pd.DataFrame
+    rows: int
+    rejected: tuple[RejectedRow, ...] = ()
+    held: frozenset[str] = frozenset()
+    rejected_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a user is, as far as the snapshot says (all optional)."""
+
+    email: str | None = None
+    name: str | None = None
+    phone: str | None = None
+    avatar: str | None = None
+
+    def traits(self) -> dict[str, str]:
+        """The identity as Segment traits, leaving out what is unknown."""
+        return {k: v for k in IDENTITY_TRAITS if (v := getattr(self, k)) is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One audience membership change for one user: set ``trait_key`` to ``value``."""
+
+    audience_key: str
+    audience_name: str
+    value: bool
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserUpdate:
+    """Everything one run changes for one user, across all audiences in the run.
+
+    A destination may send it as one call (Crisp: one data update with all traits) or one
+    message per change (the Segment-style JSONL output).
+    """
+
+    user_id: str
+    identity: Identity
+    changes: tuple[Change, ...]
+
+    @property
+    def traits(self) -> Mapping[str, bool]:
+        return {c.audience_key: c.value for c in self.changes}
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the destination did with one ``UserUpdate``.
+
+    ``failed`` + ``retryable`` is retried on the next run; ``failed`` and not ``retryable`` is
+    held until the user's input changes or an operator passes ``--retry-failed``; ``skipped``
+    (e.g. no email to create the user) is retried on every run, costing no request.
+    """
+
+    user_id: str
+    status: DeliveryStatus
+    reason: str | None = None
+    retryable: bool = True
+    status_code: int | None = None
+
+    @classmethod
+    def delivered(cls, user_id: str) -> Outcome:
+        return cls(user_id, DeliveryStatus.DELIVERED)
+
+    @classmethod
+    def skipped(cls, user_id: str, reason: str) -> Outcome:
+        return cls(user_id, DeliveryStatus.SKIPPED, reason)
+
+    @classmethod
+    def failed(
+        cls, user_id: str, reason: str, *, retryable: bool = True, status_code: int | None = None
+    ) -> Outcome:
+        return cls(user_id, DeliveryStatus.FAILED, reason, retryable, status_code)

@@ -1,0 +1,19 @@
+"""Sources: load one audience's membership snapshot (a CSV/Parquet file or a SQL query)."""
+
+from __future__ import annotations
+
+from audience_sync.config import AudienceConfig
+from audience_sync.model import Snapshot
+from audience_sync.sources.files import read_file
+from audience_sync.sources.sql import read_query
+from audience_sync.sources.validate import validate
+
+__all__ = ["load_snapshot", "validate"]
+
+
+def load_snapshot(audience: AudienceConfig) -> Snapshot:
+    """Read and validate ``audience``'s snapshot; raises ``SnapshotError`` when unusable."""
+    if audience.source is not None:
+        return validate(read_file(audience.source), str(audience.source))
+    assert audience.query is not None and audience.source_url is not None
+    return validate(read_query(audience.source_url, audience.query), f"query for {audience.name!r}")

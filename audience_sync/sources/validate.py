@@ -1,0 +1,80 @@
+"""Turn raw snapshot rows into a validated ``Snapshot``: one row per member, ids as text.
+
+Nothing is dropped silently: rows with no ``user_id`` and users whose rows disagree are counted
+and reported with their row numbers. Users with conflicting rows are *held*: neither entered nor
+exited this run, so a bad export cannot flip their membership.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from audience_sync.errors import SnapshotError
+from audience_sync.model import IDENTITY_TRAITS, RejectedRow, Snapshot
+
+__all__ = ["MAX_REPORTED_ROWS", "validate"]
+
+#: How many rejected rows are kept with their details (all are counted).
+MAX_REPORTED_ROWS = 50
+
+
+def validate(frame: pd.DataFrame, source: str) -> Snapshot:
+    """Validate ``frame`` (text columns) read from ``source`` into a ``Snapshot``."""
+    frame = frame.rename(columns=lambda c: str(c).strip())
+    if "user_id" not in frame.columns:
+        found = ", ".join(map(repr, frame.columns)) or "none"
+        raise SnapshotError(
+            f"{source}: no `user_id` column (columns found: {found}); every snapshot needs one "
+            "row per member with its user_id"
+        )
+    if frame.columns.duplicated().any():
+        dupes = sorted(set(frame.columns[frame.columns.duplicated()]))
+        raise SnapshotError(f"{source}: duplicate column names {dupes}")
+    traits = [c for c in IDENTITY_TRAITS if c in frame.columns]
+    rows = len(frame)
+    data = pd.DataFrame({c: _clean(frame[c]) for c in ("user_id", *traits)})
+    data.index = pd.RangeIndex(1, rows + 1, name="row")  # 1-based data row numbers
+
+    rejected: list[RejectedRow] = []
+    missing = data["user_id"].isna()
+    rejected_count = int(missing.sum())
+    for row in data.index[missing][:MAX_REPORTED_ROWS]:
+        rejected.append(RejectedRow(int(row), None, "empty user_id"))
+    data = data[~missing]
+
+    # Identical duplicates collapse; users whose duplicate rows disagree are held and reported.
+    data = data.drop_duplicates()
+    repeated = data["user_id"].duplicated(keep=False)
+    held: frozenset[str] = frozenset()
+    if repeated.any():
+        conflicts = data[repeated]
+        held = frozenset(conflicts["user_id"].tolist())
+        rejected_count += len(conflicts)
+        for row, user_id in conflicts["user_id"].items():
+            if len(rejected) < MAX_REPORTED_ROWS:
+                rejected.append(
+                    RejectedRow(
+                        int(str(row)),
+                        str(user_id),
+                        "conflicting duplicate: the same user_id appears with different "
+                        f"{', '.join(traits)}; fix the export so each user has one row",
+                    )
+                )
+        data = data[~repeated]
+
+    members = data.set_index("user_id")
+    members.index = members.index.astype("string[pyarrow]")
+    return Snapshot(
+        source=source,
+        members=members,
+        rows=rows,
+        rejected=tuple(sorted(rejected, key=lambda r: r.row)),
+        held=held,
+        rejected_count=rejected_count,
+    )
+
+
+def _clean(column: pd.Series) -> pd.Series:
+    """Text with surrounding blanks removed; blank becomes missing."""
+    text = column.astype("string[pyarrow]").str.strip()
+    return text.mask(text == "")

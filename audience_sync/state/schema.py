@@ -1,0 +1,113 @@
+"""The state tables, as SQLAlchemy Core metadata (the migrations in ``migrations/`` create them).
+
+Audiences are numbered per destination in ``sync_audiences`` so the large tables
+(``sync_members``, ``sync_changes``) carry a small integer instead of two strings per row.
+Only current members are stored: a user who left is deleted, not flagged.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+__all__ = [
+    "metadata",
+    "sync_audiences",
+    "sync_changes",
+    "sync_locks",
+    "sync_members",
+    "sync_pending",
+    "sync_runs",
+]
+
+metadata = sa.MetaData()
+_ts = sa.DateTime(timezone=True)
+
+sync_audiences = sa.Table(
+    "sync_audiences",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("destination", sa.String(200), nullable=False),
+    sa.Column("audience_key", sa.String(200), nullable=False),
+    sa.Column("audience_name", sa.String(500), nullable=False),
+    sa.Column("created_at", _ts, nullable=False),
+    sa.UniqueConstraint("destination", "audience_key", name="uq_sync_audiences_destination_key"),
+)
+
+sync_members = sa.Table(
+    "sync_members",
+    metadata,
+    sa.Column("audience_id", sa.Integer, sa.ForeignKey("sync_audiences.id"), primary_key=True),
+    sa.Column("user_id", sa.String(255), primary_key=True),
+)
+
+sync_runs = sa.Table(
+    "sync_runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("audience_id", sa.Integer, sa.ForeignKey("sync_audiences.id"), nullable=False),
+    sa.Column("destination", sa.String(200), nullable=False),
+    sa.Column("audience_key", sa.String(200), nullable=False),
+    sa.Column("audience_name", sa.String(500), nullable=False),
+    sa.Column("mode", sa.String(16), nullable=False),
+    sa.Column("trigger", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("started_at", _ts, nullable=False),
+    sa.Column("finished_at", _ts),
+    sa.Column("snapshot_rows", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("rejected_rows", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("entered", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("exited", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("unchanged", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("delivered", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("failed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("skipped", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("pending", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("error", sa.Text),
+    sa.Column("host", sa.String(255)),
+    sa.Column("pid", sa.Integer),
+    sa.Index("ix_sync_runs_audience_started", "audience_id", "started_at"),
+)
+
+sync_pending = sa.Table(
+    "sync_pending",
+    metadata,
+    sa.Column("audience_id", sa.Integer, sa.ForeignKey("sync_audiences.id"), primary_key=True),
+    sa.Column("user_id", sa.String(255), primary_key=True),
+    sa.Column("value", sa.Boolean, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("status_code", sa.Integer),
+    sa.Column("retryable", sa.Boolean, nullable=False),
+    sa.Column("input_hash", sa.String(32), nullable=False),
+    sa.Column("message_id", sa.String(36), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("first_run_id", sa.Integer, nullable=False),
+    sa.Column("last_run_id", sa.Integer, nullable=False),
+    sa.Column("first_at", _ts, nullable=False),
+    sa.Column("last_at", _ts, nullable=False),
+)
+
+sync_changes = sa.Table(
+    "sync_changes",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("sync_runs.id"), nullable=False),
+    sa.Column("user_id", sa.String(255), nullable=False),
+    sa.Column("trait_key", sa.String(200), nullable=False),
+    sa.Column("value", sa.Boolean, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("at", _ts, nullable=False),
+    sa.Index("ix_sync_changes_user", "user_id"),
+    sa.Index("ix_sync_changes_run", "run_id"),
+)
+
+sync_locks = sa.Table(
+    "sync_locks",
+    metadata,
+    sa.Column("audience_id", sa.Integer, sa.ForeignKey("sync_audiences.id"), primary_key=True),
+    sa.Column("run_id", sa.Integer),
+    sa.Column("holder", sa.String(255), nullable=False),
+    sa.Column("acquired_at", _ts, nullable=False),
+    sa.Column("expires_at", _ts, nullable=False),
+)

@@ -1,0 +1,1 @@
+"""Alembic scripts for the state database (shipped as ``audience_sync.migrations``)."""

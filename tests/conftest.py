@@ -1,0 +1,102 @@
+"""Shared fixtures: every state-touching test runs on SQLite and on a real PostgreSQL.
+
+PostgreSQL comes from ``AUDIENCE_SYNC_TEST_PG_URL`` (``scripts/with-postgres`` sets it up). Each
+test gets its own PostgreSQL schema, so tests never see each other's tables. Without the
+variable the PostgreSQL half is skipped locally, but fails under CI (``CI=true``) or
+``AUDIENCE_SYNC_REQUIRE_PG=1``: a PostgreSQL that cannot be reached is never silently skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+PG_URL_ENV = "AUDIENCE_SYNC_TEST_PG_URL"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pg_required() -> bool:
+    return (
+        os.environ.get("CI", "").lower() == "true"
+        or os.environ.get("AUDIENCE_SYNC_REQUIRE_PG") == "1"
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL to an empty state database; the test runs once per backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+        return
+    base = os.environ.get(PG_URL_ENV)
+    if not base:
+        if _pg_required():
+            pytest.fail(f"{PG_URL_ENV} is not set: PostgreSQL tests cannot be skipped in CI")
+        pytest.skip(f"set {PG_URL_ENV} (or run scripts/with-postgres) for the PostgreSQL half")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base)
+    try:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at {PG_URL_ENV} is not reachable: {exc.orig}")
+    sep = "&" if "?" in base else "?"
+    yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+def write_config(
+    path: Path,
+    *,
+    state_url: str,
+    audiences: list[dict[str, Any]],
+    destination: dict[str, Any] | None = None,
+    extra: str = "",
+) -> Path:
+    """Write a TOML config (values rendered with repr-compatible TOML literals)."""
+
+    def literal(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return repr(value)
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    destination = destination or {"type": "jsonl", "path": "out.jsonl"}
+    lines = ["[state]", f"url = {literal(state_url)}", "", "[destination]"]
+    lines += [f"{k} = {literal(v)}" for k, v in destination.items()]
+    for audience in audiences:
+        lines += ["", "[[audiences]]"] + [f"{k} = {literal(v)}" for k, v in audience.items()]
+    path.write_text("\n".join(lines) + "\n" + textwrap.dedent(extra), encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+    return path
+
+
+def cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the real, installed ``audience-sync`` console script."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "audience-sync"), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
