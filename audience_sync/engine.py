@@ -177,6 +177,7 @@ class _Run:
         self.progress = progress
         self.should_stop = should_stop
         self.runs: list[_AudienceRun] = []
+        self.by_key: dict[str, _AudienceRun] = {}
         self.done = 0
 
     # -- planning --------------------------------------------------------------------------
@@ -245,6 +246,7 @@ class _Run:
         )
         self._settle_retry_queue(run)
         self.runs.append(run)
+        self.by_key[run.ref.key] = run
         for r in snapshot.rejected[:SAMPLE_SIZE]:
             log.warning(
                 "audience=%s source=%s row=%d user_id=%s rejected: %s",
@@ -361,9 +363,8 @@ class _Run:
     # -- recording outcomes ------------------------------------------------------------------
 
     def record(self, update: UserUpdate, outcome: Outcome) -> None:
-        by_key = {r.ref.key: r for r in self.runs}
         for change in update.changes:
-            run = by_key[change.audience_key]
+            run = self.by_key[change.audience_key]
             batch = run.applied()
             log_row = {
                 "user_id": update.user_id,
