@@ -471,7 +471,12 @@ class _Run:
         interval = max(self.lock.ttl.total_seconds() / 3, 0.05)
         while True:
             await asyncio.sleep(interval)
-            await asyncio.to_thread(self.lock.renew, [r.lease for r in self.runs])
+            try:
+                await asyncio.to_thread(self.lock.renew, [r.lease for r in self.runs])
+            except StateError as exc:
+                # The next commit renews inside its transaction and stops the run on this.
+                log.error("lock heartbeat: %s", exc)
+                return
 
     def finish(
         self, ended: RunStatus | None, error: str | None, error_type: type[AudienceSyncError] | None
