@@ -42,13 +42,13 @@ def validate(frame: pd.DataFrame, source: str) -> Snapshot:
         rejected.append(RejectedRow(int(row), None, "empty user_id"))
     data = data[~missing]
 
-    # Identical duplicates collapse; users whose duplicate rows disagree are held and reported.
-    data = data.drop_duplicates()
-    repeated = data["user_id"].duplicated(keep=False)
-    held: frozenset[str] = frozenset()
-    if repeated.any():
+    # Identical duplicates collapse; users whose duplicate rows disagree are held and every one
+    # of their rows is reported (also a row identical to another of the held user's rows).
+    distinct_ids = data.drop_duplicates()["user_id"]
+    held: frozenset[str] = frozenset(distinct_ids[distinct_ids.duplicated()].tolist())
+    if held:
+        repeated = data["user_id"].isin(held)
         conflicts = data[repeated]
-        held = frozenset(conflicts["user_id"].tolist())
         rejected_count += len(conflicts)
         for row, user_id in conflicts["user_id"].items():
             if len(rejected) < MAX_REPORTED_ROWS:
@@ -61,6 +61,7 @@ def validate(frame: pd.DataFrame, source: str) -> Snapshot:
                     )
                 )
         data = data[~repeated]
+    data = data.drop_duplicates()
 
     members = data.set_index("user_id")
     members.index = members.index.astype("string[pyarrow]")
