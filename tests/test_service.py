@@ -340,3 +340,26 @@ def test_run_stops_cleanly_on_sigterm(tmp_path: Path, state_url: str, db: Any) -
     (run,) = db("select * from sync_runs")
     assert run["status"] == "interrupted"
     assert len(sent_user_ids(out)) == run["delivered"] == len(db_ids(db))
+
+
+def test_serve_writes_prometheus_textfile(tmp_path: Path, state_url: str, db: Any) -> None:
+    users_csv(tmp_path / "a.csv", 5)
+    config = write_config(
+        tmp_path / "c.toml",
+        state_url=state_url,
+        audiences=[{"name": "Aud A", "source": "a.csv", "interval": "1s"}],
+        extra='\n[service]\nmetrics_textfile = "metrics/audience_sync.prom"\n',
+    )
+    log = tmp_path / "serve.log"
+    proc = launch("serve", "--config", str(config), log=log)
+    prom = tmp_path / "metrics" / "audience_sync.prom"
+    try:
+        wait_for("metrics", lambda: prom.exists() and "succeeded" in prom.read_text())
+    finally:
+        assert stop(proc) == 0
+    text = prom.read_text()
+    assert (
+        'audience_sync_runs_total{audience="aud_a",destination="jsonl",status="succeeded"}' in text
+    )
+    assert 'audience_sync_changes_delivered_total{audience="aud_a",destination="jsonl"} 5.0' in text
+    assert "audience_sync_last_run_duration_seconds" in text
