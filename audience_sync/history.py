@@ -7,7 +7,7 @@ Library functions over the state tables; ``cli.py`` only prints what they return
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -146,14 +146,15 @@ def status(config: Config, engine: sa.Engine, *, now: datetime) -> StatusReport:
         last_start: datetime | None = last[0]["started_at"] if last else None
         t = trigger(audience, config.service, last_start=last_start)
         if t is not None:
-            entry.next_run = t.get_next_fire_time(None, now)
+            upcoming: datetime | None = t.get_next_fire_time(None, now)
+            entry.next_run = upcoming.astimezone(UTC) if upcoming is not None else None
         if last_start is not None and not running:
             due = due_after(audience, config.service, last_start)
             if due is not None and now - due > config.service.overdue_after:
-                entry.next_run = due
+                entry.next_run = due.astimezone(UTC)
                 entry.problems.append(
-                    f"overdue: a run was due at {due:%Y-%m-%d %H:%M:%S %Z} and none has started "
-                    "(is `audience-sync serve` running?)"
+                    f"overdue: a run was due at {due.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC and "
+                    "none has started (is `audience-sync serve` running?)"
                 )
         report.audiences.append(entry)
     return report

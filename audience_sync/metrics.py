@@ -7,7 +7,13 @@ node_exporter's textfile collector, and the port serves the same registry over H
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client import write_to_textfile as _write_textfile
 
 from audience_sync.config import ServiceConfig
@@ -20,6 +26,7 @@ class RunMetrics:
     """Runs by status, changes delivered and failed, and the last run's duration per audience."""
 
     def __init__(self, service: ServiceConfig) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created: noise
         self.textfile = service.metrics_textfile
         self.port = service.metrics_port
         self.registry = CollectorRegistry()

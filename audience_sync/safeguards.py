@@ -57,22 +57,20 @@ def check(
 
     ``members`` is the snapshot's member count, ``synced`` the state's current member count.
     """
-    override = (
-        f"If the change is real, run `audience-sync run --audience {audience.name!r} --force`"
-    )
+    force = f"`audience-sync run --audience {audience.name!r} --force`"
     if members == 0 and synced > 0 and not limits.allow_empty:
         raise SafeguardError(
             f"audience {audience.name!r}: snapshot {source} has no members, but {synced} users "
             f"are members now; syncing it would set all of them to false, so nothing was sent. "
-            f"{override}, or set allow_empty = true for this audience."
+            f"If the audience really is empty, run {force} or set allow_empty = true for it."
         )
     exited = len(the_plan.exited)
     if synced > 0 and members > 0 and exited / synced > limits.max_exit_ratio:
         raise SafeguardError(
             f"audience {audience.name!r}: snapshot {source} would set {exited} of {synced} "
             f"current members ({exited / synced:.0%}) to false, more than max_exit_ratio "
-            f"{limits.max_exit_ratio:g} allows, so nothing was sent. Check the export; {override}"
-            ", or raise max_exit_ratio for this audience."
+            f"{limits.max_exit_ratio:g} allows, so nothing was sent. Check the export; if the "
+            f"change is real, run {force} or raise max_exit_ratio for this audience."
         )
     if limits.max_snapshot_age is None:
         return
@@ -87,5 +85,5 @@ def check(
             f"audience {audience.name!r}: snapshot {source} was taken at "
             f"{taken_at:%Y-%m-%d %H:%M:%S} UTC, {format_duration(age)} ago, older than "
             f"max_snapshot_age {format_duration(limits.max_snapshot_age)}, so nothing was sent. "
-            f"Check that the export still runs; {override}."
+            f"Check that the export still runs, or run {force}."
         )
