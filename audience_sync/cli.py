@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import click
@@ -22,10 +25,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from audience_sync.config import DEFAULT_CONFIG_PATH, STATE_URL_ENV, Config, load_config
+from audience_sync.durations import format_duration, parse_duration
 from audience_sync.engine import SyncResult, sync
 from audience_sync.errors import AudienceSyncError
+from audience_sync.history import prune, run_detail
+from audience_sync.history import status as audience_status
 from audience_sync.naming import dropped_non_ascii, trait_key
+from audience_sync.service import Service
 from audience_sync.state import StateStore, connect, upgrade
+from audience_sync.state.store import utc_now
 
 # Wide enough for the history table when the output is a file or a pipe.
 out = Console(width=None if sys.stdout.isatty() else 240)
@@ -80,6 +88,28 @@ def _progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
         yield advance
 
 
+@contextmanager
+def _stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """SIGTERM/SIGINT: stop sending, commit what was confirmed; a second one: stop at once."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        err.print(
+            f"{signal.Signals(signum).name}: finishing in-flight changes and committing "
+            "(send it again to stop at once)"
+        )
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop.is_set
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 @cli.command()
 @config_option
 @click.option(
@@ -92,6 +122,16 @@ def _progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
 @click.option("--dry-run", is_flag=True, help="Show the plan; send and change nothing.")
 @click.option("--retry-failed", is_flag=True, help="Also retry users held after a permanent error.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--force", is_flag=True, help="Skip the safeguards (empty, mass-exit, stale snapshot)."
+)
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0,
+    metavar="SECONDS",
+    help="If another process is running an audience, wait up to this long instead of exit 7.",
+)
 def run(
     config_path: Path,
     audiences: tuple[str, ...],
@@ -100,12 +140,17 @@ def run(
     dry_run: bool,
     retry_failed: bool,
     as_json: bool,
+    force: bool,
+    wait: float,
 ) -> None:
     """Sync audiences once, now."""
     if all_audiences and audiences:
         raise click.UsageError("--all and --audience cannot be combined")
     config = load_config(config_path)
-    with _progress(err.is_terminal and not dry_run and not as_json) as progress:
+    with (
+        _progress(err.is_terminal and not dry_run and not as_json) as progress,
+        _stop_on_signals() as should_stop,
+    ):
         result = sync(
             config,
             audiences=audiences,
@@ -113,6 +158,9 @@ def run(
             dry_run=dry_run,
             retry_failed=retry_failed,
             progress=progress,
+            should_stop=should_stop,
+            force=force,
+            wait=wait,
         )
     if as_json:
         click.echo(json.dumps(_result_json(result), indent=2, default=str))
@@ -236,7 +284,18 @@ def _local(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
-@cli.command()
+class _HistoryGroup(click.Group):
+    """``history`` lists runs; ``history RUN_ID`` shows one; ``history prune`` cleans up."""
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0].isdigit():
+            args = ["show", *args]
+        return super().resolve_command(ctx, args)
+
+
+@cli.group(cls=_HistoryGroup, invoke_without_command=True, subcommand_metavar="[RUN_ID | prune]")
 @config_option
 @click.option("--audience", "audiences", multiple=True, help="Only this audience (name or key).")
 @click.option("--limit", default=20, show_default=True, help="How many runs to show.")
@@ -244,7 +303,9 @@ def _local(value: datetime | None) -> str:
 @click.option("--failed", is_flag=True, help="List users waiting for retry, with the reason.")
 @click.option("--user", "user_id", help="Show every change the runs attempted for this user.")
 @click.option("--url", help=f"State database URL (default: from the config, or ${STATE_URL_ENV}).")
+@click.pass_context
 def history(
+    ctx: click.Context,
     config_path: Path,
     audiences: tuple[str, ...],
     limit: int,
@@ -253,7 +314,13 @@ def history(
     user_id: str | None,
     url: str | None,
 ) -> None:
-    """Show recent sync runs (newest first) from the state database."""
+    """Show recent sync runs (newest first) from the state database.
+
+    `history RUN_ID` shows one run in detail; `history prune --older-than 90d` deletes old
+    history.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     state_url, config = _state_url(config_path, url)
     keys = (
         [a.trait_key for a in config.select(audiences)] if config and audiences else list(audiences)
@@ -327,6 +394,214 @@ def history(
     out.print(table)
     if not rows:
         out.print("no rows")
+
+
+def _parent_state(
+    ctx: click.Context, config_path: Path, url: str | None
+) -> tuple[str, Config | None]:
+    """A ``history`` subcommand's state URL: its own --config/--url, else the parent's."""
+    parent = ctx.parent.params if ctx.parent is not None else {}
+    if config_path == DEFAULT_CONFIG_PATH and url is None:
+        config_path = parent.get("config_path", config_path)
+        url = parent.get("url")
+    return _state_url(config_path, url)
+
+
+def _json_default(value: object) -> str:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+_SAMPLE_COLUMNS = ("user_id", "trait_key", "value", "outcome", "reason")
+
+
+@history.command("show", hidden=True)
+@click.argument("run_id", type=int)
+@config_option
+@click.option("--url", help="State database URL (default: from the config).")
+@click.option("--samples", default=10, show_default=True, help="How many error samples to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.pass_context
+def history_show(
+    ctx: click.Context,
+    run_id: int,
+    config_path: Path,
+    url: str | None,
+    samples: int,
+    as_json: bool,
+) -> None:
+    """Show run RUN_ID in detail, with samples of the changes that did not go through."""
+    state_url, _ = _parent_state(ctx, config_path, url)
+    engine = connect(state_url)
+    try:
+        detail = run_detail(StateStore(engine), run_id, samples=samples)
+    finally:
+        engine.dispose()
+    if detail is None:
+        raise AudienceSyncError(
+            f"no run {run_id} in the state database ({state_url.split('@')[-1]})"
+        )
+    if as_json:
+        payload = {
+            "run": detail.run,
+            "outcomes": detail.outcomes,
+            "reasons": detail.reasons,
+            "samples": detail.samples,
+        }
+        click.echo(json.dumps(payload, indent=2, default=_json_default))
+        return
+    table = Table(title=f"Run {run_id} (times in UTC)", title_justify="left", show_header=False)
+    table.add_column("field")
+    table.add_column("value", overflow="fold")
+    for key, value in detail.run.items():
+        shown = (
+            _local(value) if isinstance(value, datetime) else ("" if value is None else str(value))
+        )
+        table.add_row(key, shown)
+    run = detail.run
+    if run["started_at"] is not None and run["finished_at"] is not None:
+        table.add_row(
+            "duration", f"{(run['finished_at'] - run['started_at']).total_seconds():.1f}s"
+        )
+    out.print(table)
+    if detail.outcomes:
+        out.print(
+            "change log: " + ", ".join(f"{n} {k}" for k, n in sorted(detail.outcomes.items()))
+        )
+    if detail.reasons:
+        reasons = Table(title="Why changes did not go through", title_justify="left")
+        for column in ("users", "outcome", "reason"):
+            reasons.add_column(column)
+        for r in detail.reasons:
+            reasons.add_row(str(r["users"]), r["outcome"], r["reason"] or "")
+        out.print(reasons)
+        sample = Table(title="Samples", title_justify="left")
+        for column in _SAMPLE_COLUMNS:
+            sample.add_column(column)
+        for r in detail.samples:
+            sample.add_row(*(str(r[c]) if r[c] is not None else "" for c in _SAMPLE_COLUMNS))
+        out.print(sample)
+
+
+@history.command("prune")
+@click.option(
+    "--older-than",
+    "older_than",
+    required=True,
+    metavar="DURATION",
+    help="Delete history older than this, e.g. 90d, 12w, 36h.",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@config_option
+@click.option("--url", help="State database URL (default: from the config).")
+@click.pass_context
+def history_prune(
+    ctx: click.Context, older_than: str, dry_run: bool, config_path: Path, url: str | None
+) -> None:
+    """Delete change-log rows and runs older than DURATION (the retry queue is kept)."""
+    try:
+        age = parse_duration(older_than)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+    state_url, _ = _parent_state(ctx, config_path, url)
+    engine = connect(state_url)
+    try:
+        pruned = prune(engine, older_than=age, now=utc_now(), dry_run=dry_run)
+    finally:
+        engine.dispose()
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(
+        f"{verb} {pruned.changes} change-log rows and {pruned.runs} runs from before "
+        f"{pruned.cutoff:%Y-%m-%d %H:%M:%S} UTC (each audience's latest runs are kept)"
+    )
+
+
+def _age(now: datetime, then: datetime | None) -> str:
+    if then is None:
+        return "-"
+    return format_duration(now - then) + " ago"
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(config_path: Path, as_json: bool) -> None:
+    """Each audience's schedule, last and next run, retry queue; exit 8 if any is unhealthy."""
+    config = load_config(config_path)
+    engine = connect(config.state.url)
+    try:
+        report = audience_status(config, engine, now=utc_now())
+    finally:
+        engine.dispose()
+    if as_json:
+        payload = {
+            "destination": report.destination,
+            "healthy": report.healthy,
+            "audiences": [
+                {
+                    "audience": a.audience.name,
+                    "key": a.audience.trait_key,
+                    "schedule": a.schedule,
+                    "last_run": a.last_run,
+                    "running_since": a.running_since,
+                    "running_holder": a.running_holder,
+                    "next_run": a.next_run,
+                    "retry_waiting": a.retry_waiting,
+                    "healthy": a.healthy,
+                    "problems": a.problems,
+                }
+                for a in report.audiences
+            ],
+        }
+        click.echo(json.dumps(payload, indent=2, default=_json_default))
+        sys.exit(report.exit_code)
+    table = Table(title=f"Status -> {report.destination} (times in UTC)", title_justify="left")
+    for column in (
+        "audience",
+        "schedule",
+        "last run",
+        "status",
+        "age",
+        "delivered",
+        "failed",
+        "running",
+        "next run",
+        "retry queue",
+        "health",
+    ):
+        table.add_column(column)
+    for a in report.audiences:
+        last = a.last_run
+        running = (
+            f"since {_local(a.running_since)} ({a.running_holder})" if a.running_since else "no"
+        )
+        table.add_row(
+            a.audience.name,
+            a.schedule,
+            str(last["id"]) if last else "never",
+            last["status"] if last else "-",
+            _age(report.now, last["started_at"]) if last else "-",
+            str(last["delivered"]) if last else "-",
+            str(last["failed"] + last["skipped"]) if last else "-",
+            running,
+            _local(a.next_run),
+            str(a.retry_waiting),
+            "ok" if a.healthy else "UNHEALTHY",
+        )
+    out.print(table)
+    for a in report.audiences:
+        for problem in a.problems:
+            out.print(f"  {a.audience.trait_key}: {problem}", markup=False, highlight=False)
+    sys.exit(report.exit_code)
+
+
+@cli.command()
+@config_option
+def serve(config_path: Path) -> None:
+    """Run every audience on its schedule until SIGTERM/SIGINT (SIGHUP reloads the config)."""
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger().setLevel(logging.INFO)  # a service logs its runs
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    sys.exit(Service(config_path).run())
 
 
 @cli.group()

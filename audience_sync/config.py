@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 import tomllib
+import zoneinfo
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -25,6 +28,7 @@ from pydantic import (
 )
 
 from audience_sync.destinations import DestinationSettings, destination_class, kinds
+from audience_sync.durations import parse_duration
 from audience_sync.errors import ConfigError
 from audience_sync.naming import TRAIT_KEY_PATTERN, trait_key
 
@@ -34,6 +38,8 @@ __all__ = [
     "AudienceConfig",
     "Config",
     "DestinationConfig",
+    "SafeguardConfig",
+    "ServiceConfig",
     "StateConfig",
     "load_config",
 ]
@@ -45,6 +51,16 @@ DEFAULT_STATE_URL = "sqlite:///audience_sync.db"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _duration(value: object) -> object:
+    return parse_duration(value) if isinstance(value, str) else value
+
+
+#: A duration written as ``"90s"``, ``"2h"``, ``"1h30m"`` or a number of seconds.
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+#: A share of an audience's members, 0.0 to 1.0.
+Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class StateConfig(_Strict):
@@ -66,6 +82,14 @@ class AudienceConfig(_Strict):
     query: str | None = None
     source_url: str | None = Field(None, repr=False)  # may hold a password
     schedule: str | None = None
+    interval: Duration | None = None
+    """Run every ``interval`` (e.g. ``"2h"``) instead of on a cron ``schedule``."""
+    max_exit_ratio: Ratio | None = None
+    """Overrides ``[safeguards] max_exit_ratio`` for this audience."""
+    max_snapshot_age: Duration | None = None
+    """Overrides ``[safeguards] max_snapshot_age`` for this audience."""
+    allow_empty: bool | None = None
+    """Overrides ``[safeguards] allow_empty`` for this audience."""
 
     @field_validator("key")
     @classmethod
@@ -104,6 +128,8 @@ class AudienceConfig(_Strict):
             raise ValueError(f"`source` {str(self.source)!r} must end in .csv or .parquet")
         if self.key is None:
             trait_key(self.name)  # raises when the name has nothing to build a key from
+        if self.schedule is not None and self.interval is not None:
+            raise ValueError("give either `schedule` (cron) or `interval` (e.g. '2h'), not both")
         return self
 
     @property
@@ -115,6 +141,47 @@ class AudienceConfig(_Strict):
     def source_label(self) -> str:
         """Where the snapshot comes from, for messages (never the source URL's password)."""
         return str(self.source) if self.source is not None else "SQL query"
+
+
+class ServiceConfig(_Strict):
+    """``[service]``: the scheduler of ``serve``, the run lock and how runs stop on a signal."""
+
+    timezone: str = "UTC"
+    """Time zone of the audiences' cron schedules."""
+    misfire_grace: Duration = timedelta(hours=1)
+    """A run missed (service down, or busy) is still made up if it is at most this late."""
+    lock_ttl: Duration = timedelta(seconds=60)
+    """Lease of the run lock; a killed process's lock is taken over this long after its death."""
+    stop_timeout: Duration = timedelta(seconds=30)
+    """On SIGTERM/SIGINT, how long in-flight requests may take to finish before we cancel."""
+    overdue_after: Duration = timedelta(minutes=15)
+    """``status`` calls an audience overdue when a scheduled run is this late."""
+    metrics_textfile: Path | None = None
+    """Write Prometheus metrics to this file after each run (node_exporter textfile)."""
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """Serve Prometheus metrics over HTTP on this port (``serve`` only)."""
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(v)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"{v!r} is not a known time zone; use an IANA name such as 'UTC' or 'Europe/Paris'"
+            ) from None
+        return v
+
+
+class SafeguardConfig(_Strict):
+    """``[safeguards]``: snapshots that look broken are refused (``--force`` overrides)."""
+
+    max_exit_ratio: Ratio = 0.5
+    """Refuse a snapshot that would set more than this share of current members to false."""
+    allow_empty: bool = False
+    """Accept an empty snapshot for an audience that has members (it would remove them all)."""
+    max_snapshot_age: Duration | None = None
+    """Refuse a snapshot older than this (file mtime, or a ``snapshot_at`` column)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +201,8 @@ class Config:
     state: StateConfig
     destination: DestinationConfig
     audiences: tuple[AudienceConfig, ...]
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    safeguards: SafeguardConfig = field(default_factory=SafeguardConfig)
 
     @property
     def config_dir(self) -> Path:
@@ -187,6 +256,8 @@ class _Document(_Strict):
     state: StateConfig = StateConfig()
     destination: dict[str, Any]
     audiences: list[AudienceConfig] = Field(min_length=1)
+    service: ServiceConfig = ServiceConfig()
+    safeguards: SafeguardConfig = SafeguardConfig()
 
 
 def _destination(path: Path, table: Mapping[str, Any]) -> DestinationConfig:
@@ -277,4 +348,13 @@ def load_config(
         state=state,
         destination=_destination(path, doc.destination),
         audiences=_check_audiences(path, doc.audiences),
+        service=_resolve_service(path, doc.service),
+        safeguards=doc.safeguards,
     )
+
+
+def _resolve_service(path: Path, service: ServiceConfig) -> ServiceConfig:
+    textfile = service.metrics_textfile
+    if textfile is not None and not textfile.is_absolute():
+        return service.model_copy(update={"metrics_textfile": path.parent / textfile})
+    return service

@@ -32,6 +32,7 @@ from audience_sync.errors import (
     CredentialsError,
     DestinationError,
     QuotaExhausted,
+    SafeguardError,
     SnapshotError,
     StateError,
 )
@@ -44,9 +45,12 @@ from audience_sync.model import (
     RejectedRow,
     RunMode,
     RunStatus,
+    Snapshot,
     Trigger,
     UserUpdate,
 )
+from audience_sync.safeguards import check as check_safeguards
+from audience_sync.safeguards import limits_for
 from audience_sync.sources import load_snapshot
 from audience_sync.state import Applied, AudienceRef, Lease, RunLock, StateStore, connect, upgrade
 from audience_sync.state.store import Clock, holder_id, schema_is_current, utc_now
@@ -166,6 +170,8 @@ class _Run:
         trigger: Trigger,
         progress: Progress | None,
         should_stop: Callable[[], bool],
+        force: bool = False,
+        wait: float = 0.0,
     ) -> None:
         self.config = config
         self.store = store
@@ -176,6 +182,8 @@ class _Run:
         self.trigger = trigger
         self.progress = progress
         self.should_stop = should_stop
+        self.force = force
+        self.wait = wait
         self.runs: list[_AudienceRun] = []
         self.by_key: dict[str, _AudienceRun] = {}
         self.done = 0
@@ -192,7 +200,7 @@ class _Run:
             else (RunMode.INCREMENTAL if self.store.has_succeeded(ref.id) else RunMode.INITIAL)
         )
         try:
-            lease = self.lock.acquire(ref, holder_id())
+            lease = self._acquire(ref)
         except AlreadyRunning as exc:
             log.warning("audience=%s status=locked %s", audience.trait_key, exc)
             return AudienceResult(
@@ -219,6 +227,9 @@ class _Run:
             )
         synced = self.store.members(ref.id)
         the_plan = plan(snapshot.members.index, synced, full=self.full, held=snapshot.held)
+        refused = self._guard(audience, mode, run_id, lease, snapshot, len(synced), the_plan)
+        if refused is not None:
+            return refused
         counts = {
             "snapshot_rows": snapshot.rows,
             "rejected_rows": snapshot.rejected_count,
@@ -255,6 +266,64 @@ class _Run:
                 r.row,
                 r.user_id,
                 r.reason,
+            )
+        return None
+
+    def _acquire(self, ref: AudienceRef) -> Lease:
+        """Take the audience's run lock, waiting up to ``wait`` seconds for another run."""
+        deadline = time.monotonic() + self.wait
+        waiting = False
+        while True:
+            try:
+                return self.lock.acquire(ref, holder_id())
+            except AlreadyRunning as exc:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.should_stop():
+                    raise
+                if not waiting:
+                    log.info("audience=%s waiting up to %.0fs: %s", ref.key, left, exc)
+                    waiting = True
+            # Keep the leases this run already holds alive while it waits for this one.
+            self.lock.renew([r.lease for r in self.runs])
+            time.sleep(min(0.25, max(deadline - time.monotonic(), 0.0)))
+
+    def _guard(
+        self,
+        audience: AudienceConfig,
+        mode: RunMode,
+        run_id: int,
+        lease: Lease,
+        snapshot: Snapshot,
+        synced: int,
+        the_plan: Plan,
+    ) -> AudienceResult | None:
+        """Apply the safeguards; a refused audience's run is recorded failed and sends nothing."""
+        if self.force:
+            return None
+        try:
+            check_safeguards(
+                audience,
+                the_plan,
+                source=snapshot.source,
+                members=len(snapshot.members),
+                synced=synced,
+                taken_at=snapshot.taken_at,
+                now=self.store.clock(),
+                limits=limits_for(audience, self.config.safeguards),
+            )
+        except SafeguardError as exc:
+            counts = {
+                "snapshot_rows": snapshot.rows,
+                "rejected_rows": snapshot.rejected_count,
+                "entered": len(the_plan.entered),
+                "exited": len(the_plan.exited),
+                "unchanged": the_plan.unchanged,
+            }
+            self.store.finish_run(run_id, RunStatus.FAILED, str(exc), **counts)
+            self.lock.release([lease])
+            log.error("audience=%s run=%d status=failed %s", audience.trait_key, run_id, exc)
+            return AudienceResult(
+                audience, RunStatus.FAILED, mode, run_id, counts, str(exc), SafeguardError
             )
         return None
 
@@ -407,6 +476,7 @@ class _Run:
                     "first_run_id": (
                         run.run_id if previous is None else int(str(previous["first_run_id"]))
                     ),
+                    "last_run_id": run.run_id,
                     "first_at": self.store.clock() if previous is None else previous["first_at"],
                 }
             )
@@ -436,6 +506,7 @@ class _Run:
         last_commit = time.monotonic()
         pending_outcomes = 0
         heartbeat = asyncio.create_task(self._heartbeat())
+        watchdog = asyncio.create_task(self._stop_watchdog(asyncio.current_task()))
         try:
             if total:
                 async with self.destination as dest:
@@ -462,10 +533,21 @@ class _Run:
             return RunStatus.INTERRUPTED, "stopped by a signal before the run finished", None
         finally:
             heartbeat.cancel()
+            watchdog.cancel()
             self.commit()  # whatever was confirmed is recorded, however delivery ended
         if self.should_stop():
             return RunStatus.INTERRUPTED, "stopped by a signal before the run finished", None
         return None, None, None
+
+    async def _stop_watchdog(self, delivery: asyncio.Task[Any] | None) -> None:
+        """Once a stop is asked for, give in-flight requests ``stop_timeout``, then cancel them."""
+        while not self.should_stop():
+            await asyncio.sleep(0.05)
+        timeout = self.config.service.stop_timeout.total_seconds()
+        await asyncio.sleep(timeout)
+        log.warning("in-flight deliveries still running %.0fs after the stop; cancelling", timeout)
+        if delivery is not None:
+            delivery.cancel()
 
     async def _heartbeat(self) -> None:
         interval = max(self.lock.ttl.total_seconds() / 3, 0.05)
@@ -606,11 +688,16 @@ def sync(
     should_stop: Callable[[], bool] = lambda: False,
     clock: Clock = utc_now,
     destination: Destination | None = None,
+    force: bool = False,
+    wait: float = 0.0,
 ) -> SyncResult:
     """Sync the selected audiences (all by default) to the configured destination.
 
     ``dry_run`` plans and reports without changing anything. ``destination`` replaces the
-    configured one (tests inject a fault-injecting destination this way).
+    configured one (tests inject a fault-injecting destination this way). ``force`` skips the
+    safeguards; ``wait`` is how long to wait for another process's run of an audience to end.
+    Once ``should_stop()`` is true no new change is sent, and in-flight ones get
+    ``[service] stop_timeout`` to finish.
     """
     selected = config.select(audiences)
     engine = connect(config.state.url)
@@ -631,13 +718,15 @@ def sync(
         run = _Run(
             config,
             store,
-            RunLock(engine, clock=clock),
+            RunLock(engine, ttl=config.service.lock_ttl, clock=clock),
             dest,
             full=full,
             retry_failed=retry_failed,
             trigger=trigger,
             progress=progress,
             should_stop=should_stop,
+            force=force,
+            wait=wait,
         )
         results: list[AudienceResult] = []
         try:
@@ -654,6 +743,8 @@ def sync(
             status = (
                 RunStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
             )
+            with contextlib.suppress(Exception):
+                run.commit()  # what the destination confirmed is kept
             with contextlib.suppress(Exception):
                 run.finish(
                     status, message, type(exc) if isinstance(exc, AudienceSyncError) else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 import pandas as pd
 
@@ -69,6 +70,7 @@ class Snapshot:
     ``members`` is indexed by ``user_id`` (unique, text) with the identity columns that the
     source provided (a subset of ``IDENTITY_TRAITS``, nullable strings). ``held`` are users whose
     rows were rejected for a conflict: they are neither entered nor exited this run.
+    ``taken_at`` is when the snapshot was taken (``snapshot_at`` column or file mtime), if known.
     """
 
     source: str
@@ -77,6 +79,7 @@ class Snapshot:
     rejected: tuple[RejectedRow, ...] = ()
     held: frozenset[str] = frozenset()
     rejected_count: int = 0
+    taken_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from audience_sync.config import AudienceConfig
 from audience_sync.model import Snapshot
 from audience_sync.sources.files import read_file
+from audience_sync.sources.freshness import snapshot_time
 from audience_sync.sources.sql import read_query
 from audience_sync.sources.validate import validate
 
@@ -14,6 +17,10 @@ __all__ = ["load_snapshot", "validate"]
 def load_snapshot(audience: AudienceConfig) -> Snapshot:
     """Read and validate ``audience``'s snapshot; raises ``SnapshotError`` when unusable."""
     if audience.source is not None:
-        return validate(read_file(audience.source), str(audience.source))
-    assert audience.query is not None and audience.source_url is not None
-    return validate(read_query(audience.source_url, audience.query), f"query for {audience.name!r}")
+        frame, source = read_file(audience.source), str(audience.source)
+    else:
+        assert audience.query is not None and audience.source_url is not None
+        frame = read_query(audience.source_url, audience.query)
+        source = f"query for {audience.name!r}"
+    snapshot = validate(frame, source)
+    return dataclasses.replace(snapshot, taken_at=snapshot_time(frame, source, audience.source))

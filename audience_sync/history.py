@@ -1,0 +1,234 @@
+"""Reading the run history for people: one run in detail, the health of each audience
+(``status``), and pruning old history so the database does not grow without bound.
+
+Library functions over the state tables; ``cli.py`` only prints what they return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from audience_sync.config import AudienceConfig, Config
+from audience_sync.model import DeliveryStatus, RunStatus
+from audience_sync.schedule import describe, due_after, trigger
+from audience_sync.state.lock import RunLock
+from audience_sync.state.schema import sync_changes, sync_pending, sync_runs
+from audience_sync.state.store import StateStore, as_utc
+
+__all__ = [
+    "UNHEALTHY_EXIT_CODE",
+    "AudienceStatus",
+    "Pruned",
+    "RunDetail",
+    "StatusReport",
+    "prune",
+    "run_detail",
+    "status",
+]
+
+#: ``audience-sync status`` exits with this when an audience's last run failed or is overdue.
+UNHEALTHY_EXIT_CODE = 8
+
+
+@dataclass(slots=True)
+class RunDetail:
+    """One ``sync_runs`` row, its change-log totals and samples of what did not go through."""
+
+    run: dict[str, Any]
+    outcomes: dict[str, int]
+    reasons: list[dict[str, Any]]
+    samples: list[dict[str, Any]]
+
+
+def run_detail(store: StateStore, run_id: int, *, samples: int = 10) -> RunDetail | None:
+    """The run ``run_id`` or ``None``; ``reasons`` groups failures by their reason, most first."""
+    run = store.run(run_id)
+    if run is None:
+        return None
+    c = sync_changes.c
+    not_delivered = (c.run_id == run_id) & (c.outcome != DeliveryStatus.DELIVERED.value)
+    with store.engine.connect() as conn:
+        outcomes = {
+            str(row.outcome): int(row.n)
+            for row in conn.execute(
+                sa.select(c.outcome, sa.func.count().label("n"))
+                .where(c.run_id == run_id)
+                .group_by(c.outcome)
+            )
+        }
+        reasons = [
+            {"outcome": row.outcome, "reason": row.reason, "users": int(row.n)}
+            for row in conn.execute(
+                sa.select(c.outcome, c.reason, sa.func.count().label("n"))
+                .where(not_delivered)
+                .group_by(c.outcome, c.reason)
+                .order_by(sa.func.count().desc(), c.reason)
+                .limit(samples)
+            )
+        ]
+        sample_rows = [
+            dict(row)
+            for row in conn.execute(
+                sa.select(c.user_id, c.trait_key, c.value, c.outcome, c.reason)
+                .where(not_delivered)
+                .order_by(c.id)
+                .limit(samples)
+            ).mappings()
+        ]
+    return RunDetail(run, outcomes, reasons, sample_rows)
+
+
+@dataclass(slots=True)
+class AudienceStatus:
+    """How one configured audience is doing."""
+
+    audience: AudienceConfig
+    schedule: str
+    last_run: dict[str, Any] | None
+    running_since: datetime | None
+    running_holder: str | None
+    next_run: datetime | None
+    retry_waiting: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+
+@dataclass(slots=True)
+class StatusReport:
+    destination: str
+    now: datetime
+    audiences: list[AudienceStatus]
+
+    @property
+    def healthy(self) -> bool:
+        return all(a.healthy for a in self.audiences)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.healthy else UNHEALTHY_EXIT_CODE
+
+
+def status(config: Config, engine: sa.Engine, *, now: datetime) -> StatusReport:
+    """Each audience's schedule, last run, run in progress, next run and retry queue.
+
+    An audience is unhealthy when its last finished run ``failed``, or when a scheduled run is
+    more than ``[service] overdue_after`` late and none is in progress.
+    """
+    store = StateStore(engine)
+    has_state = sa.inspect(engine).has_table("sync_audiences")
+    holders = RunLock(engine).holders() if has_state else {}
+    dest = config.destination.name
+    report = StatusReport(dest, now, [])
+    for audience in config.audiences:
+        ref = store.find_audience(dest, audience.trait_key) if has_state else None
+        last = _last_runs(engine, ref.id) if ref is not None else []
+        held = holders.get(ref.id) if ref is not None else None
+        running = held is not None and held[2] is not None and held[2] > now
+        entry = AudienceStatus(
+            audience,
+            describe(audience),
+            last[0] if last else None,
+            held[1] if running and held is not None else None,
+            held[0] if running and held is not None else None,
+            None,
+            _retry_waiting(engine, ref.id) if ref is not None else 0,
+        )
+        finished = next((r for r in last if r["status"] != RunStatus.RUNNING.value), None)
+        if finished is not None and finished["status"] == RunStatus.FAILED.value:
+            entry.problems.append(f"last run {finished['id']} failed: {finished['error']}")
+        last_start: datetime | None = last[0]["started_at"] if last else None
+        t = trigger(audience, config.service, last_start=last_start)
+        if t is not None:
+            upcoming: datetime | None = t.get_next_fire_time(None, now)
+            entry.next_run = upcoming.astimezone(UTC) if upcoming is not None else None
+        if last_start is not None and not running:
+            due = due_after(audience, config.service, last_start)
+            if due is not None and now - due > config.service.overdue_after:
+                entry.next_run = due.astimezone(UTC)
+                entry.problems.append(
+                    f"overdue: a run was due at {due.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC and "
+                    "none has started (is `audience-sync serve` running?)"
+                )
+        report.audiences.append(entry)
+    return report
+
+
+def _last_runs(engine: sa.Engine, audience_id: int, n: int = 5) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(sync_runs)
+            .where(sync_runs.c.audience_id == audience_id)
+            .order_by(sync_runs.c.id.desc())
+            .limit(n)
+        ).mappings()
+        return [
+            {k: as_utc(v) if isinstance(v, datetime) else v for k, v in r.items()} for r in rows
+        ]
+
+
+def _retry_waiting(engine: sa.Engine, audience_id: int) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.select(sa.func.count()).where(sync_pending.c.audience_id == audience_id)
+            ).scalar_one()
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What ``prune`` deleted (or would delete, on a dry run)."""
+
+    cutoff: datetime
+    changes: int
+    runs: int
+
+
+def prune(
+    engine: sa.Engine, *, older_than: timedelta, now: datetime, dry_run: bool = False
+) -> Pruned:
+    """Delete change-log rows and runs older than ``older_than``.
+
+    Kept whatever their age: runs still ``running``, each audience's latest run and its latest
+    ``succeeded`` one (``status`` and the run mode read them), and runs with change-log rows
+    newer than the cutoff. The retry queue is live state and is never pruned.
+    """
+    cutoff = now - older_than
+    runs = sync_runs.c
+    with engine.begin() as conn:
+        keep: set[int] = set()
+        for where in (sa.true(), runs.status == RunStatus.SUCCEEDED.value):
+            keep.update(
+                int(v)
+                for v in conn.execute(
+                    sa.select(sa.func.max(runs.id)).where(where).group_by(runs.audience_id)
+                ).scalars()
+            )
+        old_changes = sync_changes.c.at < cutoff
+        recent = sa.select(sync_changes.c.id).where(
+            sync_changes.c.run_id == runs.id, sync_changes.c.at >= cutoff
+        )
+        old_runs = sa.and_(
+            runs.started_at < cutoff,
+            runs.status != RunStatus.RUNNING.value,
+            runs.id.not_in(sorted(keep)) if keep else sa.true(),
+            ~sa.exists(recent),
+        )
+        if dry_run:
+            n_changes = conn.execute(
+                sa.select(sa.func.count()).select_from(sync_changes).where(old_changes)
+            ).scalar_one()
+            n_runs = conn.execute(
+                sa.select(sa.func.count()).select_from(sync_runs).where(old_runs)
+            ).scalar_one()
+            return Pruned(cutoff, int(n_changes), int(n_runs))
+        n_changes = conn.execute(sync_changes.delete().where(old_changes)).rowcount
+        n_runs = conn.execute(sync_runs.delete().where(old_runs)).rowcount
+    return Pruned(cutoff, n_changes, n_runs)
