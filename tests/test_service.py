@@ -210,7 +210,7 @@ def test_manual_run_is_refused_or_waits_while_another_process_runs(
     assert b["started_at"] >= a["finished_at"]
 
 
-def test_a_killed_process_lock_is_taken_over_after_the_lease(
+def test_a_killed_process_lock_is_taken_over(
     tmp_path: Path, state_url: str, db: Any
 ) -> None:
     users_csv(tmp_path / "a.csv", 400)
@@ -234,9 +234,9 @@ def test_a_killed_process_lock_is_taken_over_after_the_lease(
         audiences=[{"name": "Aud A", "source": "a.csv"}],
         service='lock_ttl = "4s"',
     )
-    refused = run_cli("run", "--config", str(fast))
-    assert refused.returncode == 7, refused.stdout + refused.stderr  # the lease is still valid
-    done = run_cli("run", "--config", str(fast), "--wait", "20")
+    # The lease is still valid, but its holder is a dead process on this host: taken over at
+    # once. (A holder on another host is judged by its lease: see test_engine's lock test.)
+    done = run_cli("run", "--config", str(fast))
     assert done.returncode == 0, done.stdout + done.stderr
     killed, finished = db("select * from sync_runs order by id")
     assert killed["status"] == "interrupted"
