@@ -76,6 +76,8 @@ def read_members(conn: sa.Connection, audience_id: int) -> pa.Array:
 
 
 def add_members(conn: sa.Connection, audience_id: int, user_ids: Sequence[str]) -> None:
+    if not user_ids:
+        return
     pg = _postgres(conn)
     if pg is not None:
         with (
