@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -27,7 +28,7 @@ from audience_sync.naming import dropped_non_ascii, trait_key
 from audience_sync.state import StateStore, connect, upgrade
 
 # Wide enough for the history table when the output is a file or a pipe.
-out = Console(width=None if sys.stdout.isatty() else 200)
+out = Console(width=None if sys.stdout.isatty() else 240)
 err = Console(stderr=True)
 
 config_option = click.option(
@@ -168,12 +169,17 @@ _HEADERS = (
 )
 
 
+def _table(title: str) -> Table:
+    out.print(title, markup=False, highlight=False)
+    return Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+
+
 def _print_result(result: SyncResult) -> None:
     title = (
         f"{'Plan (dry run, nothing sent)' if result.dry_run else 'Sync'} -> {result.destination}"
     )
-    table = Table(title=title, title_justify="left")
-    table.add_column("audience")
+    table = _table(title)
+    table.add_column("audience", no_wrap=True)
     table.add_column("run", justify="right")
     table.add_column("mode")
     table.add_column("status")
@@ -213,7 +219,7 @@ def key(name: str) -> None:
     try:
         result = trait_key(name)
     except ValueError as exc:
-        raise AudienceSyncError(str(exc)) from None
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
     if dropped_non_ascii(name):
         err.print(f"warning: non-ASCII characters were dropped from {name!r}; key is {result!r}")
     click.echo(result)
@@ -308,7 +314,7 @@ def history(
             )
         )
         return
-    table = Table(title=f"{title} (times in UTC)", title_justify="left")
+    table = _table(f"{title} (times in UTC)")
     for column in columns:
         table.add_column(dict(zip(_COLUMNS, _HEADERS, strict=True)).get(column, column))
     for row in rows:
@@ -357,7 +363,7 @@ def main() -> None:
     except AudienceSyncError as exc:
         if "-v" in sys.argv or "--verbose" in sys.argv:
             raise
-        err.print(f"error: {exc}", markup=False, highlight=False)
+        click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")

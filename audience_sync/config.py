@@ -50,7 +50,7 @@ class _Strict(BaseModel):
 class StateConfig(_Strict):
     """``[state]``: where the last synced state and the run history live."""
 
-    url: str = DEFAULT_STATE_URL
+    url: str = Field(DEFAULT_STATE_URL, repr=False)  # may hold a password
     change_log: bool = True
     """Write one ``sync_changes`` row per attempted user change."""
     auto_migrate: bool = True
@@ -64,7 +64,7 @@ class AudienceConfig(_Strict):
     key: str | None = None
     source: Path | None = None
     query: str | None = None
-    source_url: str | None = None
+    source_url: str | None = Field(None, repr=False)  # may hold a password
     schedule: str | None = None
 
     @field_validator("key")
@@ -94,12 +94,12 @@ class AudienceConfig(_Strict):
     def _one_source(self) -> Self:
         if self.source is not None and (self.query is not None or self.source_url is not None):
             raise ValueError("give either `source` (a file) or `query` + `source_url`, not both")
-        if self.source is None and self.query is None:
-            raise ValueError("missing `source` (a .csv or .parquet file) or `query` + `source_url`")
         if self.query is not None and self.source_url is None:
             raise ValueError("`query` needs `source_url`, the SQLAlchemy URL of the database")
         if self.source_url is not None and self.query is None:
             raise ValueError("`source_url` needs `query`, the SQL that selects the members")
+        if self.source is None and self.query is None:
+            raise ValueError("missing `source` (a .csv or .parquet file) or `query` + `source_url`")
         if self.source is not None and self.source.suffix.lower() not in (".csv", ".parquet"):
             raise ValueError(f"`source` {str(self.source)!r} must end in .csv or .parquet")
         if self.key is None:
@@ -212,8 +212,16 @@ def _destination(path: Path, table: Mapping[str, Any]) -> DestinationConfig:
 
 def _check_audiences(path: Path, audiences: list[AudienceConfig]) -> tuple[AudienceConfig, ...]:
     seen: dict[str, str] = {}
+    names: set[str] = set()
     resolved = []
     for i, audience in enumerate(audiences):
+        if audience.name in names:
+            # `--audience NAME` and the run history address audiences by name.
+            raise ConfigError(
+                f"{path}: audiences[{i}].name: audience name {audience.name!r} is used twice; "
+                "give each audience its own name"
+            )
+        names.add(audience.name)
         key = audience.trait_key
         if key in seen:
             raise ConfigError(
@@ -253,6 +261,8 @@ def load_config(
         ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file, so not TOML ({exc.reason})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:

@@ -183,6 +183,7 @@ class _Run:
         self.progress = progress
         self.should_stop = should_stop
         self.runs: list[_AudienceRun] = []
+        self.by_key: dict[str, _AudienceRun] = {}
         self.done = 0
 
     # -- planning --------------------------------------------------------------------------
@@ -249,6 +250,7 @@ class _Run:
         )
         self._settle_retry_queue(run)
         self.runs.append(run)
+        self.by_key[run.ref.key] = run
         for r in snapshot.rejected[:SAMPLE_SIZE]:
             log.warning(
                 "audience=%s source=%s row=%d user_id=%s rejected: %s",
@@ -382,9 +384,8 @@ class _Run:
     # -- recording outcomes ------------------------------------------------------------------
 
     def record(self, update: UserUpdate, outcome: Outcome) -> None:
-        by_key = {r.ref.key: r for r in self.runs}
         for change in update.changes:
-            run = by_key[change.audience_key]
+            run = self.by_key[change.audience_key]
             batch = run.applied()
             log_row = {
                 "user_id": update.user_id,
@@ -491,7 +492,12 @@ class _Run:
         interval = max(self.lock.ttl.total_seconds() / 3, 0.05)
         while True:
             await asyncio.sleep(interval)
-            await asyncio.to_thread(self.lock.renew, [r.lease for r in self.runs])
+            try:
+                await asyncio.to_thread(self.lock.renew, [r.lease for r in self.runs])
+            except StateError as exc:
+                # The next commit renews inside its transaction and stops the run on this.
+                log.error("lock heartbeat: %s", exc)
+                return
 
     def finish(
         self, ended: RunStatus | None, error: str | None, error_type: type[AudienceSyncError] | None

@@ -3,8 +3,8 @@ database itself, entered and exited users are computed there with anti-joins, an
 changes (not both sides of the diff) travel to Python.
 
 It validates like ``sources/validate.py`` (ids trimmed, empty ids rejected, identical duplicate
-rows collapsed, users with conflicting rows held) so it plans exactly what the in-memory path
-plans; the property tests in ``tests/test_diff_paths.py`` hold it to that.
+rows collapsed, users with conflicting rows held and all their rows rejected) so it plans exactly
+what the in-memory path plans; the property tests in ``tests/test_diff_paths.py`` hold it to that.
 """
 
 from __future__ import annotations
@@ -125,7 +125,11 @@ def _diff(
         return list(conn.execute(sa.text(sql), params))
 
     total, missing = rows(f"SELECT COUNT(*), COUNT(*) - COUNT(user_id) FROM {_SRC}")[0]
-    conflicting = rows(f"SELECT user_id, n FROM ({per_user}) u WHERE n > 1")
+    # Every row of a held user is rejected, identical repeats included (as ``validate``).
+    conflicting = rows(
+        f"SELECT u.user_id, COUNT(*) AS n FROM ({per_user}) u JOIN {_SRC} s "
+        "ON s.user_id = u.user_id WHERE u.n > 1 GROUP BY u.user_id"
+    )
     held = frozenset(str(r.user_id) for r in conflicting)
     rejected = [
         RejectedRow(int(r.row_), None, "empty user_id")
@@ -141,9 +145,9 @@ def _diff(
         rejected += [
             RejectedRow(int(r.row_), str(r.user_id), reason)
             for r in rows(
-                f"SELECT f.row_, f.user_id FROM ({first_rows}) f "
-                f"JOIN ({per_user}) u ON u.user_id = f.user_id WHERE u.n > 1 "
-                f"ORDER BY f.row_ LIMIT {MAX_REPORTED_ROWS}"
+                f"SELECT s.row_, s.user_id FROM {_SRC} s "
+                f"JOIN ({per_user}) u ON u.user_id = s.user_id WHERE u.n > 1 "
+                f"ORDER BY s.row_ LIMIT {MAX_REPORTED_ROWS}"
             )
         ]
     rejected = sorted(rejected, key=lambda r: r.row)[:MAX_REPORTED_ROWS]

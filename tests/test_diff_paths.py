@@ -67,7 +67,7 @@ def expected(rows: list[tuple[str | None, str | None]], state: set[str], full: b
         resend=members & state if full else set(),
         held=held,
         unchanged=len(state) - len(exited),
-        rejected=missing + sum(per_user[u] for u in held),
+        rejected=missing + sum(1 for u, _ in cleaned if u in held),
     )
 
 

@@ -61,6 +61,34 @@ def identify_message(
     }
 
 
+def _drop_torn_line(path: Path) -> None:
+    """Cut a partial last line left by a process killed mid-write.
+
+    Its user was never confirmed (confirmation follows the fsync), so the next run re-sends it.
+    """
+    if not path.exists():
+        return
+    with path.open("rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        # Scan back in blocks for the last newline; keep everything up to it.
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            block = f.read(end - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            end = start
+        f.truncate(0)
+
+
 class JsonlDestination(Destination):
     kind = "jsonl"
     settings_model = JsonlSettings
@@ -75,6 +103,7 @@ class JsonlDestination(Destination):
     async def __aenter__(self) -> Self:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_torn_line(self.path)
             self._file = self.path.open("a", encoding="utf-8")
         except OSError as exc:
             raise DestinationError(f"cannot open {self.path} for writing: {exc.strerror}") from None

@@ -44,17 +44,17 @@ def validate(frame: pd.DataFrame, source: str) -> Snapshot:
         rejected.append(RejectedRow(int(row), None, "empty user_id"))
     data = data[~missing]
 
-    # Identical duplicates collapse; users whose duplicate rows disagree are held and reported.
+    # Identical duplicates collapse; users whose duplicate rows disagree are held and every one
+    # of their rows is reported (also a row identical to another of the held user's rows).
     # Row-wise duplicate checks cost seconds on millions of rows: only pay when an id repeats.
+    repeats = _has_repeated(data["user_id"])
     held: frozenset[str] = frozenset()
-    if _has_repeated(data["user_id"]):
-        data = data.drop_duplicates()
-        repeated = data["user_id"].duplicated(keep=False)
-    else:
-        repeated = pd.Series(False, index=data.index)
-    if repeated.any():
+    if repeats:
+        distinct_ids = data.drop_duplicates()["user_id"]
+        held = frozenset(distinct_ids[distinct_ids.duplicated()].tolist())
+    if held:
+        repeated = data["user_id"].isin(held)
         conflicts = data[repeated]
-        held = frozenset(conflicts["user_id"].tolist())
         rejected_count += len(conflicts)
         for row, user_id in conflicts["user_id"].items():
             if len(rejected) < MAX_REPORTED_ROWS:
@@ -67,6 +67,8 @@ def validate(frame: pd.DataFrame, source: str) -> Snapshot:
                     )
                 )
         data = data[~repeated]
+    if repeats:
+        data = data.drop_duplicates()
 
     members = data.set_index("user_id")
     members.index = members.index.astype("string[pyarrow]")

@@ -8,6 +8,8 @@ dies stops renewing; once the lease expires the next run takes it over and marks
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,6 +32,24 @@ class Lease:
     audience: AudienceRef
     holder: str
     taken_over_run: int | None
+
+
+def _holder_is_dead(holder: str) -> bool:
+    """Whether ``host:pid`` names a process on this host that no longer exists.
+
+    Lets a run started right after a ``kill -9`` on the same machine take over at once instead
+    of waiting for the lease to expire. Other hosts' holders are judged by the lease alone.
+    """
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # exists, owned by another user
+    return False
 
 
 class RunLock:
@@ -70,7 +90,7 @@ class RunLock:
                 return Lease(audience, holder, None)
             expires = as_utc(row.expires_at)
             assert expires is not None
-            if expires > now and row.holder != holder:
+            if expires > now and row.holder != holder and not _holder_is_dead(row.holder):
                 since = as_utc(row.acquired_at)
                 raise AlreadyRunning(
                     f"audience {audience.name!r} on {audience.destination} is already running "

@@ -359,7 +359,15 @@ class StateStore:
                 if b.pending:
                     conn.execute(
                         sync_pending.insert(),
-                        [{"audience_id": b.audience_id, "last_at": now, **p} for p in b.pending],
+                        [
+                            {
+                                "audience_id": b.audience_id,
+                                "last_run_id": b.run_id,
+                                "last_at": now,
+                                **p,
+                            }
+                            for p in b.pending
+                        ],
                     )
                 if b.changes:
                     bulk.log_changes(conn, b.run_id, now, b.changes)

@@ -1,0 +1,142 @@
+"""Tests for audience_sync.diff: the pure plan, on small examples and against a set-based model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from audience_sync.diff import Plan, plan
+
+
+def index(ids: Iterable[str]) -> pd.Index:
+    """User ids as the sources and the state store give them: text, unique."""
+    return pd.Index(list(ids), dtype="string[pyarrow]", name="user_id")
+
+
+def as_lists(p: Plan) -> tuple[list[str], list[str], list[str], int]:
+    return list(p.entered), list(p.exited), list(p.resend), p.unchanged
+
+
+def test_incremental_sends_only_changes() -> None:
+    p = plan(index(["1", "2", "3", "5"]), index(["2", "3", "4", "6"]))
+    assert as_lists(p) == (["1", "5"], ["4", "6"], [], 2)
+    assert p.sends == 4
+
+
+def test_entered_keeps_snapshot_order_and_exited_state_order() -> None:
+    p = plan(index(["z", "a", "m"]), index(["q", "b", "a"]))
+    assert list(p.entered) == ["z", "m"]
+    assert list(p.exited) == ["q", "b"]
+
+
+def test_nothing_changed_sends_nothing() -> None:
+    p = plan(index(["1", "2"]), index(["2", "1"]))
+    assert as_lists(p) == ([], [], [], 2)
+    assert p.sends == 0
+
+
+def test_first_sync_enters_every_member() -> None:
+    p = plan(index(["007", "7", "a"]), index([]))
+    assert as_lists(p) == (["007", "7", "a"], [], [], 0)
+    assert p.sends == 3
+
+
+def test_ids_compare_as_text() -> None:
+    # "007" and "7" are two users: the state's "7" leaves, the snapshot's "007" enters.
+    p = plan(index(["007"]), index(["7"]))
+    assert as_lists(p) == (["007"], ["7"], [], 0)
+
+
+def test_empty_snapshot_exits_everyone() -> None:
+    p = plan(index([]), index(["1", "2"]))
+    assert as_lists(p) == ([], ["1", "2"], [], 0)
+
+
+def test_both_empty() -> None:
+    p = plan(index([]), index([]))
+    assert as_lists(p) == ([], [], [], 0)
+    assert p.sends == 0
+
+
+def test_full_resends_unchanged_and_exits_leavers() -> None:
+    p = plan(index(["1", "2", "3"]), index(["2", "3", "4"]), full=True)
+    assert list(p.entered) == ["1"]
+    assert list(p.resend) == ["2", "3"]
+    assert list(p.exited) == ["4"]
+    assert p.unchanged == 2
+    assert p.sends == 4  # true to 1, 2, 3 and false to 4
+
+
+def test_full_on_first_sync_is_all_entered() -> None:
+    p = plan(index(["1", "2"]), index([]), full=True)
+    assert as_lists(p) == (["1", "2"], [], [], 0)
+
+
+def test_held_users_neither_enter_nor_exit() -> None:
+    # "3" is held: its snapshot rows conflict, so it is not among the members. It stays as the
+    # state says (a member) instead of being sent `false`; the held "9" is not in the state and
+    # is not sent `true` either.
+    p = plan(index(["1", "2"]), index(["2", "3", "4"]), held={"3", "9"})
+    assert as_lists(p) == (["1"], ["4"], [], 2)  # unchanged: 2 and the held 3
+
+
+def test_held_users_are_not_resent_in_full_mode() -> None:
+    p = plan(index(["1", "2"]), index(["2", "3"]), full=True, held=frozenset({"3"}))
+    assert as_lists(p) == (["1"], [], ["2"], 2)
+
+
+def test_plan_is_pure() -> None:
+    members, synced = index(["1", "2"]), index(["2", "3"])
+    first = as_lists(plan(members, synced, full=True, held=["3"]))
+    assert first == as_lists(plan(members, synced, full=True, held=["3"]))
+    assert list(members) == ["1", "2"]
+    assert list(synced) == ["2", "3"]
+
+
+def test_accepts_a_state_index_of_another_dtype() -> None:
+    p = plan(index(["1", "2"]), pd.Index(["2", "3"], dtype=object))
+    assert as_lists(p) == (["1"], ["3"], [], 1)
+
+
+# --- property: the fast diff agrees with plain sets ------------------------------------------
+
+ids = st.text(alphabet="0a7_ ", min_size=1, max_size=4)
+
+
+@st.composite
+def diff_inputs(draw: st.DrawFn) -> tuple[list[str], list[str], set[str], bool]:
+    members = draw(st.lists(ids, unique=True, max_size=30))
+    synced = draw(st.lists(ids, unique=True, max_size=30))
+    # Held users had conflicting rows, so they are never among the snapshot's members; they may
+    # or may not be in the state.
+    held = draw(st.sets(ids, max_size=10)) - set(members)
+    return members, synced, held, draw(st.booleans())
+
+
+@settings(max_examples=300, deadline=None)
+@given(diff_inputs())
+def test_plan_matches_set_model(case: tuple[list[str], list[str], set[str], bool]) -> None:
+    members, synced, held, full = case
+    p = plan(index(members), index(synced), full=full, held=held)
+
+    m, s = set(members), set(synced)
+    entered = m - s
+    exited = s - m - held
+    resend = (m & s) if full else set()
+    assert set(p.entered) == entered
+    assert set(p.exited) == exited
+    assert set(p.resend) == resend
+    assert p.unchanged == len(s - exited)
+    assert p.sends == len(entered) + len(exited) + len(resend)
+    # No user is sent twice, nor both `true` and `false`.
+    sent = [*p.entered, *p.resend, *p.exited]
+    assert len(sent) == len(set(sent))
+    # Orders are the inputs' orders, so a sample shown to the operator is stable.
+    assert list(p.entered) == [u for u in members if u in entered]
+    assert list(p.exited) == [u for u in synced if u in exited]
+    # Applying the plan to the state gives the snapshot's members plus the held state members.
+    after = (s | set(p.entered) | set(p.resend)) - set(p.exited)
+    assert after == m | (s & held)

@@ -1,0 +1,52 @@
+"""The public surface of ``audience_sync`` is deliberate: adding or removing a name is a
+decision, so this list changes only together with the package's ``__all__``."""
+
+from __future__ import annotations
+
+import audience_sync
+
+EXPORTED = {
+    "AlreadyRunning",
+    "AudienceConfig",
+    "AudienceResult",
+    "AudienceSyncError",
+    "Change",
+    "Config",
+    "ConfigError",
+    "CredentialsError",
+    "DeliveryStatus",
+    "DestinationError",
+    "Identity",
+    "Outcome",
+    "Plan",
+    "QuotaExhausted",
+    "RunMode",
+    "RunStatus",
+    "SafeguardError",
+    "Snapshot",
+    "SnapshotError",
+    "StateError",
+    "SyncResult",
+    "Trigger",
+    "UserUpdate",
+    "load_config",
+    "load_snapshot",
+    "plan",
+    "sync",
+    "trait_key",
+}
+
+
+def test_exported_members():
+    assert set(audience_sync.__all__) == EXPORTED
+    for name in EXPORTED:
+        assert getattr(audience_sync, name) is not None
+
+
+def test_every_error_is_an_audience_sync_error_with_an_exit_code():
+    errors = [
+        getattr(audience_sync, n) for n in EXPORTED if n.endswith(("Error", "Exhausted", "Running"))
+    ]
+    for error in errors:
+        assert issubclass(error, audience_sync.AudienceSyncError)
+        assert error.exit_code in {1, 3, 4, 6, 7}
