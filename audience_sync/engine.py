@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 
+from audience_sync import pushdown
 from audience_sync.config import AudienceConfig, Config
 from audience_sync.destinations import Destination, destination_class
 from audience_sync.diff import Plan, plan
@@ -65,6 +68,8 @@ MESSAGE_NAMESPACE = uuid.UUID("6f1c3a52-3c1e-4bd4-9a8e-5d2b7f0c9e11")
 COMMIT_EVERY_OUTCOMES = 1000
 COMMIT_EVERY_SECONDS = 1.0
 SAMPLE_SIZE = 5
+#: Changes whose identities are looked up together (one vectorised lookup per audience).
+IDENTITY_CHUNK = 5000
 
 Progress = Callable[[int, int], None]
 
@@ -217,7 +222,7 @@ class _Run:
         self.lock.attach_run(lease, run_id)
         log.info("audience=%s run=%d mode=%s started", audience.trait_key, run_id, mode.value)
         try:
-            snapshot = load_snapshot(audience)
+            snapshot, the_plan = _load_and_plan(audience, self.store, ref.id, full=self.full)
         except SnapshotError as exc:
             self.store.finish_run(run_id, RunStatus.FAILED, str(exc))
             self.lock.release([lease])
@@ -225,9 +230,8 @@ class _Run:
             return AudienceResult(
                 audience, RunStatus.FAILED, mode, run_id, error=str(exc), error_type=SnapshotError
             )
-        synced = self.store.members(ref.id)
-        the_plan = plan(snapshot.members.index, synced, full=self.full, held=snapshot.held)
-        refused = self._guard(audience, mode, run_id, lease, snapshot, len(synced), the_plan)
+        synced = the_plan.unchanged + len(the_plan.exited)  # the state's members
+        refused = self._guard(audience, mode, run_id, lease, snapshot, synced, the_plan)
         if refused is not None:
             return refused
         counts = {
@@ -248,7 +252,7 @@ class _Run:
             lease,
             run_id,
             mode,
-            snapshot.members,
+            _identity_rows(snapshot.members, the_plan),
             the_plan,
             self.store.retry_queue(ref.id),
             counts,
@@ -305,7 +309,8 @@ class _Run:
                 audience,
                 the_plan,
                 source=snapshot.source,
-                members=len(snapshot.members),
+                # Counted from the plan: a pushed-down diff loads only the entered members' rows.
+                members=len(the_plan.entered) + the_plan.unchanged,
                 synced=synced,
                 taken_at=snapshot.taken_at,
                 now=self.store.clock(),
@@ -365,16 +370,28 @@ class _Run:
         # Sorting by user groups each user's changes across audiences into one update.
         return frame.sort_values(["user_id", "run"], kind="stable", ignore_index=True)
 
-    def _identity(self, user_id: str, runs: Sequence[int]) -> Identity:
-        values: dict[str, str] = {}
-        for i in runs:
-            members = self.runs[i].members
-            if user_id in members.index:
-                row = members.loc[user_id]
-                for k in IDENTITY_TRAITS:
-                    if k not in values and k in members.columns and not pd.isna(row[k]):
-                        values[k] = str(row[k])
-        return Identity(**values)
+    def _identities(self, frame: pd.DataFrame) -> dict[str, Identity]:
+        """Each user's identity in a chunk of the changes frame, from the audiences they changed
+        in (the first audience that knows a trait wins): one vectorised lookup per audience."""
+        traits = {
+            k: pd.Series(pd.NA, index=frame.index, dtype="string[pyarrow]") for k in IDENTITY_TRAITS
+        }
+        for i, rows in frame.groupby("run", sort=False).groups.items():
+            members = self.runs[int(str(i))].members
+            known = [k for k in IDENTITY_TRAITS if k in members.columns]
+            if not known:
+                continue
+            found = members[known].reindex(pd.Index(frame.loc[rows, "user_id"]))
+            for k in known:
+                traits[k].loc[rows] = found[k].to_numpy()
+        table = pd.DataFrame({"user_id": frame["user_id"], **traits})
+        first = table.groupby("user_id", sort=False).first()  # first non-missing, in run order
+        return {
+            str(user_id): Identity(
+                **{k: str(v) for k, v in zip(IDENTITY_TRAITS, rest, strict=True) if not pd.isna(v)}
+            )
+            for user_id, *rest in first.itertuples(name=None)
+        }
 
     def _message_id(self, run: _AudienceRun, user_id: str, value: bool) -> str:
         # A re-sent change keeps its first attempt's id, so downstream dedup can drop it.
@@ -391,15 +408,20 @@ class _Run:
         values = frame["value"].to_numpy()
         start = 0
         n = len(frame)
+        identities: dict[str, Identity] = {}
+        chunk_end = 0
         while start < n:
             if self.should_stop():
                 return
+            if start >= chunk_end:
+                chunk_end = _chunk_end(users, start, IDENTITY_CHUNK)
+                identities = self._identities(frame.iloc[start:chunk_end])
             end = start + 1
             while end < n and users[end] == users[start]:
                 end += 1
             user_id = str(users[start])
             runs = [int(r) for r in run_index[start:end]]
-            identity = self._identity(user_id, runs)
+            identity = identities[user_id]
             changes = []
             for i, value in zip(runs, values[start:end], strict=True):
                 run = self.runs[i]
@@ -601,6 +623,47 @@ class _Run:
         return results
 
 
+def _chunk_end(users: Any, start: int, size: int) -> int:
+    """End of the chunk from ``start``: about ``size`` rows, never splitting one user's rows."""
+    end = min(start + size, len(users))
+    while end < len(users) and users[end] == users[end - 1]:
+        end += 1
+    return end
+
+
+def _identity_rows(members: pd.DataFrame, the_plan: Plan) -> pd.DataFrame:
+    """The snapshot rows a run still needs after planning: those of users it sends ``true``.
+
+    Identities are only looked up for audiences a user changed in, and an exited user is not in
+    the snapshot; so dropping the other rows keeps memory to the changes, not the audience.
+    """
+    wanted = len(the_plan.entered) + len(the_plan.resend)
+    if wanted >= len(members):
+        return members
+    ids = pa.array(members.index.array)
+    value_set = pa.concat_arrays(
+        [pa.array(i.array, pa.large_string()) for i in (the_plan.entered, the_plan.resend)]
+    )
+    keep = pc.is_in(ids.cast(pa.large_string()), value_set=value_set)
+    trimmed: pd.DataFrame = members[keep.to_numpy(zero_copy_only=False)]
+    return trimmed
+
+
+def _load_and_plan(
+    audience: AudienceConfig, store: StateStore, audience_id: int | None, *, full: bool
+) -> tuple[Snapshot, Plan]:
+    """Load and diff one audience, inside the state database when its query lives there."""
+    if audience_id is not None and pushdown.applies(audience, store.engine):
+        return pushdown.plan_in_database(store.engine, audience, audience_id, full=full)
+    snapshot = load_snapshot(audience)
+    synced = (
+        store.members(audience_id)
+        if audience_id is not None
+        else pd.Index([], dtype="string[pyarrow]", name="user_id")
+    )
+    return snapshot, plan(snapshot.members.index, synced, full=full, held=snapshot.held)
+
+
 def _partial_reason(counts: dict[str, int], held: int) -> str:
     parts = []
     if counts["rejected_rows"]:
@@ -637,7 +700,9 @@ def _dry_run(
             )
         )
         try:
-            snapshot = load_snapshot(audience)
+            snapshot, p = _load_and_plan(
+                audience, store, ref.id if ref is not None else None, full=full
+            )
         except SnapshotError as exc:
             results.append(
                 AudienceResult(
@@ -645,8 +710,6 @@ def _dry_run(
                 )
             )
             continue
-        synced = store.members(ref.id) if ref is not None else pd.Index([], dtype="string[pyarrow]")
-        p = plan(snapshot.members.index, synced, full=full, held=snapshot.held)
         sample = [
             {"user_id": str(u), audience.trait_key: value}
             for ids, value in ((p.entered, True), (p.resend, True), (p.exited, False))

@@ -210,9 +210,7 @@ def test_manual_run_is_refused_or_waits_while_another_process_runs(
     assert b["started_at"] >= a["finished_at"]
 
 
-def test_a_killed_process_lock_is_taken_over(
-    tmp_path: Path, state_url: str, db: Any
-) -> None:
+def test_a_killed_process_lock_is_taken_over(tmp_path: Path, state_url: str, db: Any) -> None:
     users_csv(tmp_path / "a.csv", 400)
     slow = slow_config(
         tmp_path,

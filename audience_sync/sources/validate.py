@@ -8,6 +8,8 @@ exited this run, so a bad export cannot flip their membership.
 from __future__ import annotations
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from audience_sync.errors import SnapshotError
 from audience_sync.model import IDENTITY_TRAITS, RejectedRow, Snapshot
@@ -44,8 +46,12 @@ def validate(frame: pd.DataFrame, source: str) -> Snapshot:
 
     # Identical duplicates collapse; users whose duplicate rows disagree are held and every one
     # of their rows is reported (also a row identical to another of the held user's rows).
-    distinct_ids = data.drop_duplicates()["user_id"]
-    held: frozenset[str] = frozenset(distinct_ids[distinct_ids.duplicated()].tolist())
+    # Row-wise duplicate checks cost seconds on millions of rows: only pay when an id repeats.
+    repeats = _has_repeated(data["user_id"])
+    held: frozenset[str] = frozenset()
+    if repeats:
+        distinct_ids = data.drop_duplicates()["user_id"]
+        held = frozenset(distinct_ids[distinct_ids.duplicated()].tolist())
     if held:
         repeated = data["user_id"].isin(held)
         conflicts = data[repeated]
@@ -61,7 +67,8 @@ def validate(frame: pd.DataFrame, source: str) -> Snapshot:
                     )
                 )
         data = data[~repeated]
-    data = data.drop_duplicates()
+    if repeats:
+        data = data.drop_duplicates()
 
     members = data.set_index("user_id")
     members.index = members.index.astype("string[pyarrow]")
@@ -73,6 +80,12 @@ def validate(frame: pd.DataFrame, source: str) -> Snapshot:
         held=held,
         rejected_count=rejected_count,
     )
+
+
+def _has_repeated(ids: pd.Series) -> bool:
+    """Whether any id occurs twice (Arrow's hash-based unique: ~10x faster than pandas')."""
+    array = pa.array(ids.array)
+    return len(pc.unique(array)) != len(array)
 
 
 def _clean(column: pd.Series) -> pd.Series:

@@ -24,10 +24,10 @@ from alembic.script import ScriptDirectory
 
 from audience_sync.errors import StateError
 from audience_sync.model import RunStatus
+from audience_sync.state import bulk
 from audience_sync.state.schema import (
     sync_audiences,
     sync_changes,
-    sync_members,
     sync_pending,
     sync_runs,
 )
@@ -230,11 +230,9 @@ class StateStore:
     def members(self, audience_id: int) -> pd.Index:
         """The user ids the destination was last confirmed to hold as members."""
         with self.engine.connect() as conn:
-            result = conn.execute(
-                sa.select(sync_members.c.user_id).where(sync_members.c.audience_id == audience_id)
-            )
-            ids = result.scalars().all()
-        return pd.Index(ids, dtype="string[pyarrow]", name="user_id")
+            ids = bulk.read_members(conn, audience_id)
+        index: pd.Index = pd.Index(pd.array(ids, dtype="string[pyarrow]"), name="user_id")
+        return index
 
     def retry_queue(self, audience_id: int) -> pd.DataFrame:
         """Users whose last change was not delivered, indexed by user id."""
@@ -347,17 +345,9 @@ class StateStore:
         with self.engine.begin() as conn:
             for b in batches:
                 if b.added:
-                    conn.execute(
-                        sync_members.insert(),
-                        [{"audience_id": b.audience_id, "user_id": u} for u in b.added],
-                    )
-                for chunk in _chunks(b.removed):
-                    conn.execute(
-                        sync_members.delete().where(
-                            sync_members.c.audience_id == b.audience_id,
-                            sync_members.c.user_id.in_(chunk),
-                        )
-                    )
+                    bulk.add_members(conn, b.audience_id, b.added)
+                if b.removed:
+                    bulk.remove_members(conn, b.audience_id, b.removed)
                 stale = b.cleared + [p["user_id"] for p in b.pending]
                 for chunk in _chunks(stale):
                     conn.execute(
@@ -380,10 +370,7 @@ class StateStore:
                         ],
                     )
                 if b.changes:
-                    conn.execute(
-                        sync_changes.insert(),
-                        [{"run_id": b.run_id, "at": now, **c} for c in b.changes],
-                    )
+                    bulk.log_changes(conn, b.run_id, now, b.changes)
                 if b.delivered or b.failed or b.skipped:
                     conn.execute(
                         sync_runs.update()

@@ -1,0 +1,122 @@
+"""The engine's scale paths: a run with no changes writes nothing but its run row, identities
+are looked up per chunk without mixing users up, and a query in the state database is diffed
+there, with the same result as the in-memory diff.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from conftest import write_config, write_csv
+
+from audience_sync import engine as engine_module
+from audience_sync.config import load_config
+from audience_sync.engine import sync
+
+STATE_TABLES = ("sync_audiences", "sync_members", "sync_pending", "sync_changes", "sync_locks")
+
+
+def dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        tables = {
+            t: sorted(map(tuple, conn.execute(sa.text(f"SELECT * FROM {t}")))) for t in STATE_TABLES
+        }
+    engine.dispose()
+    return tables
+
+
+def identifies(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_run_without_changes_writes_only_its_run_rows(tmp_path: Path, state_url: str) -> None:
+    write_csv(tmp_path / "a.csv", "user_id,email\n1,a@x\n2,b@x\n")
+    write_csv(tmp_path / "b.csv", "user_id\n2\n3\n")
+    config = write_config(
+        tmp_path / "c.toml",
+        state_url=state_url,
+        audiences=[{"name": "A", "source": "a.csv"}, {"name": "B", "source": "b.csv"}],
+    )
+    assert sync(load_config(config)).exit_code == 0
+    before = dump(state_url)
+    output = (tmp_path / "out.jsonl").read_text()
+
+    result = sync(load_config(config))
+
+    assert result.exit_code == 0
+    assert [r.counts["unchanged"] for r in result.audiences] == [2, 2]
+    assert dump(state_url) == before  # the lock row came and went; nothing else moved
+    assert (tmp_path / "out.jsonl").read_text() == output
+    engine = sa.create_engine(state_url)
+    with engine.connect() as conn:
+        runs = conn.execute(sa.text("SELECT status, entered, exited FROM sync_runs")).all()
+    engine.dispose()
+    assert [tuple(r) for r in runs[2:]] == [("succeeded", 0, 0), ("succeeded", 0, 0)]
+
+
+def test_identities_are_looked_up_per_chunk_without_mixing_users(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "IDENTITY_CHUNK", 3)  # many chunk boundaries
+    users = range(1, 21)
+    write_csv(
+        tmp_path / "a.csv",
+        "user_id,email\n" + "".join(f"{u},{u}@a\n" for u in users if u % 2),
+    )
+    write_csv(
+        tmp_path / "b.csv",
+        "user_id,email,name\n" + "".join(f"{u},,N{u}\n" for u in users if u % 3),
+    )
+    config = write_config(
+        tmp_path / "c.toml",
+        state_url=state_url,
+        audiences=[{"name": "A", "source": "a.csv"}, {"name": "B", "source": "b.csv"}],
+    )
+    assert sync(load_config(config)).exit_code == 0
+
+    by_user: dict[str, dict[str, Any]] = {}
+    for message in identifies(tmp_path / "out.jsonl"):
+        by_user.setdefault(message["userId"], {}).update(message["traits"])
+    for u in users:
+        traits = by_user.get(str(u), {})
+        if u % 2:
+            assert traits["email"] == f"{u}@a" and traits["a"] is True
+        if u % 3:
+            assert traits["name"] == f"N{u}" and traits["b"] is True
+        if not u % 2 and not u % 3:
+            assert traits == {}
+        if not u % 2:
+            assert "email" not in traits  # B's empty email is unknown, not ""
+
+
+def test_a_query_in_the_state_database_is_diffed_there(tmp_path: Path, state_url: str) -> None:
+    engine = sa.create_engine(state_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE customers (user_id TEXT, email TEXT, vip INTEGER)"))
+        conn.execute(
+            sa.text("INSERT INTO customers VALUES (:u, :e, :v)"),
+            [{"u": str(u), "e": f"{u}@x", "v": int(u < 4)} for u in range(1, 6)],
+        )
+    query = "SELECT user_id, email FROM customers WHERE vip = 1"
+    config = write_config(
+        tmp_path / "c.toml",
+        state_url=state_url,
+        audiences=[{"name": "VIP", "query": query, "source_url": state_url}],
+    )
+    first = sync(load_config(config))
+    assert first.audiences[0].counts["entered"] == 3
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE customers SET vip = 1 - vip WHERE user_id IN ('1', '4')"))
+    second = sync(load_config(config))
+    engine.dispose()
+
+    counts = second.audiences[0].counts
+    assert (counts["entered"], counts["exited"], counts["unchanged"]) == (1, 1, 2)
+    messages = identifies(tmp_path / "out.jsonl")[3:]
+    assert {(m["userId"], m["traits"]["vip"]) for m in messages} == {("4", True), ("1", False)}
+    assert next(m for m in messages if m["userId"] == "4")["traits"]["email"] == "4@x"
