@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,9 +56,6 @@ log = logging.getLogger("audience_sync")
 
 #: Namespace of the deterministic Segment ``messageId`` of a change.
 MESSAGE_NAMESPACE = uuid.UUID("6f1c3a52-3c1e-4bd4-9a8e-5d2b7f0c9e11")
-#: Confirmed outcomes are committed at least this often (a crash re-sends at most this window).
-COMMIT_EVERY_OUTCOMES = 1000
-COMMIT_EVERY_SECONDS = 1.0
 SAMPLE_SIZE = 5
 
 Progress = Callable[[int, int], None]
@@ -178,6 +174,7 @@ class _Run:
         self.should_stop = should_stop
         self.runs: list[_AudienceRun] = []
         self.done = 0
+        self.held_users = 0
 
     # -- planning --------------------------------------------------------------------------
 
@@ -345,6 +342,8 @@ class _Run:
             start = end
             if changes:
                 yield UserUpdate(user_id, identity, tuple(changes))
+            else:
+                self.held_users += 1
 
     def _held(self, run: _AudienceRun, user_id: str, value: bool, identity: Identity) -> bool:
         if self.retry_failed or user_id not in run.retry_ids:
@@ -406,18 +405,36 @@ class _Run:
                     "first_run_id": (
                         run.run_id if previous is None else int(str(previous["first_run_id"]))
                     ),
+                    "last_run_id": run.run_id,
                     "first_at": self.store.clock() if previous is None else previous["first_at"],
                 }
             )
 
-    def commit(self) -> None:
+    def _take_batches(self) -> list[Applied]:
         batches = [r.batch for r in self.runs if r.batch is not None]
+        for r in self.runs:
+            r.batch = None
+        return batches
+
+    def _apply(self, batches: list[Applied]) -> None:
         if batches:
             self.store.apply(
                 batches, on_commit=lambda conn: self.lock.renew([r.lease for r in self.runs], conn)
             )
-        for r in self.runs:
-            r.batch = None
+
+    def commit(self) -> None:
+        self._apply(self._take_batches())
+
+    async def commit_async(self) -> None:
+        """Commit off the event loop, so requests already started keep going meanwhile.
+
+        The engine commits every list of outcomes the destination yields, after the previous
+        commit ended (a group commit): a run killed at any moment re-sends only the changes whose
+        confirmation was not yet recorded.
+        """
+        batches = self._take_batches()
+        if batches:
+            await asyncio.to_thread(self._apply, batches)
 
     # -- delivery ---------------------------------------------------------------------------
 
@@ -432,27 +449,25 @@ class _Run:
                 inflight[update.user_id] = update
                 yield update
 
-        last_commit = time.monotonic()
-        pending_outcomes = 0
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             if total:
-                async with self.destination as dest:
-                    async for outcomes in dest.deliver(feed()):
+                async with (
+                    self.destination as dest,
+                    contextlib.aclosing(dest.deliver(feed())) as stream,
+                ):
+                    async for outcomes in stream:
                         for outcome in outcomes:
                             self.record(inflight.pop(outcome.user_id), outcome)
-                        pending_outcomes += len(outcomes)
                         self.done += len(outcomes)
-                        if (
-                            pending_outcomes >= COMMIT_EVERY_OUTCOMES
-                            or time.monotonic() - last_commit >= COMMIT_EVERY_SECONDS
-                        ):
-                            self.commit()
-                            pending_outcomes, last_commit = 0, time.monotonic()
+                        await self.commit_async()
                         if self.progress is not None:
                             self.progress(self.done, total)
         except QuotaExhausted as exc:
-            return RunStatus.PARTIAL, str(exc), None
+            pending = max(total - self.done - self.held_users, 0)
+            message = exc.describe(pending)
+            log.warning("destination=%s %s", self.destination.name, message)
+            return RunStatus.PARTIAL, message, None
         except CredentialsError as exc:
             return RunStatus.FAILED, str(exc), CredentialsError
         except DestinationError as exc:
@@ -614,6 +629,7 @@ def sync(
             if sa.inspect(engine).has_table("sync_audiences") and not schema_is_current(engine):
                 raise StateError("the state database needs `audience-sync db upgrade` first")
             return SyncResult(dest.name, True, _dry_run(config, engine, dest.name, selected, full))
+        dest.preflight()  # e.g. missing credentials: one clear error, before any state change
         if config.state.auto_migrate:
             upgrade(engine)
         elif not schema_is_current(engine):
