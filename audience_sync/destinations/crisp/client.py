@@ -129,10 +129,8 @@ class CrispClient:
         transient = 0
 
         def stop(state: RetryCallState) -> bool:
-            nonlocal transient
             exc = state.outcome.exception() if state.outcome else None
             if isinstance(exc, _Retry) and exc.reply.verdict is Verdict.TRANSIENT:
-                transient += 1
                 return transient > self.max_retries
             return False  # rate limits: never give up on the user (patience raises instead)
 
@@ -149,7 +147,13 @@ class CrispClient:
             self.retried += 1
 
         async def attempt() -> Reply:
-            return await self._attempt(method, path, route=route, json=json, params=params)
+            nonlocal transient
+            try:
+                return await self._attempt(method, path, route=route, json=json, params=params)
+            except _Retry as exc:
+                if exc.reply.verdict is Verdict.TRANSIENT:
+                    transient += 1  # counted here: tenacity runs `wait` before `stop`
+                raise
 
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_Retry),

@@ -14,8 +14,11 @@ No request is made for a user who cannot be sent (no profile and no email).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from audience_sync.destinations.crisp.classify import Verdict
@@ -35,6 +38,8 @@ __all__ = ["EMAIL_REQUIRED", "Profiles"]
 log = logging.getLogger("audience_sync.crisp")
 
 EMAIL_REQUIRED = "email required to create a Crisp profile"
+#: Seconds an existing profile waits for the first one to learn whether emails address profiles.
+PROBE_WAIT = 10.0
 
 
 class Profiles:
@@ -49,6 +54,18 @@ class Profiles:
         self.tier = tier
         self.email_addressing: bool | None = None
         """Whether Crisp accepts an email in place of a people_id (None: not seen yet)."""
+        # The first existing profile finds that out; the others wait for its answer a moment
+        # instead of each spending a request on the same question.
+        self._probe: asyncio.Event | None = None
+        self._prober: str | None = None
+
+    def _learned(self, accepted: bool | None) -> None:
+        if accepted is not None:
+            if self.email_addressing is None and not accepted:
+                log.info("Crisp does not accept an email in place of people_id; searching instead")
+            self.email_addressing = accepted
+        if self._probe is not None:
+            self._probe.set()
 
     # -- profile --------------------------------------------------------------------------
 
@@ -99,6 +116,12 @@ class Profiles:
     async def resolve_existing(self, user_id: str, email: str) -> Person | Outcome:
         """A profile with ``email`` exists (e.g. made by the chat widget): address it."""
         found_card = card_hash({"email": email})
+        if self.email_addressing is None:
+            if self._probe is None:
+                self._probe, self._prober = asyncio.Event(), user_id
+            elif self._prober != user_id:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._probe.wait(), PROBE_WAIT)
         if self.email_addressing is not False:
             # Tentative: the data update confirms that Crisp takes the email (or we search).
             person = Person(None, email, found_card)
@@ -178,6 +201,20 @@ class Profiles:
         second_chance: bool = True,
     ) -> Outcome:
         """Merge ``data`` into the profile's custom data (PATCH, never PUT: PUT wipes the rest)."""
+        try:
+            return await self._set_data(user_id, identity, person, data, second_chance)
+        finally:
+            if user_id == self._prober:
+                self._learned(None)  # whatever happened, do not keep the others waiting
+
+    async def _set_data(
+        self,
+        user_id: str,
+        identity: Identity,
+        person: Person,
+        data: Mapping[str, DataValue],
+        second_chance: bool,
+    ) -> Outcome:
         assert person.address is not None
         reply = await self.client.call(
             "PATCH",
@@ -187,7 +224,7 @@ class Profiles:
         )
         if reply.ok:
             if person.people_id is None:
-                self.email_addressing = True
+                self._learned(True)
             return Outcome.delivered(user_id)
         if reply.verdict is not Verdict.NOT_FOUND:
             return self._refused(user_id, reply, "setting the audience data")
@@ -200,22 +237,23 @@ class Profiles:
             # Addressed by email and "not found": Crisp may not take emails here; search.
             found = await self.search(user_id, person.email)
             if isinstance(found, Person):
-                if self.email_addressing is None:
-                    log.info("Crisp does not accept an email in place of people_id; searching")
-                self.email_addressing = False
+                self._learned(False)
         if isinstance(found, Outcome):
             return found
         if found is None:
-            await self.people.forget(user_id)  # deleted in Crisp: create it again
-            if not identity.email:
+            await self.people.forget(user_id)  # deleted in Crisp
+            if not any(data.values()):
+                return Outcome.delivered(user_id)  # only `false` to set: nothing to unset
+            email = identity.email or person.email
+            if not email:
                 return Outcome.skipped(
                     user_id, f"the Crisp profile no longer exists; {EMAIL_REQUIRED}"
                 )
-            created = await self.create_or_resolve(user_id, identity)
+            created = await self.create_or_resolve(user_id, replace(identity, email=email))
             if isinstance(created, Outcome):
                 return created
             found = created
-        return await self.set_data(user_id, identity, found, data, second_chance=False)
+        return await self._set_data(user_id, identity, found, data, False)
 
     async def add_events(
         self, user_id: str, person: Person, events: Sequence[dict[str, Any]]
