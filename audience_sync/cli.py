@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -41,6 +43,18 @@ config_option = click.option(
     show_default=True,
     help="The TOML configuration file.",
 )
+
+
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM stops a run the way Ctrl-C does: what was confirmed is committed, the run is
+    marked ``interrupted`` and its lock released (SIGKILL loses nothing either: the next run
+    finds the dead run and takes over)."""
+
+    def handler(signum: int, frame: object) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -107,6 +121,7 @@ def run(
     if all_audiences and audiences:
         raise click.UsageError("--all and --audience cannot be combined")
     config = load_config(config_path)
+    _sigterm_as_interrupt()
     with _progress(err.is_terminal and not dry_run and not as_json) as progress:
         result = sync(
             config,
@@ -203,10 +218,15 @@ def _print_result(result: SyncResult) -> None:
         hidden = r.counts.get("rejected_rows", 0) - len(r.rejected)
         if hidden > 0:
             out.print(f"  {r.audience.trait_key}: ... and {hidden} more rejected rows")
-        if r.error:
-            out.print(f"  {r.audience.trait_key}: {r.error}", markup=False)
         for s in r.sample:
             out.print(f"  {r.audience.trait_key}: would send {json.dumps(s)}", markup=False)
+    # A run-wide error (rejected credentials, spent quota) is shared by every audience: say it once.
+    by_error: dict[str, list[str]] = {}
+    for r in result.audiences:
+        if r.error:
+            by_error.setdefault(r.error, []).append(r.audience.trait_key)
+    for error, keys in by_error.items():
+        out.print(f"  {', '.join(keys)}: {error}", markup=False, highlight=False)
 
 
 @cli.command("track")

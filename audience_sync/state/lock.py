@@ -1,13 +1,15 @@
 """The run lock: one run per (destination, audience) at a time, across processes and hosts.
 
 A lease row in ``sync_locks`` (holder, expiry) that the running process renews. A process that
-dies stops renewing; once the lease expires the next run takes it over and marks the dead run
-``interrupted``. The same code works on SQLite (write-locked transaction) and PostgreSQL
-(``SELECT ... FOR UPDATE``).
+dies stops renewing; once the lease expires (at once, when the holder was a process of this host
+that no longer exists) the next run takes it over and marks the dead run ``interrupted``. The
+same code works on SQLite (write-locked transaction) and PostgreSQL (``SELECT ... FOR UPDATE``).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,7 +20,7 @@ from audience_sync.errors import AlreadyRunning, StateError
 from audience_sync.state.schema import sync_locks
 from audience_sync.state.store import AudienceRef, Clock, as_utc, utc_now
 
-__all__ = ["DEFAULT_LEASE", "Lease", "RunLock"]
+__all__ = ["DEFAULT_LEASE", "Lease", "RunLock", "holder_is_dead"]
 
 DEFAULT_LEASE = timedelta(seconds=60)
 
@@ -30,6 +32,24 @@ class Lease:
     audience: AudienceRef
     holder: str
     taken_over_run: int | None
+
+
+def holder_is_dead(holder: str) -> bool:
+    """Whether ``host:pid`` names a process of this host that no longer exists.
+
+    A run killed with SIGKILL cannot release its lease; on the same host its lock is taken over
+    at once instead of after the lease expires. Other hosts' holders are never judged here.
+    """
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
 
 
 class RunLock:
@@ -70,7 +90,7 @@ class RunLock:
                 return Lease(audience, holder, None)
             expires = as_utc(row.expires_at)
             assert expires is not None
-            if expires > now and row.holder != holder:
+            if expires > now and row.holder != holder and not holder_is_dead(row.holder):
                 since = as_utc(row.acquired_at)
                 raise AlreadyRunning(
                     f"audience {audience.name!r} on {audience.destination} is already running "
