@@ -259,21 +259,32 @@ def test_limiter_pauses_on_rate_limit_and_recovers() -> None:
     t = FakeTime()
     limiter = AdaptiveRateLimiter(10, clock=t.clock, sleep=t.sleep, rng=lambda: 1.0)
     assert limiter.on_rate_limited(retry_after=3) == pytest.approx(3)
-    assert limiter.rate == pytest.approx(7)
+    assert limiter.rate == pytest.approx(8)
     # answers of requests already in flight do not escalate the pause or the slowdown
     limiter.on_rate_limited(retry_after=None)
-    assert limiter.rate == pytest.approx(7)
+    assert limiter.rate == pytest.approx(8)
     asyncio.run(limiter.acquire())
     assert t.sleeps == pytest.approx([3])
     t.now += 1
     assert limiter.limited_for == pytest.approx(4)
-    # no Retry-After: exponential backoff (0.5 s, 1 s, 2 s ... with jitter; rng=1 -> full)
-    assert limiter.on_rate_limited(None) == pytest.approx(1.0)
+    # no Retry-After: exponential backoff (0.1 s, 0.2 s, 0.4 s ... with jitter; rng=1 -> full),
+    # doubling with each pause that ends in another rate-limit answer (this is the 2nd)
+    assert limiter.on_rate_limited(None) == pytest.approx(0.2)
     t.now += 5
-    assert limiter.on_rate_limited(None) == pytest.approx(2.0)
-    for _ in range(200):
+    assert limiter.on_rate_limited(None) == pytest.approx(0.4)
+    t.now += 5
+    assert limiter.on_rate_limited(None) == pytest.approx(0.8)
+    assert limiter.rate == pytest.approx(10 * 0.8**4)
+    # success: fast back to just under the rate that was limited, slowly beyond it
+    limiter.on_success()
+    assert limiter.limited_for == 0
+    for _ in range(40):
         limiter.on_success()
-    assert limiter.rate == 10 and limiter.limited_for == 0
+    mark = 10 * 0.8**3 * 0.95
+    assert mark <= limiter.rate < mark + 0.3  # one fast step past the mark at most
+    for _ in range(20_000):
+        limiter.on_success()
+    assert limiter.rate == 10
 
 
 # -- the request budget (state database, both backends) -----------------------------------------

@@ -2,10 +2,13 @@
 
 Requests are spaced evenly at the current rate (no bursts, so a server-side per-second window is
 not overrun). A 429/420 pauses *every* request (the limit is per token, not per connection):
-for ``Retry-After`` seconds when Crisp sends it, else an exponential backoff with jitter; it
-also lowers the rate (multiplicative decrease). Each success raises the rate back toward the
-configured ceiling (additive increase). ``limited_for`` says how long rate limiting has lasted
-without a single success, which is how an exhausted daily quota shows when Crisp does not say so.
+for ``Retry-After`` seconds when Crisp sends it, else an exponential backoff with jitter that
+starts short (a per-second window clears fast) and doubles while the answers keep coming. It
+also lowers the rate (multiplicative decrease) and remembers the rate that was too fast: each
+success wins the rate back quickly up to just under that mark, then only slowly beyond it, so
+the client settles just below Crisp's limit instead of hitting it again and again.
+``limited_for`` says how long rate limiting has lasted without a single success, which is how an
+exhausted daily quota shows when Crisp does not say so.
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ __all__ = ["AdaptiveRateLimiter"]
 class AdaptiveRateLimiter:
     """Pace requests at up to ``ceiling`` per second; adapt to rate-limit answers."""
 
-    decrease = 0.7
+    decrease = 0.8
     """Rate multiplier on each rate-limit answer (outside an ongoing pause)."""
+    margin = 0.95
+    """Share of the rate that was limited, up to which the rate recovers fast."""
     increase = 0.02
-    """Share of the ceiling the rate regains per success."""
-    backoff_initial = 0.5
+    """Share of the ceiling regained per success, below that mark."""
+    probe = 0.0002
+    """Share of the ceiling regained per success, above that mark."""
+    backoff_initial = 0.1
     backoff_max = 60.0
 
     def __init__(
@@ -46,6 +53,7 @@ class AdaptiveRateLimiter:
         self._pause_until = 0.0
         self._strikes = 0
         self._limited_since: float | None = None
+        self._mark = ceiling
         self.rate_limited = 0
         """Rate-limit answers seen (for reports)."""
 
@@ -65,7 +73,8 @@ class AdaptiveRateLimiter:
     def on_success(self) -> None:
         self._strikes = 0
         self._limited_since = None
-        self.rate = min(self.ceiling, self.rate + self.ceiling * self.increase)
+        step = self.increase if self.rate < self._mark else self.probe
+        self.rate = min(self.ceiling, self.rate + self.ceiling * step)
 
     def on_rate_limited(self, retry_after: float | None) -> float:
         """Pause everyone and slow down; returns the pause in seconds from now."""
@@ -76,6 +85,7 @@ class AdaptiveRateLimiter:
         if now >= self._pause_until:
             # One strike per pause: the answers of requests already in flight do not escalate.
             self._strikes += 1
+            self._mark = max(self.floor, self.rate * self.margin)
             self.rate = max(self.floor, self.rate * self.decrease)
             if retry_after is not None:
                 delay = retry_after
