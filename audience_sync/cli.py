@@ -143,6 +143,7 @@ def _result_json(result: SyncResult) -> dict[str, Any]:
         "destination": result.destination,
         "dry_run": result.dry_run,
         "exit_code": result.exit_code,
+        **({"cost": result.cost} if result.cost else {}),
         "audiences": [
             {
                 "audience": r.audience.name,
@@ -220,6 +221,9 @@ def _print_result(result: SyncResult) -> None:
             out.print(f"  {r.audience.trait_key}: ... and {hidden} more rejected rows")
         for s in r.sample:
             out.print(f"  {r.audience.trait_key}: would send {json.dumps(s)}", markup=False)
+    if result.cost:
+        estimate = ", ".join(f"{k}={v:,}" for k, v in result.cost.items())
+        out.print(f"  estimated cost: {estimate}", markup=False, highlight=False)
     # A run-wide error (rejected credentials, spent quota) is shared by every audience: say it once.
     by_error: dict[str, list[str]] = {}
     for r in result.audiences:

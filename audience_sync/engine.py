@@ -548,7 +548,9 @@ def _dry_run(
     dest_name: str,
     audiences: Sequence[AudienceConfig],
     full: bool,
+    changed: dict[str, Identity],
 ) -> list[AudienceResult]:
+    """Plan without sending; ``changed`` collects each user the plans would send to."""
     store = StateStore(engine)
     has_state = sa.inspect(engine).has_table("sync_audiences")
     results = []
@@ -574,6 +576,15 @@ def _dry_run(
             continue
         synced = store.members(ref.id) if ref is not None else pd.Index([], dtype="string[pyarrow]")
         p = plan(snapshot.members.index, synced, full=full, held=snapshot.held)
+        emails = snapshot.members["email"] if "email" in snapshot.members.columns else None
+        for ids in (p.entered, p.resend):
+            found = emails.reindex(ids) if emails is not None else None
+            for i, user_id in enumerate(ids):
+                email = None if found is None or pd.isna(found.iloc[i]) else str(found.iloc[i])
+                if email or user_id not in changed:
+                    changed[str(user_id)] = Identity(email=email)
+        for user_id in p.exited:
+            changed.setdefault(str(user_id), Identity())
         sample = [
             {"user_id": str(u), audience.trait_key: value}
             for ids, value in ((p.entered, True), (p.resend, True), (p.exited, False))
@@ -628,7 +639,11 @@ def sync(
         if dry_run:
             if sa.inspect(engine).has_table("sync_audiences") and not schema_is_current(engine):
                 raise StateError("the state database needs `audience-sync db upgrade` first")
-            return SyncResult(dest.name, True, _dry_run(config, engine, dest.name, selected, full))
+            changed: dict[str, Identity] = {}
+            planned = _dry_run(config, engine, dest.name, selected, full, changed)
+            updates = [UserUpdate(u, identity, ()) for u, identity in changed.items()]
+            cost = dest.describe_plan(updates) if updates else {}
+            return SyncResult(dest.name, True, planned, cost)
         dest.preflight()  # e.g. missing credentials: one clear error, before any state change
         if config.state.auto_migrate:
             upgrade(engine)

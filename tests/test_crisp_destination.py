@@ -559,3 +559,25 @@ def test_track_to_known_users_and_dropped_for_unknown(s: Setup) -> None:
     assert new is not None and new["data"] == {"plan": "pro"}
     assert [e["text"] for e in new["events"]] == ["Signed Up"]
     assert s.server.count() == 1 + 2 + 1  # the dropped call cost nothing
+
+
+def test_dry_run_estimates_requests_and_days_of_quota(s: Setup) -> None:
+    s.options = {"daily_request_budget": 10}
+    s.snapshot("VIP", [*users(6), ("u9", "")])
+    result = s.sync("VIP", dry_run=True)
+    assert result.cost == {
+        "users": 7,
+        "known": 0,
+        "new": 6,
+        "no_email": 1,
+        "requests": 12,
+        "daily_request_budget": 10,
+        "used_today": 0,
+        "days": 2,
+    }
+    assert s.server.count() == 0 and s.rows("sync_runs") == []
+    s.options = {"daily_request_budget": 100}
+    s.sync("VIP")
+    s.snapshot("VIP", users(3))
+    cost = s.sync("VIP", dry_run=True).cost
+    assert (cost["known"], cost["requests"], cost["used_today"], cost["days"]) == (3, 3, 12, 1)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -162,16 +163,29 @@ class CrispDestination(Destination):
             raise
 
     def describe_plan(self, updates: Sequence[UserUpdate]) -> dict[str, int]:
-        """Requests the updates would cost at most (no batching, no failures)."""
-        known = self.people.lookup(u.user_id for u in updates)
-        cost = {"users": len(updates), "requests": 0, "skipped": 0}
+        """Requests the updates would cost (no batching, no failures), and today's budget."""
+        tables = sa.inspect(self.state)
+        known = (
+            self.people.lookup(u.user_id for u in updates)
+            if tables.has_table("crisp_people")
+            else {}
+        )
+        cost = {"users": len(updates), "known": 0, "new": 0, "no_email": 0, "requests": 0}
         for u in updates:
             if u.user_id in known:
+                cost["known"] += 1
                 cost["requests"] += 1
             elif u.identity.email:
+                cost["new"] += 1
                 cost["requests"] += 2
             else:
-                cost["skipped"] += 1
+                cost["no_email"] += 1
+        used = self.budget.used_today() if tables.has_table("destination_requests") else 0
+        left = max(self.budget.limit - used, 0)
+        cost["daily_request_budget"] = self.budget.limit
+        cost["used_today"] = used
+        beyond_today = max(cost["requests"] - left, 0)
+        cost["days"] = 1 + math.ceil(beyond_today / self.budget.limit) if cost["requests"] else 0
         return cost
 
     # -- Track and Identify calls ---------------------------------------------------------------
@@ -200,9 +214,8 @@ class CrispDestination(Destination):
                         return
 
         await asyncio.gather(*(user_calls(u, ix) for u, ix in by_user.items()))
+        reason = f"not sent: {stop[0]}" if stop else "not sent"
         if stop:
-            exc = stop[0]
-            reason = f"not sent: {exc}"
             log.warning("%s", reason)
         final = [
             o or Outcome.failed(c.user_id, reason) for o, c in zip(outcomes, calls, strict=True)
