@@ -388,6 +388,7 @@ def history(
                 "error",
             )
             title = "Sync runs"
+        used_today = store.requests_used(store.clock().date())
     finally:
         engine.dispose()
     if as_json:
@@ -412,6 +413,16 @@ def history(
     out.print(table)
     if not rows:
         out.print("no rows")
+    for destination, used in used_today.items():
+        budget = (
+            getattr(config.destination.settings, "daily_request_budget", None) if config else None
+        )
+        of = (
+            f" of {budget:,}"
+            if budget and config and config.destination.name == destination
+            else ""
+        )
+        out.print(f"{destination}: {used:,}{of} requests used today (UTC)", highlight=False)
 
 
 @cli.group()

@@ -542,15 +542,29 @@ def _partial_reason(counts: dict[str, int], held: int) -> str:
     return "; ".join(parts) + "; see `audience-sync history --failed`"
 
 
+def _collect_changed(changed: dict[str, Identity], p: Plan, members: pd.DataFrame) -> None:
+    """Each user a plan sends to, with the email the destination may need to create them."""
+    for ids in (p.entered, p.resend):
+        if "email" in members.columns:
+            emails = members["email"].reindex(ids).tolist()
+        else:
+            emails = [None] * len(ids)
+        for user_id, email in zip(ids.tolist(), emails, strict=True):
+            if isinstance(email, str) or user_id not in changed:
+                changed[str(user_id)] = Identity(email=email if isinstance(email, str) else None)
+    for user_id in p.exited.tolist():
+        changed.setdefault(str(user_id), Identity())
+
+
 def _dry_run(
     config: Config,
     engine: sa.Engine,
     dest_name: str,
     audiences: Sequence[AudienceConfig],
     full: bool,
-    changed: dict[str, Identity],
+    changed: dict[str, Identity] | None,
 ) -> list[AudienceResult]:
-    """Plan without sending; ``changed`` collects each user the plans would send to."""
+    """Plan without sending; ``changed`` (if given) collects the users the plans send to."""
     store = StateStore(engine)
     has_state = sa.inspect(engine).has_table("sync_audiences")
     results = []
@@ -576,15 +590,8 @@ def _dry_run(
             continue
         synced = store.members(ref.id) if ref is not None else pd.Index([], dtype="string[pyarrow]")
         p = plan(snapshot.members.index, synced, full=full, held=snapshot.held)
-        emails = snapshot.members["email"] if "email" in snapshot.members.columns else None
-        for ids in (p.entered, p.resend):
-            found = emails.reindex(ids) if emails is not None else None
-            for i, user_id in enumerate(ids):
-                email = None if found is None or pd.isna(found.iloc[i]) else str(found.iloc[i])
-                if email or user_id not in changed:
-                    changed[str(user_id)] = Identity(email=email)
-        for user_id in p.exited:
-            changed.setdefault(str(user_id), Identity())
+        if changed is not None:
+            _collect_changed(changed, p, snapshot.members)
         sample = [
             {"user_id": str(u), audience.trait_key: value}
             for ids, value in ((p.entered, True), (p.resend, True), (p.exited, False))
@@ -639,9 +646,11 @@ def sync(
         if dry_run:
             if sa.inspect(engine).has_table("sync_audiences") and not schema_is_current(engine):
                 raise StateError("the state database needs `audience-sync db upgrade` first")
-            changed: dict[str, Identity] = {}
+            # Only a destination that prices a plan (Crisp: requests) pays for collecting it.
+            prices = type(dest).describe_plan is not Destination.describe_plan
+            changed: dict[str, Identity] | None = {} if prices else None
             planned = _dry_run(config, engine, dest.name, selected, full, changed)
-            updates = [UserUpdate(u, identity, ()) for u, identity in changed.items()]
+            updates = [UserUpdate(u, identity, ()) for u, identity in (changed or {}).items()]
             cost = dest.describe_plan(updates) if updates else {}
             return SyncResult(dest.name, True, planned, cost)
         dest.preflight()  # e.g. missing credentials: one clear error, before any state change

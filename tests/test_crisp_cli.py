@@ -273,6 +273,8 @@ def test_quota_runs_out_mid_sync_and_the_next_run_finishes(
     shown = json.loads(cli("history", "--config", str(config), "--json").stdout)
     vip = next(h for h in shown if h["audience_key"] == "vip_users")
     assert vip["status"] == "partial" and vip["pending"] > 0 and vip["failed"] == 0
+    table = cli("history", "--config", str(config)).stdout
+    assert "crisp:website-1: 21 of 21 requests used today (UTC)" in table
 
     engine = sa.create_engine(state_url)  # the UTC day turns
     with engine.begin() as conn:

@@ -581,3 +581,29 @@ def test_dry_run_estimates_requests_and_days_of_quota(s: Setup) -> None:
     s.snapshot("VIP", users(3))
     cost = s.sync("VIP", dry_run=True).cost
     assert (cost["known"], cost["requests"], cost["used_today"], cost["days"]) == (3, 3, 12, 1)
+
+
+def test_quota_spent_while_users_wait_in_a_batch_leaves_them_pending(s: Setup) -> None:
+    s.options = {
+        "batch": True,
+        "batch_size": 50,
+        "batch_linger": 30,
+        "daily_request_budget": 12,
+        "max_concurrency": 2,
+    }
+    s.snapshot("VIP", users(20))
+    result = s.sync("VIP")  # 12 creates; the batch they wait for can no longer be paid for
+    vip = counts(result)["vip"]
+    assert (vip["status"], vip["delivered"], vip["failed"], vip["pending"]) == ("partial", 0, 0, 20)
+    assert s.server.count("POST", "/people/profile") == 12 and s.server.count() == 12
+    engine = sa.create_engine(s.state_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE destination_requests SET day = '2000-01-01'"))
+    engine.dispose()
+    s.options |= {"daily_request_budget": 100, "batch_linger": 0.2}
+    s.server.reset_counts()
+    assert s.sync("VIP").exit_code == 0
+    # the 12 known profiles need no create again: 8 creates and one batch
+    assert s.server.count("POST", "/people/profile") == 8
+    assert s.server.count("PATCH", "/batch/data") == 1
+    assert all(s.data(e) == {"vip": True} for _, e in users(20))

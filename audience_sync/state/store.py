@@ -12,7 +12,7 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import pandas as pd
@@ -25,6 +25,7 @@ from alembic.script import ScriptDirectory
 from audience_sync.errors import StateError
 from audience_sync.model import RunStatus
 from audience_sync.state.schema import (
+    destination_requests,
     sync_audiences,
     sync_changes,
     sync_members,
@@ -434,6 +435,18 @@ class StateStore:
         )
         with self.engine.connect() as conn:
             return [_row(r) for r in conn.execute(query).mappings()]
+
+    def requests_used(self, day: date) -> dict[str, int]:
+        """Requests each destination counted on ``day`` (UTC) against its daily budget."""
+        if not sa.inspect(self.engine).has_table("destination_requests"):
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(destination_requests.c.destination, destination_requests.c.used).where(
+                    destination_requests.c.day == day
+                )
+            )
+            return {r.destination: int(r.used) for r in rows}
 
 
 def _row(row: sa.RowMapping) -> dict[str, Any]:

@@ -405,6 +405,9 @@ class _Delivery:
             self._check_done()
 
     def _route(self, update: UserUpdate, person: Person | None) -> None:
+        if self.stopping is not None:
+            self._settle(1)  # stays pending
+            return
         if person is None or person.address is None:
             if not update.identity.email:
                 if not any(update.traits.values()):
@@ -429,6 +432,9 @@ class _Delivery:
     # -- batch groups ---------------------------------------------------------------------------
 
     def _group(self, update: UserUpdate, person: Person) -> None:
+        if self.stopping is not None:
+            self._settle(1)  # no batch will be sent any more: stays pending
+            return
         key = tuple(sorted(update.traits.items()))
         group = self.groups.get(key)
         if group is None:
