@@ -423,6 +423,15 @@ def test_rejected_credentials_stop_the_run_with_state_untouched(
     assert "wrong-key" not in (vip.error or "")
 
 
+def test_unknown_website_stops_the_run(s: Setup) -> None:
+    s.options = {"website_id": "not-my-website"}
+    s.snapshot("VIP", users(3))
+    result = s.sync("VIP")
+    assert result.exit_code == 6
+    assert "Crisp does not know website 'not-my-website'" in (result.audiences[0].error or "")
+    assert s.rows("sync_members") == [] and s.server.profiles == {}
+
+
 def test_missing_credentials_fail_before_any_state_change(
     s: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:

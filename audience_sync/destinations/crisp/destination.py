@@ -38,7 +38,7 @@ from audience_sync.destinations.base import (
 )
 from audience_sync.destinations.crisp.budget import RequestBudget
 from audience_sync.destinations.crisp.classify import Verdict
-from audience_sync.destinations.crisp.client import CrispClient
+from audience_sync.destinations.crisp.client import CrispClient, segment
 from audience_sync.destinations.crisp.payloads import (
     DataValue,
     audience_event,
@@ -109,7 +109,7 @@ class CrispDestination(Destination):
         assert self._credentials is not None
         s = self.settings
         self._http = httpx.AsyncClient(
-            base_url=f"{s.api_url}/website/{s.website_id}",
+            base_url=f"{s.api_url}/website/{segment(s.website_id)}",
             auth=httpx.BasicAuth(
                 self._credentials.identifier.reveal(), self._credentials.key.reveal()
             ),
