@@ -431,3 +431,14 @@ def test_client_sends_basic_auth_tier_and_json() -> None:
     assert request.headers["authorization"] == "Basic aWQ6a2V5"
     assert request.headers["x-crisp-tier"] == "website"
     assert request.headers["content-type"] == "application/json"
+
+
+def test_bundled_crisp_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parents[1] / "config" / "crisp-example.toml"
+    config = load_config(example, env={"CRISP_WEBSITE_ID": "w-from-env"})
+    assert config.destination.type == "crisp"
+    assert config.destination.name == "crisp:w-from-env"
+    assert [a.trait_key for a in config.audiences] == [
+        "order_completed_last_30days",
+        "high_value_customers",
+    ]
