@@ -282,6 +282,8 @@ class _Group:
 
 
 _DONE = object()
+#: Queued after a job's outcomes: its permit is released once the engine committed them.
+_COMMITTED = object()
 
 
 class _Delivery:
@@ -304,6 +306,11 @@ class _Delivery:
         self.groups: dict[tuple[tuple[str, DataValue], ...], _Group] = {}
         self.batching = self.settings.batch and not self.settings.audience_events
         self.batch_cap = self.settings.batch_size
+        # A job holds a permit from its first request until the engine has committed its
+        # outcome, so a kill at any moment leaves at most max_concurrency jobs unrecorded: the
+        # next run re-sends at most their calls, however slow the state database is.
+        self.permits = asyncio.Semaphore(self.settings.max_concurrency)
+        self.emitted = 0
 
     # -- the stream the engine reads ----------------------------------------------------------
 
@@ -323,8 +330,11 @@ class _Delivery:
                     items.append(self.out.get_nowait())
                 done = any(i is _DONE for i in items)
                 ready = [i for i in items if isinstance(i, Outcome)]
+                committed = sum(1 for i in items if i is _COMMITTED)
                 if ready:
-                    yield ready
+                    yield ready  # the engine resumes us once these are committed
+                for _ in range(committed):
+                    self.permits.release()
                 if done or self.fatal is not None:
                     break
         finally:
@@ -360,6 +370,7 @@ class _Delivery:
 
     def _emit(self, outcome: Outcome) -> None:
         self.out.put_nowait(outcome)
+        self.emitted += 1
         self._settle(1)
 
     def _settle(self, users: int) -> None:
@@ -467,11 +478,16 @@ class _Delivery:
         while True:
             job = await self.jobs.get()
             self.room.set()
+            if self.stopping is None:
+                await self.permits.acquire()
+                if self.stopping is not None:
+                    self.permits.release()
             if self.stopping is not None:
                 self._settle(_size(job))
                 if isinstance(job, _UserJob):
                     self.user_jobs -= 1
                 continue
+            emitted = self.emitted
             try:
                 if isinstance(job, _UserJob):
                     await self._user(job)
@@ -483,6 +499,12 @@ class _Delivery:
                 self._soft_stop(exc)
                 self._settle(_size(job))
             finally:
+                if self.emitted > emitted:
+                    # Released after the engine committed what was emitted so far (this job's
+                    # outcome, and possibly others'): never before this job's.
+                    self.out.put_nowait(_COMMITTED)
+                else:  # nothing to commit (the user joined a batch, or went back in the queue)
+                    self.permits.release()
                 if isinstance(job, _UserJob):
                     self.user_jobs -= 1
                     self._flush_if_idle()
