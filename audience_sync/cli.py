@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -43,18 +41,6 @@ config_option = click.option(
     show_default=True,
     help="The TOML configuration file.",
 )
-
-
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM stops a run the way Ctrl-C does: what was confirmed is committed, the run is
-    marked ``interrupted`` and its lock released (SIGKILL loses nothing either: the next run
-    finds the dead run and takes over)."""
-
-    def handler(signum: int, frame: object) -> None:
-        signal.raise_signal(signal.SIGINT)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -121,7 +107,6 @@ def run(
     if all_audiences and audiences:
         raise click.UsageError("--all and --audience cannot be combined")
     config = load_config(config_path)
-    _sigterm_as_interrupt()
     with _progress(err.is_terminal and not dry_run and not as_json) as progress:
         result = sync(
             config,

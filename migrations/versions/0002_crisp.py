@@ -1,6 +1,6 @@
 """Crisp: the user_id -> people_id map and the per-day request counter.
 
-Revision ID: 0002_crisp
+Revision ID: 0002
 Revises: 0001
 Create Date: 2026-11-25
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002_crisp"
+revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

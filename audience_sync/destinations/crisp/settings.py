@@ -133,7 +133,7 @@ class CrispCredentials:
         if missing:
             raise CredentialsError(
                 f"Crisp credentials missing: set {' and '.join('$' + m for m in missing)} in the "
-                "environment (the token's identifier and key; see README 'Crisp destination'). "
+                "environment (the token's identifier and key; see docs/crisp.md). "
                 "They are never read from the config file."
             )
         return cls(Secret(env[IDENTIFIER_ENV].strip()), Secret(env[KEY_ENV].strip()))
