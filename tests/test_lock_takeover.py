@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL keeps its lease; on the same host its lock is taken over at once."""
+"""A run killed with SIGKILL keeps its lease; on the same host its lock is taken over at once.
+Also: a state database this version cannot migrate is a clear ``StateError``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
+import sqlalchemy as sa
+
+from audience_sync.errors import StateError
 from audience_sync.state import RunLock, StateStore, connect, upgrade
 from audience_sync.state.lock import holder_is_dead
 
@@ -37,4 +43,14 @@ def test_lock_of_a_dead_local_process_is_taken_over(state_url: str) -> None:
     lock.attach_run(first, run_id)
     lease = lock.acquire(ref, f"{socket.gethostname()}:{os.getpid()}")  # no 60 s wait
     assert lease.taken_over_run == run_id
+    engine.dispose()
+
+
+def test_a_database_from_another_version_is_a_clear_state_error(tmp_path: Path) -> None:
+    engine = connect(f"sqlite:///{tmp_path / 'state.db'}")
+    upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_future'"))
+    with pytest.raises(StateError, match="another version of audience-sync"):
+        upgrade(engine)
     engine.dispose()

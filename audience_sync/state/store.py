@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
+import alembic.util
 import pandas as pd
 import sqlalchemy as sa
 from alembic import command
@@ -134,6 +135,11 @@ def upgrade(engine: sa.Engine, revision: str = "head") -> None:
     except sa.exc.OperationalError as exc:
         raise StateError(
             f"cannot migrate the state database {describe(engine)}: {exc.orig}"
+        ) from None
+    except alembic.util.CommandError as exc:  # e.g. stamped by a newer audience-sync
+        raise StateError(
+            f"cannot migrate the state database {describe(engine)}: {exc}; was it written by "
+            "another version of audience-sync?"
         ) from None
 
 
