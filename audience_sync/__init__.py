@@ -1,12 +1,14 @@
 """audience-sync: keep Crisp in step with audiences computed in a warehouse or exported as files.
 
-The library API: ``load_config`` -> ``sync`` -> ``SyncResult``; ``trait_key`` names a trait.
+The library API: ``load_config`` -> ``sync`` -> ``SyncResult``; ``trait_key`` names a trait;
+``track`` sends Track (and Identify) calls outside an audience sync.
 The ``audience-sync`` command is a thin shell over these.
 """
 
 from __future__ import annotations
 
 from audience_sync.config import AudienceConfig, Config, load_config
+from audience_sync.destinations import IdentifyCall, TrackEvent
 from audience_sync.diff import Plan, plan
 from audience_sync.engine import AudienceResult, SyncResult, sync
 from audience_sync.errors import (
@@ -33,18 +35,21 @@ from audience_sync.model import (
 )
 from audience_sync.naming import trait_key
 from audience_sync.sources import load_snapshot
+from audience_sync.track import CallResult, read_calls, track
 
 __all__ = [
     "AlreadyRunning",
     "AudienceConfig",
     "AudienceResult",
     "AudienceSyncError",
+    "CallResult",
     "Change",
     "Config",
     "ConfigError",
     "CredentialsError",
     "DeliveryStatus",
     "DestinationError",
+    "IdentifyCall",
     "Identity",
     "Outcome",
     "Plan",
@@ -56,11 +61,14 @@ __all__ = [
     "SnapshotError",
     "StateError",
     "SyncResult",
+    "TrackEvent",
     "Trigger",
     "UserUpdate",
     "load_config",
     "load_snapshot",
     "plan",
+    "read_calls",
     "sync",
+    "track",
     "trait_key",
 ]

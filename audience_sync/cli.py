@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from audience_sync.config import DEFAULT_CONFIG_PATH, STATE_URL_ENV, Config, load_config
+from audience_sync.destinations import Call, TrackEvent
 from audience_sync.durations import format_duration, parse_duration
 from audience_sync.engine import SyncResult, sync
 from audience_sync.errors import AudienceSyncError
@@ -34,6 +35,8 @@ from audience_sync.naming import dropped_non_ascii, trait_key
 from audience_sync.service import Service
 from audience_sync.state import StateStore, connect, upgrade
 from audience_sync.state.store import utc_now
+from audience_sync.track import read_calls
+from audience_sync.track import track as send_calls
 
 # Wide enough for the history table when the output is a file or a pipe.
 out = Console(width=None if sys.stdout.isatty() else 240)
@@ -174,6 +177,7 @@ def _result_json(result: SyncResult) -> dict[str, Any]:
         "destination": result.destination,
         "dry_run": result.dry_run,
         "exit_code": result.exit_code,
+        **({"cost": result.cost} if result.cost else {}),
         "audiences": [
             {
                 "audience": r.audience.name,
@@ -254,10 +258,82 @@ def _print_result(result: SyncResult) -> None:
         hidden = r.counts.get("rejected_rows", 0) - len(r.rejected)
         if hidden > 0:
             out.print(f"  {r.audience.trait_key}: ... and {hidden} more rejected rows")
-        if r.error:
-            out.print(f"  {r.audience.trait_key}: {r.error}", markup=False)
         for s in r.sample:
             out.print(f"  {r.audience.trait_key}: would send {json.dumps(s)}", markup=False)
+    if result.cost:
+        estimate = ", ".join(f"{k}={v:,}" for k, v in result.cost.items())
+        out.print(f"  estimated cost: {estimate}", markup=False, highlight=False)
+    # A run-wide error (rejected credentials, spent quota) is shared by every audience: say it once.
+    by_error: dict[str, list[str]] = {}
+    for r in result.audiences:
+        if r.error:
+            by_error.setdefault(r.error, []).append(r.audience.trait_key)
+    for error, keys in by_error.items():
+        out.print(f"  {', '.join(keys)}: {error}", markup=False, highlight=False)
+
+
+@cli.command("track")
+@config_option
+@click.option("--user-id", help="The user the event belongs to.")
+@click.option("--event", help='Event name, e.g. "Completed Purchase".')
+@click.option("--properties", default="{}", show_default=True, help="Event properties (JSON).")
+@click.option(
+    "--file",
+    "calls_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Segment-spec track/identify messages, one JSON object per line.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def track_command(
+    config_path: Path,
+    user_id: str | None,
+    event: str | None,
+    properties: str,
+    calls_file: Path | None,
+    as_json: bool,
+) -> None:
+    """Add events to users' event streams (Track); a --file may also hold Identify calls.
+
+    A Track for a user with no known Crisp profile is dropped and reported with the reason.
+    """
+    calls: list[Call] = []
+    if calls_file is not None:
+        calls += read_calls(calls_file)
+    if user_id is not None or event is not None:
+        if not user_id or not event:
+            raise click.UsageError("--user-id and --event go together")
+        try:
+            props = json.loads(properties)
+        except json.JSONDecodeError as exc:
+            raise click.UsageError(f"--properties is not valid JSON: {exc.msg}") from None
+        if not isinstance(props, dict):
+            raise click.UsageError("--properties must be a JSON object, e.g. '{\"revenue\": 1}'")
+        calls.append(TrackEvent(user_id=user_id, event=event, properties=props))
+    if not calls:
+        raise click.UsageError("nothing to send: give --user-id and --event, or --file")
+    result = send_calls(load_config(config_path), calls)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "destination": result.destination,
+                    "calls": len(result.calls),
+                    **result.counts,
+                    "exit_code": result.exit_code,
+                    "outcomes": [
+                        {"user_id": o.user_id, "status": o.status.value, "reason": o.reason}
+                        for o in result.outcomes
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        counts = ", ".join(f"{v} {k}" for k, v in result.counts.items())
+        out.print(f"Track -> {result.destination}: {len(result.calls)} calls: {counts}")
+        for reason, n in result.reasons.most_common():
+            out.print(f"  {n} x {reason}", markup=False)
+    sys.exit(result.exit_code)
 
 
 @cli.command()
@@ -370,6 +446,7 @@ def history(
                 "error",
             )
             title = "Sync runs"
+        used_today = store.requests_used(store.clock().date())
     finally:
         engine.dispose()
     if as_json:
@@ -394,6 +471,16 @@ def history(
     out.print(table)
     if not rows:
         out.print("no rows")
+    for destination, used in used_today.items():
+        budget = (
+            getattr(config.destination.settings, "daily_request_budget", None) if config else None
+        )
+        of = (
+            f" of {budget:,}"
+            if budget and config and config.destination.name == destination
+            else ""
+        )
+        out.print(f"{destination}: {used:,}{of} requests used today (UTC)", highlight=False)
 
 
 def _parent_state(

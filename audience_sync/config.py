@@ -260,7 +260,7 @@ class _Document(_Strict):
     safeguards: SafeguardConfig = SafeguardConfig()
 
 
-def _destination(path: Path, table: Mapping[str, Any]) -> DestinationConfig:
+def _destination(path: Path, table: Mapping[str, Any], env: Mapping[str, str]) -> DestinationConfig:
     kind = table.get("type")
     if kind is None:
         raise ConfigError(f"{path}: destination.type: missing required key (one of {kinds()})")
@@ -272,9 +272,11 @@ def _destination(path: Path, table: Mapping[str, Any]) -> DestinationConfig:
         ) from None
     options = {k: v for k, v in table.items() if k not in ("type", "name")}
     try:
-        settings = cls.settings_model.model_validate(options)
+        settings = cls.settings_model.from_config(options, env)
     except ValidationError as exc:
         raise ConfigError(_format(path, exc, table, prefix="destination")) from None
+    except ValueError as exc:  # a check that needs more than one key, e.g. env overrides
+        raise ConfigError(f"{path}: destination.{exc}") from None
     name = table.get("name")
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise ConfigError(f"{path}: destination.name: must be a non-empty string")
@@ -346,7 +348,7 @@ def load_config(
     return Config(
         path=path,
         state=state,
-        destination=_destination(path, doc.destination),
+        destination=_destination(path, doc.destination, env),
         audiences=_check_audiences(path, doc.audiences),
         service=_resolve_service(path, doc.service),
         safeguards=doc.safeguards,

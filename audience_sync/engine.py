@@ -64,9 +64,6 @@ log = logging.getLogger("audience_sync")
 
 #: Namespace of the deterministic Segment ``messageId`` of a change.
 MESSAGE_NAMESPACE = uuid.UUID("6f1c3a52-3c1e-4bd4-9a8e-5d2b7f0c9e11")
-#: Confirmed outcomes are committed at least this often (a crash re-sends at most this window).
-COMMIT_EVERY_OUTCOMES = 1000
-COMMIT_EVERY_SECONDS = 1.0
 SAMPLE_SIZE = 5
 #: Changes whose identities are looked up together (one vectorised lookup per audience).
 IDENTITY_CHUNK = 5000
@@ -192,6 +189,7 @@ class _Run:
         self.runs: list[_AudienceRun] = []
         self.by_key: dict[str, _AudienceRun] = {}
         self.done = 0
+        self.held_users = 0
 
     # -- planning --------------------------------------------------------------------------
 
@@ -438,6 +436,8 @@ class _Run:
             start = end
             if changes:
                 yield UserUpdate(user_id, identity, tuple(changes))
+            else:
+                self.held_users += 1
 
     def _held(self, run: _AudienceRun, user_id: str, value: bool, identity: Identity) -> bool:
         if self.retry_failed or user_id not in run.retry_ids:
@@ -503,14 +503,31 @@ class _Run:
                 }
             )
 
-    def commit(self) -> None:
+    def _take_batches(self) -> list[Applied]:
         batches = [r.batch for r in self.runs if r.batch is not None]
+        for r in self.runs:
+            r.batch = None
+        return batches
+
+    def _apply(self, batches: list[Applied]) -> None:
         if batches:
             self.store.apply(
                 batches, on_commit=lambda conn: self.lock.renew([r.lease for r in self.runs], conn)
             )
-        for r in self.runs:
-            r.batch = None
+
+    def commit(self) -> None:
+        self._apply(self._take_batches())
+
+    async def commit_async(self) -> None:
+        """Commit off the event loop, so requests already started keep going meanwhile.
+
+        The engine commits every list of outcomes the destination yields, after the previous
+        commit ended (a group commit): a run killed at any moment re-sends only the changes whose
+        confirmation was not yet recorded.
+        """
+        batches = self._take_batches()
+        if batches:
+            await asyncio.to_thread(self._apply, batches)
 
     # -- delivery ---------------------------------------------------------------------------
 
@@ -525,28 +542,26 @@ class _Run:
                 inflight[update.user_id] = update
                 yield update
 
-        last_commit = time.monotonic()
-        pending_outcomes = 0
         heartbeat = asyncio.create_task(self._heartbeat())
         watchdog = asyncio.create_task(self._stop_watchdog(asyncio.current_task()))
         try:
             if total:
-                async with self.destination as dest:
-                    async for outcomes in dest.deliver(feed()):
+                async with (
+                    self.destination as dest,
+                    contextlib.aclosing(dest.deliver(feed())) as stream,
+                ):
+                    async for outcomes in stream:
                         for outcome in outcomes:
                             self.record(inflight.pop(outcome.user_id), outcome)
-                        pending_outcomes += len(outcomes)
                         self.done += len(outcomes)
-                        if (
-                            pending_outcomes >= COMMIT_EVERY_OUTCOMES
-                            or time.monotonic() - last_commit >= COMMIT_EVERY_SECONDS
-                        ):
-                            self.commit()
-                            pending_outcomes, last_commit = 0, time.monotonic()
+                        await self.commit_async()
                         if self.progress is not None:
                             self.progress(self.done, total)
         except QuotaExhausted as exc:
-            return RunStatus.PARTIAL, str(exc), None
+            pending = max(total - self.done - self.held_users, 0)
+            message = exc.describe(pending)
+            log.warning("destination=%s %s", self.destination.name, message)
+            return RunStatus.PARTIAL, message, None
         except CredentialsError as exc:
             return RunStatus.FAILED, str(exc), CredentialsError
         except DestinationError as exc:
@@ -678,13 +693,29 @@ def _partial_reason(counts: dict[str, int], held: int) -> str:
     return "; ".join(parts) + "; see `audience-sync history --failed`"
 
 
+def _collect_changed(changed: dict[str, Identity], p: Plan, members: pd.DataFrame) -> None:
+    """Each user a plan sends to, with the email the destination may need to create them."""
+    for ids in (p.entered, p.resend):
+        if "email" in members.columns:
+            emails = members["email"].reindex(ids).tolist()
+        else:
+            emails = [None] * len(ids)
+        for user_id, email in zip(ids.tolist(), emails, strict=True):
+            if isinstance(email, str) or user_id not in changed:
+                changed[str(user_id)] = Identity(email=email if isinstance(email, str) else None)
+    for user_id in p.exited.tolist():
+        changed.setdefault(str(user_id), Identity())
+
+
 def _dry_run(
     config: Config,
     engine: sa.Engine,
     dest_name: str,
     audiences: Sequence[AudienceConfig],
     full: bool,
+    changed: dict[str, Identity] | None,
 ) -> list[AudienceResult]:
+    """Plan without sending; ``changed`` (if given) collects the users the plans send to."""
     store = StateStore(engine)
     has_state = sa.inspect(engine).has_table("sync_audiences")
     results = []
@@ -710,6 +741,8 @@ def _dry_run(
                 )
             )
             continue
+        if changed is not None:
+            _collect_changed(changed, p, snapshot.members)
         sample = [
             {"user_id": str(u), audience.trait_key: value}
             for ids, value in ((p.entered, True), (p.resend, True), (p.exited, False))
@@ -769,7 +802,14 @@ def sync(
         if dry_run:
             if sa.inspect(engine).has_table("sync_audiences") and not schema_is_current(engine):
                 raise StateError("the state database needs `audience-sync db upgrade` first")
-            return SyncResult(dest.name, True, _dry_run(config, engine, dest.name, selected, full))
+            # Only a destination that prices a plan (Crisp: requests) pays for collecting it.
+            prices = type(dest).describe_plan is not Destination.describe_plan
+            changed: dict[str, Identity] | None = {} if prices else None
+            planned = _dry_run(config, engine, dest.name, selected, full, changed)
+            updates = [UserUpdate(u, identity, ()) for u, identity in (changed or {}).items()]
+            cost = dest.describe_plan(updates) if updates else {}
+            return SyncResult(dest.name, True, planned, cost)
+        dest.preflight()  # e.g. missing credentials: one clear error, before any state change
         if config.state.auto_migrate:
             upgrade(engine)
         elif not schema_is_current(engine):

@@ -17,6 +17,8 @@ maps to, so the CLI needs no table of its own::
 
 from __future__ import annotations
 
+import math
+
 __all__ = [
     "AlreadyRunning",
     "AudienceSyncError",
@@ -65,7 +67,34 @@ class CredentialsError(DestinationError):
 
 
 class QuotaExhausted(DestinationError):
-    """The destination's request budget is spent; remaining users stay pending."""
+    """The destination's request budget is spent; remaining users stay pending.
+
+    ``used`` and ``budget`` are today's request count and limit, when known;
+    ``requests_per_user`` is what a user cost so far, so ``describe`` can say how many days the
+    pending users need at this budget.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        used: int | None = None,
+        budget: int | None = None,
+        requests_per_user: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.used = used
+        self.budget = budget
+        self.requests_per_user = requests_per_user
+
+    def describe(self, pending_users: int) -> str:
+        """The message with the pending users and the days they need at this budget."""
+        text = f"{self}; {pending_users:,} users pending"
+        if self.budget and pending_users:
+            per_user = self.requests_per_user or 1.0
+            days = max(1, math.ceil(pending_users * per_user / self.budget))
+            text += f", about {days} more day{'s' if days != 1 else ''} at this budget"
+        return text + " (the next run carries on where this one stopped)"
 
 
 class StateError(AudienceSyncError):

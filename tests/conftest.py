@@ -100,3 +100,38 @@ def cli(
         text=True,
         timeout=timeout,
     )
+
+
+# -- Crisp: the loopback server and a destination pointed at it ----------------------------------
+
+CRISP_WEBSITE = "website-1"
+CRISP_IDENTIFIER = "plugin-identifier-7f3a"
+CRISP_KEY = "plugin-key-s3cr3t-91c2"
+
+
+@pytest.fixture
+def crisp() -> Iterator[Any]:
+    """A Crisp-compatible server on 127.0.0.1 (tests/crisp_server.py), stopped afterwards."""
+    from crisp_server import CrispServer
+
+    with CrispServer(
+        website_id=CRISP_WEBSITE, identifier=CRISP_IDENTIFIER, key=CRISP_KEY, tier="plugin"
+    ) as server:
+        yield server
+    assert server.errors == []
+
+
+def crisp_env() -> dict[str, str]:
+    return {"CRISP_IDENTIFIER": CRISP_IDENTIFIER, "CRISP_KEY": CRISP_KEY}
+
+
+def crisp_destination(server: Any, **options: Any) -> dict[str, Any]:
+    """A ``[destination]`` table for ``server``; fast pacing unless a test says otherwise."""
+    return {
+        "type": "crisp",
+        "website_id": server.website_id,
+        "api_url": server.url,
+        "requests_per_second": 1000,
+        "max_concurrency": 8,
+        **options,
+    }

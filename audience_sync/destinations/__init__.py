@@ -8,11 +8,26 @@ from __future__ import annotations
 
 import importlib
 
-from audience_sync.destinations.base import Destination, DestinationSettings, TrackEvent
+from audience_sync.destinations.base import (
+    Call,
+    Destination,
+    DestinationSettings,
+    IdentifyCall,
+    TrackEvent,
+)
 
-__all__ = ["Destination", "DestinationSettings", "TrackEvent", "destination_class", "kinds"]
+__all__ = [
+    "Call",
+    "Destination",
+    "DestinationSettings",
+    "IdentifyCall",
+    "TrackEvent",
+    "destination_class",
+    "kinds",
+]
 
 _REGISTRY: dict[str, str] = {
+    "crisp": "audience_sync.destinations.crisp:CrispDestination",
     "jsonl": "audience_sync.destinations.jsonl:JsonlDestination",
 }
 

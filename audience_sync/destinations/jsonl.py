@@ -11,12 +11,12 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Self
 
-from audience_sync.destinations.base import Destination, DestinationSettings, TrackEvent
+from audience_sync.destinations.base import Call, Destination, DestinationSettings, IdentifyCall
 from audience_sync.errors import DestinationError
 from audience_sync.model import Change, Outcome, UserUpdate
 
@@ -129,7 +129,7 @@ class JsonlDestination(Destination):
         except OSError as exc:
             raise DestinationError(f"cannot write to {self.path}: {exc.strerror}") from None
 
-    async def deliver(self, updates: Iterable[UserUpdate]) -> AsyncIterator[list[Outcome]]:
+    async def deliver(self, updates: Iterable[UserUpdate]) -> AsyncGenerator[list[Outcome], None]:
         timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         lines: list[str] = []
         confirmed: list[Outcome] = []
@@ -148,22 +148,28 @@ class JsonlDestination(Destination):
             self._write(lines)
             yield confirmed
 
-    async def track(self, events: Iterable[TrackEvent]) -> list[Outcome]:
+    async def send_calls(self, calls: Sequence[Call]) -> list[Outcome]:
         timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         lines, outcomes = [], []
-        for event in events:
-            message: dict[str, Any] = {
-                "type": "track",
-                "userId": event.user_id,
-                "event": event.event,
-                "properties": event.properties,
+        for call in calls:
+            message: dict[str, Any]
+            if isinstance(call, IdentifyCall):
+                message = {"type": "identify", "userId": call.user_id, "traits": call.traits}
+            else:
+                message = {
+                    "type": "track",
+                    "userId": call.user_id,
+                    "event": call.event,
+                    "properties": call.properties,
+                }
+                if call.email is not None:
+                    message["context"] = {"traits": {"email": call.email}}
+            message |= {
                 "messageId": str(uuid.uuid4()),
                 "timestamp": timestamp,
                 "integrations": {"All": False, "Crisp": True},
             }
-            if event.email is not None:
-                message["context"] = {"traits": {"email": event.email}}
             lines.append(json.dumps(message, separators=(",", ":")) + "\n")
-            outcomes.append(Outcome.delivered(event.user_id))
+            outcomes.append(Outcome.delivered(call.user_id))
         self._write(lines)
         return outcomes

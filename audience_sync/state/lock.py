@@ -1,9 +1,9 @@
 """The run lock: one run per (destination, audience) at a time, across processes and hosts.
 
 A lease row in ``sync_locks`` (holder, expiry) that the running process renews. A process that
-dies stops renewing; once the lease expires the next run takes it over and marks the dead run
-``interrupted``. The same code works on SQLite (write-locked transaction) and PostgreSQL
-(``SELECT ... FOR UPDATE``).
+dies stops renewing; once the lease expires (at once, when the holder was a process of this host
+that no longer exists) the next run takes it over and marks the dead run ``interrupted``. The
+same code works on SQLite (write-locked transaction) and PostgreSQL (``SELECT ... FOR UPDATE``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from audience_sync.errors import AlreadyRunning, StateError
 from audience_sync.state.schema import sync_locks
 from audience_sync.state.store import AudienceRef, Clock, as_utc, utc_now
 
-__all__ = ["DEFAULT_LEASE", "Lease", "RunLock"]
+__all__ = ["DEFAULT_LEASE", "Lease", "RunLock", "holder_is_dead"]
 
 DEFAULT_LEASE = timedelta(seconds=60)
 
@@ -34,11 +34,11 @@ class Lease:
     taken_over_run: int | None
 
 
-def _holder_is_dead(holder: str) -> bool:
-    """Whether ``host:pid`` names a process on this host that no longer exists.
+def holder_is_dead(holder: str) -> bool:
+    """Whether ``host:pid`` names a process of this host that no longer exists.
 
-    Lets a run started right after a ``kill -9`` on the same machine take over at once instead
-    of waiting for the lease to expire. Other hosts' holders are judged by the lease alone.
+    A run killed with SIGKILL cannot release its lease; on the same host its lock is taken over
+    at once instead of after the lease expires. Other hosts' holders are never judged here.
     """
     host, _, pid = holder.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
@@ -47,8 +47,8 @@ def _holder_is_dead(holder: str) -> bool:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
-    except PermissionError:
-        return False  # exists, owned by another user
+    except (PermissionError, OverflowError):
+        return False
     return False
 
 
@@ -90,7 +90,7 @@ class RunLock:
                 return Lease(audience, holder, None)
             expires = as_utc(row.expires_at)
             assert expires is not None
-            if expires > now and row.holder != holder and not _holder_is_dead(row.holder):
+            if expires > now and row.holder != holder and not holder_is_dead(row.holder):
                 since = as_utc(row.acquired_at)
                 raise AlreadyRunning(
                     f"audience {audience.name!r} on {audience.destination} is already running "

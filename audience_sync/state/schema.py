@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 __all__ = [
+    "crisp_people",
+    "destination_requests",
     "metadata",
     "sync_audiences",
     "sync_changes",
@@ -110,4 +112,27 @@ sync_locks = sa.Table(
     sa.Column("holder", sa.String(255), nullable=False),
     sa.Column("acquired_at", _ts, nullable=False),
     sa.Column("expires_at", _ts, nullable=False),
+)
+
+# Who each user is in Crisp: the people_id Crisp returned (or the email that addresses the
+# profile when only that is known), so a steady-state update is one request with no lookup.
+crisp_people = sa.Table(
+    "crisp_people",
+    metadata,
+    sa.Column("destination", sa.String(200), primary_key=True),
+    sa.Column("user_id", sa.String(255), primary_key=True),
+    sa.Column("people_id", sa.String(64)),
+    sa.Column("email", sa.String(320)),
+    sa.Column("profile_hash", sa.String(32)),
+    sa.Column("updated_at", _ts, nullable=False),
+)
+
+# Requests a destination made (or reserved) per UTC day, against its daily request budget.
+destination_requests = sa.Table(
+    "destination_requests",
+    metadata,
+    sa.Column("destination", sa.String(200), primary_key=True),
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("used", sa.Integer, nullable=False),
+    sa.Column("updated_at", _ts, nullable=False),
 )

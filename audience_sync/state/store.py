@@ -12,9 +12,10 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
+import alembic.util
 import pandas as pd
 import sqlalchemy as sa
 from alembic import command
@@ -26,6 +27,7 @@ from audience_sync.errors import StateError
 from audience_sync.model import RunStatus
 from audience_sync.state import bulk
 from audience_sync.state.schema import (
+    destination_requests,
     sync_audiences,
     sync_changes,
     sync_pending,
@@ -133,6 +135,11 @@ def upgrade(engine: sa.Engine, revision: str = "head") -> None:
     except sa.exc.OperationalError as exc:
         raise StateError(
             f"cannot migrate the state database {describe(engine)}: {exc.orig}"
+        ) from None
+    except alembic.util.CommandError as exc:  # e.g. stamped by a newer audience-sync
+        raise StateError(
+            f"cannot migrate the state database {describe(engine)}: {exc}; was it written by "
+            "another version of audience-sync?"
         ) from None
 
 
@@ -429,6 +436,18 @@ class StateStore:
         )
         with self.engine.connect() as conn:
             return [_row(r) for r in conn.execute(query).mappings()]
+
+    def requests_used(self, day: date) -> dict[str, int]:
+        """Requests each destination counted on ``day`` (UTC) against its daily budget."""
+        if not sa.inspect(self.engine).has_table("destination_requests"):
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(destination_requests.c.destination, destination_requests.c.used).where(
+                    destination_requests.c.day == day
+                )
+            )
+            return {r.destination: int(r.used) for r in rows}
 
 
 def _row(row: sa.RowMapping) -> dict[str, Any]:
