@@ -641,7 +641,7 @@ def status(config_path: Path, as_json: bool) -> None:
         }
         click.echo(json.dumps(payload, indent=2, default=_json_default))
         sys.exit(report.exit_code)
-    table = Table(title=f"Status -> {report.destination} (times in UTC)", title_justify="left")
+    table = _table(f"Status -> {report.destination} (times in UTC)")
     for column in (
         "audience",
         "schedule",
@@ -650,6 +650,7 @@ def status(config_path: Path, as_json: bool) -> None:
         "age",
         "delivered",
         "failed",
+        "pending",
         "running",
         "next run",
         "retry queue",
@@ -669,6 +670,7 @@ def status(config_path: Path, as_json: bool) -> None:
             _age(report.now, last["started_at"]) if last else "-",
             str(last["delivered"]) if last else "-",
             str(last["failed"] + last["skipped"]) if last else "-",
+            str(last["pending"]) if last else "-",
             running,
             _local(a.next_run),
             str(a.retry_waiting),
