@@ -126,6 +126,15 @@ def open_destination(config: Config, state: sa.Engine) -> Destination:
     )
 
 
+def message_id(key: str) -> str:
+    """``str(uuid.uuid5(MESSAGE_NAMESPACE, key))``, without building UUID objects (hot path)."""
+    digest = bytearray(hashlib.sha1(MESSAGE_NAMESPACE.bytes + key.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def input_hash(value: bool, identity: Identity) -> str:
     """Fingerprint of what a change sends: a held failure is retried once it changes."""
     text = "\x1f".join([str(value), *(getattr(identity, k) or "" for k in IDENTITY_TRAITS)])
@@ -384,11 +393,11 @@ class _Run:
                 traits[k].loc[rows] = found[k].to_numpy()
         table = pd.DataFrame({"user_id": frame["user_id"], **traits})
         first = table.groupby("user_id", sort=False).first()  # first non-missing, in run order
+        # Plain Python lists: iterating Arrow-backed columns value by value is slow.
+        columns = [pa.Array.from_pandas(first[k]).to_pylist() for k in IDENTITY_TRAITS]
         return {
-            str(user_id): Identity(
-                **{k: str(v) for k, v in zip(IDENTITY_TRAITS, rest, strict=True) if not pd.isna(v)}
-            )
-            for user_id, *rest in first.itertuples(name=None)
+            str(user_id): Identity(*row)
+            for user_id, *row in zip(first.index.tolist(), *columns, strict=True)
         }
 
     def _message_id(self, run: _AudienceRun, user_id: str, value: bool) -> str:
@@ -397,7 +406,7 @@ class _Run:
         if user_id in run.retry_ids:
             return str(run.retry.at[user_id, "message_id"])
         key = f"{self.destination.name}\x1f{run.ref.key}\x1f{user_id}\x1f{value}\x1f{first_run}"
-        return str(uuid.uuid5(MESSAGE_NAMESPACE, key))
+        return message_id(key)
 
     def updates(self, frame: pd.DataFrame) -> Iterator[UserUpdate]:
         """Per-user updates, lazily; a held permanent failure is not re-sent."""

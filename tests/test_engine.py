@@ -4,6 +4,7 @@ the state and the history say afterwards, and that nothing unconfirmed ever adva
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -415,3 +416,10 @@ def test_sql_snapshot_source(tmp_path: Path, state_url: str):
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(sync_members)).scalar() == 3
     engine.dispose()
+
+
+def test_message_ids_are_rfc_4122_uuid5():
+    from audience_sync.engine import MESSAGE_NAMESPACE, message_id
+
+    for key in ("crisp\x1fvip\x1fu1\x1fTrue\x1f7", "", "é🎉"):
+        assert message_id(key) == str(uuid.uuid5(MESSAGE_NAMESPACE, key))

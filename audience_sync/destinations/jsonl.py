@@ -7,6 +7,7 @@ Useful for trying audience-sync out, and as a hand-off to any tool that reads Se
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ class JsonlSettings(DestinationSettings):
     fsync: bool = True
 
 
+@functools.cache
 def computation_id(audience_key: str) -> str:
     """A stable id for the audience in ``context.personas`` (Segment uses ``aud_...`` ids)."""
     return "aud_" + hashlib.sha1(audience_key.encode()).hexdigest()[:24]
