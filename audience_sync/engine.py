@@ -589,6 +589,7 @@ class _Run:
         """Once a stop is asked for, give in-flight requests ``stop_timeout``, then cancel them."""
         while not self.should_stop():
             await asyncio.sleep(0.05)
+        self.destination.stop()  # queued users stay pending; in-flight requests finish
         timeout = self.config.service.stop_timeout.total_seconds()
         await asyncio.sleep(timeout)
         log.warning("in-flight deliveries still running %.0fs after the stop; cancelling", timeout)

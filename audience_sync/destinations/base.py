@@ -103,6 +103,14 @@ class Destination(abc.ABC):
     ) -> None:
         return None
 
+    def stop(self) -> None:
+        """A stop was asked for (SIGTERM): take no new users, let in-flight requests finish.
+
+        The engine also stops feeding updates; a destination that queues updates ahead of
+        sending them overrides this so the queued ones stay pending instead of being sent.
+        """
+        return None
+
     def preflight(self) -> None:
         """Check, without I/O, that the destination can run (e.g. credentials are set).
 

@@ -89,6 +89,7 @@ class CrispDestination(Destination):
         self._http: httpx.AsyncClient | None = None
         self.client: CrispClient | None = None
         self.profiles: Profiles | None = None
+        self._delivery: _Delivery | None = None
         self.people = PeopleMap(state, name, clock)
         self.budget = RequestBudget(state, name, self.settings.daily_request_budget, clock=clock)
         self.confirmed = 0
@@ -154,6 +155,7 @@ class CrispDestination(Destination):
     async def deliver(self, updates: Iterable[UserUpdate]) -> AsyncGenerator[list[Outcome], None]:
         assert self.profiles is not None, "use the destination as an async context manager"
         run = _Delivery(self, self.profiles, iter(updates))
+        self._delivery = run
         try:
             async for outcomes in run.outcomes():
                 self.confirmed += sum(o.status.value == "delivered" for o in outcomes)
@@ -161,6 +163,12 @@ class CrispDestination(Destination):
         except QuotaExhausted as exc:
             exc.requests_per_user = self.requests_per_user()
             raise
+        finally:
+            self._delivery = None
+
+    def stop(self) -> None:
+        if self._delivery is not None:
+            self._delivery.soft_stop(None)
 
     def describe_plan(self, updates: Sequence[UserUpdate]) -> dict[str, int]:
         """Requests the updates would cost (no batching, no failures), and today's budget."""
@@ -250,6 +258,11 @@ class CrispDestination(Destination):
 # -- concurrent delivery --------------------------------------------------------------------------
 
 
+class _StopAsked(Exception):
+    def __str__(self) -> str:
+        return "stop asked for"
+
+
 @dataclass(slots=True)
 class _UserJob:
     """A user whose profile may need creating, resolving or updating first."""
@@ -300,7 +313,9 @@ class _Delivery:
         self.open_users = 0  # taken from the engine, no outcome yet
         self.user_jobs = 0  # user jobs queued or running (they may still join a batch)
         self.intake_done = False
-        self.stopping: QuotaExhausted | None = None
+        # Why the run stops taking users: a spent quota (raised at the end), or a stop asked
+        # for by the engine (a signal; the run just ends, the rest stays pending).
+        self.stopping: QuotaExhausted | _StopAsked | None = None
         self.fatal: BaseException | None = None
         self.finished = False
         self.groups: dict[tuple[tuple[str, DataValue], ...], _Group] = {}
@@ -347,7 +362,7 @@ class _Delivery:
             yield late
         if self.fatal is not None:
             raise self.fatal
-        if self.stopping is not None:
+        if isinstance(self.stopping, QuotaExhausted):
             raise self.stopping
 
     def _drain(self) -> list[Any]:
@@ -362,7 +377,7 @@ class _Delivery:
         except asyncio.CancelledError:
             raise
         except QuotaExhausted as exc:
-            self._soft_stop(exc)
+            self.soft_stop(exc)
         except BaseException as exc:
             if self.fatal is None:
                 self.fatal = exc
@@ -382,11 +397,12 @@ class _Delivery:
             self.finished = True
             self.out.put_nowait(_DONE)
 
-    def _soft_stop(self, exc: QuotaExhausted) -> None:
-        """Quota spent: take no more users; what is queued or grouped stays pending."""
+    def soft_stop(self, exc: QuotaExhausted | None) -> None:
+        """Quota spent (or a stop asked for): take no more users; what is queued or grouped
+        stays pending."""
         if self.stopping is None:
-            self.stopping = exc
-            log.warning("%s; finishing the requests in flight", exc)
+            self.stopping = exc if exc is not None else _StopAsked()
+            log.warning("%s; finishing the requests in flight", self.stopping)
         dropped = sum(len(g.members) for g in self.groups.values())
         self.groups.clear()
         while not self.jobs.empty():
@@ -496,7 +512,7 @@ class _Delivery:
                 else:
                     await self._batch(job)
             except QuotaExhausted as exc:
-                self._soft_stop(exc)
+                self.soft_stop(exc)
                 self._settle(_size(job))
             finally:
                 if self.emitted > emitted:
