@@ -10,7 +10,7 @@ from __future__ import annotations
 from audience_sync.config import AudienceConfig, Config, load_config
 from audience_sync.destinations import IdentifyCall, TrackEvent
 from audience_sync.diff import Plan, plan
-from audience_sync.engine import AudienceResult, SyncResult, sync
+from audience_sync.engine import sync
 from audience_sync.errors import (
     AlreadyRunning,
     AudienceSyncError,
@@ -34,6 +34,7 @@ from audience_sync.model import (
     UserUpdate,
 )
 from audience_sync.naming import trait_key
+from audience_sync.result import AudienceResult, SyncResult
 from audience_sync.sources import load_snapshot
 from audience_sync.track import CallResult, read_calls, track
 

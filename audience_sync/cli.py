@@ -27,11 +27,12 @@ from rich.table import Table
 from audience_sync.config import DEFAULT_CONFIG_PATH, STATE_URL_ENV, Config, load_config
 from audience_sync.destinations import Call, TrackEvent
 from audience_sync.durations import format_duration, parse_duration
-from audience_sync.engine import SyncResult, sync
+from audience_sync.engine import sync
 from audience_sync.errors import AudienceSyncError
 from audience_sync.history import prune, run_detail
 from audience_sync.history import status as audience_status
 from audience_sync.naming import dropped_non_ascii, trait_key
+from audience_sync.result import SyncResult
 from audience_sync.service import Service
 from audience_sync.state import StateStore, connect, upgrade
 from audience_sync.state.store import utc_now

@@ -1,6 +1,7 @@
 """One sync run: the only module that calls the stages, in order.
 
-lock -> settle what a crashed run left -> load snapshot -> plan (diff) -> deliver -> record.
+lock -> settle what a crashed run left -> load and plan (``planning.py``) -> safeguards ->
+deliver -> record.
 
 All audiences of a run are planned first, then their changes are merged per user, so a
 destination can send one update per user however many audiences changed for them. Outcomes are
@@ -22,13 +23,11 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import sqlalchemy as sa
 
-from audience_sync import pushdown
 from audience_sync.config import AudienceConfig, Config
 from audience_sync.destinations import Destination, destination_class
-from audience_sync.diff import Plan, plan
+from audience_sync.diff import Plan
 from audience_sync.errors import (
     AlreadyRunning,
     AudienceSyncError,
@@ -52,9 +51,16 @@ from audience_sync.model import (
     Trigger,
     UserUpdate,
 )
+from audience_sync.planning import (
+    SAMPLE_SIZE,
+    identity_rows,
+    load_and_plan,
+    plan_all,
+    run_mode,
+)
+from audience_sync.result import AudienceResult, SyncResult
 from audience_sync.safeguards import check as check_safeguards
 from audience_sync.safeguards import limits_for
-from audience_sync.sources import load_snapshot
 from audience_sync.state import Applied, AudienceRef, Lease, RunLock, StateStore, connect, upgrade
 from audience_sync.state.store import Clock, holder_id, schema_is_current, utc_now
 
@@ -64,55 +70,10 @@ log = logging.getLogger("audience_sync")
 
 #: Namespace of the deterministic Segment ``messageId`` of a change.
 MESSAGE_NAMESPACE = uuid.UUID("6f1c3a52-3c1e-4bd4-9a8e-5d2b7f0c9e11")
-SAMPLE_SIZE = 5
 #: Changes whose identities are looked up together (one vectorised lookup per audience).
 IDENTITY_CHUNK = 5000
 
 Progress = Callable[[int, int], None]
-
-
-@dataclass(slots=True)
-class AudienceResult:
-    """What happened to one audience in a run (its ``sync_runs`` row, as a value)."""
-
-    audience: AudienceConfig
-    status: RunStatus
-    mode: RunMode
-    run_id: int | None = None
-    counts: dict[str, int] = field(default_factory=dict)
-    error: str | None = None
-    error_type: type[AudienceSyncError] | None = None
-    rejected: tuple[RejectedRow, ...] = ()
-    sample: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class SyncResult:
-    """All audiences of one ``sync`` call."""
-
-    destination: str
-    dry_run: bool
-    audiences: list[AudienceResult]
-    cost: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def exit_code(self) -> int:
-        """0 when all succeeded; else the most severe audience's code (see ``errors``)."""
-        codes = [0]
-        for r in self.audiences:
-            if r.error_type is not None:
-                codes.append(r.error_type.exit_code)
-            elif r.status is RunStatus.FAILED:
-                codes.append(AudienceSyncError.exit_code)
-            elif r.counts.get("rejected_rows"):
-                codes.append(SnapshotError.exit_code)
-            elif r.status in (RunStatus.PARTIAL, RunStatus.INTERRUPTED):
-                codes.append(PARTIAL_EXIT_CODE)
-        severity = [0, PARTIAL_EXIT_CODE, 4, 1, 6, 7, 3]
-        return max(codes, key=severity.index)
-
-
-PARTIAL_EXIT_CODE = 5
 
 
 def open_destination(config: Config, state: sa.Engine) -> Destination:
@@ -206,11 +167,7 @@ class _Run:
         """Lock, start the run row, load and plan one audience; a result when it cannot go on."""
         dest = self.destination.name
         ref = self.store.audience(dest, audience.trait_key, audience.name)
-        mode = (
-            RunMode.FULL
-            if self.full
-            else (RunMode.INCREMENTAL if self.store.has_succeeded(ref.id) else RunMode.INITIAL)
-        )
+        mode = run_mode(self.store, ref.id, full=self.full)
         try:
             lease = self._acquire(ref)
         except AlreadyRunning as exc:
@@ -229,7 +186,7 @@ class _Run:
         self.lock.attach_run(lease, run_id)
         log.info("audience=%s run=%d mode=%s started", audience.trait_key, run_id, mode.value)
         try:
-            snapshot, the_plan = _load_and_plan(audience, self.store, ref.id, full=self.full)
+            snapshot, the_plan = load_and_plan(audience, self.store, ref.id, full=self.full)
         except SnapshotError as exc:
             self.store.finish_run(run_id, RunStatus.FAILED, str(exc))
             self.lock.release([lease])
@@ -259,7 +216,7 @@ class _Run:
             lease,
             run_id,
             mode,
-            _identity_rows(snapshot.members, the_plan),
+            identity_rows(snapshot.members, the_plan),
             the_plan,
             self.store.retry_queue(ref.id),
             counts,
@@ -656,39 +613,6 @@ def _chunk_end(users: Any, start: int, size: int) -> int:
     return end
 
 
-def _identity_rows(members: pd.DataFrame, the_plan: Plan) -> pd.DataFrame:
-    """The snapshot rows a run still needs after planning: those of users it sends ``true``.
-
-    Identities are only looked up for audiences a user changed in, and an exited user is not in
-    the snapshot; so dropping the other rows keeps memory to the changes, not the audience.
-    """
-    wanted = len(the_plan.entered) + len(the_plan.resend)
-    if wanted >= len(members):
-        return members
-    ids = pa.array(members.index.array)
-    value_set = pa.concat_arrays(
-        [pa.array(i.array, pa.large_string()) for i in (the_plan.entered, the_plan.resend)]
-    )
-    keep = pc.is_in(ids.cast(pa.large_string()), value_set=value_set)
-    trimmed: pd.DataFrame = members[keep.to_numpy(zero_copy_only=False)]
-    return trimmed
-
-
-def _load_and_plan(
-    audience: AudienceConfig, store: StateStore, audience_id: int | None, *, full: bool
-) -> tuple[Snapshot, Plan]:
-    """Load and diff one audience, inside the state database when its query lives there."""
-    if audience_id is not None and pushdown.applies(audience, store.engine):
-        return pushdown.plan_in_database(store.engine, audience, audience_id, full=full)
-    snapshot = load_snapshot(audience)
-    synced = (
-        store.members(audience_id)
-        if audience_id is not None
-        else pd.Index([], dtype="string[pyarrow]", name="user_id")
-    )
-    return snapshot, plan(snapshot.members.index, synced, full=full, held=snapshot.held)
-
-
 def _partial_reason(counts: dict[str, int], held: int) -> str:
     parts = []
     if counts["rejected_rows"]:
@@ -701,85 +625,6 @@ def _partial_reason(counts: dict[str, int], held: int) -> str:
     if counts["pending"]:
         parts.append(f"{counts['pending']} changes pending")
     return "; ".join(parts) + "; see `audience-sync history --failed`"
-
-
-def _collect_changed(changed: dict[str, Identity], p: Plan, members: pd.DataFrame) -> None:
-    """Each user a plan sends to, with the email the destination may need to create them."""
-    for ids in (p.entered, p.resend):
-        if "email" in members.columns:
-            emails = members["email"].reindex(ids).tolist()
-        else:
-            emails = [None] * len(ids)
-        for user_id, email in zip(ids.tolist(), emails, strict=True):
-            if isinstance(email, str) or user_id not in changed:
-                changed[str(user_id)] = Identity(email=email if isinstance(email, str) else None)
-    for user_id in p.exited.tolist():
-        changed.setdefault(str(user_id), Identity())
-
-
-def _dry_run(
-    config: Config,
-    engine: sa.Engine,
-    dest_name: str,
-    audiences: Sequence[AudienceConfig],
-    full: bool,
-    changed: dict[str, Identity] | None,
-) -> list[AudienceResult]:
-    """Plan without sending; ``changed`` (if given) collects the users the plans send to."""
-    store = StateStore(engine)
-    has_state = sa.inspect(engine).has_table("sync_audiences")
-    results = []
-    for audience in audiences:
-        ref = store.find_audience(dest_name, audience.trait_key) if has_state else None
-        mode = (
-            RunMode.FULL
-            if full
-            else (
-                RunMode.INCREMENTAL
-                if ref is not None and store.has_succeeded(ref.id)
-                else RunMode.INITIAL
-            )
-        )
-        try:
-            snapshot, p = _load_and_plan(
-                audience, store, ref.id if ref is not None else None, full=full
-            )
-        except SnapshotError as exc:
-            results.append(
-                AudienceResult(
-                    audience, RunStatus.FAILED, mode, error=str(exc), error_type=SnapshotError
-                )
-            )
-            continue
-        if changed is not None:
-            _collect_changed(changed, p, snapshot.members)
-        sample = [
-            {"user_id": str(u), audience.trait_key: value}
-            for ids, value in ((p.entered, True), (p.resend, True), (p.exited, False))
-            for u in ids[:SAMPLE_SIZE]
-        ][: SAMPLE_SIZE * 2]
-        counts = {
-            "snapshot_rows": snapshot.rows,
-            "rejected_rows": snapshot.rejected_count,
-            "entered": len(p.entered),
-            "exited": len(p.exited),
-            "unchanged": p.unchanged,
-            "pending": p.sends,
-        }
-        results.append(
-            AudienceResult(
-                audience,
-                RunStatus.SUCCEEDED,
-                mode,
-                None,
-                counts,
-                None,
-                None,
-                snapshot.rejected,
-                sample,
-            )
-        )
-    return results
 
 
 def sync(
@@ -815,7 +660,7 @@ def sync(
             # Only a destination that prices a plan (Crisp: requests) pays for collecting it.
             prices = type(dest).describe_plan is not Destination.describe_plan
             changed: dict[str, Identity] | None = {} if prices else None
-            planned = _dry_run(config, engine, dest.name, selected, full, changed)
+            planned = plan_all(config, engine, dest.name, selected, full, changed)
             updates = [UserUpdate(u, identity, ()) for u, identity in (changed or {}).items()]
             cost = dest.describe_plan(updates) if updates else {}
             return SyncResult(dest.name, True, planned, cost)

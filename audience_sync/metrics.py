@@ -17,7 +17,7 @@ from prometheus_client import (
 from prometheus_client import write_to_textfile as _write_textfile
 
 from audience_sync.config import ServiceConfig
-from audience_sync.engine import SyncResult
+from audience_sync.result import SyncResult
 
 __all__ = ["RunMetrics"]
 

@@ -18,9 +18,10 @@ from typing import Any
 
 from audience_sync.config import Config
 from audience_sync.destinations import Call, Destination, IdentifyCall, TrackEvent
-from audience_sync.engine import PARTIAL_EXIT_CODE, open_destination
+from audience_sync.engine import open_destination
 from audience_sync.errors import SnapshotError, StateError
 from audience_sync.model import DeliveryStatus, Outcome
+from audience_sync.result import PARTIAL_EXIT_CODE
 from audience_sync.state import connect, schema_is_current, upgrade
 
 __all__ = ["CallResult", "read_calls", "track"]

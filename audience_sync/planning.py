@@ -1,0 +1,148 @@
+"""Planning one audience: load its snapshot and diff it against the synced state, in memory or
+pushed down into the state database; and the dry run, which plans every audience and sends
+nothing. The engine calls these; they send nothing and write nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import sqlalchemy as sa
+
+from audience_sync import pushdown
+from audience_sync.config import AudienceConfig, Config
+from audience_sync.diff import Plan, plan
+from audience_sync.errors import SnapshotError
+from audience_sync.model import Identity, RunMode, RunStatus, Snapshot
+from audience_sync.result import AudienceResult
+from audience_sync.sources import load_snapshot
+from audience_sync.state import StateStore
+
+__all__ = [
+    "SAMPLE_SIZE",
+    "collect_changed",
+    "identity_rows",
+    "load_and_plan",
+    "plan_all",
+    "run_mode",
+]
+
+#: Changes shown per audience by a dry run (and rejected rows logged per audience).
+SAMPLE_SIZE = 5
+
+
+def run_mode(store: StateStore, audience_id: int | None, *, full: bool) -> RunMode:
+    """Full when asked; incremental once a run of the audience has succeeded; else initial."""
+    if full:
+        return RunMode.FULL
+    if audience_id is not None and store.has_succeeded(audience_id):
+        return RunMode.INCREMENTAL
+    return RunMode.INITIAL
+
+
+def identity_rows(members: pd.DataFrame, the_plan: Plan) -> pd.DataFrame:
+    """The snapshot rows a run still needs after planning: those of users it sends ``true``.
+
+    Identities are only looked up for audiences a user changed in, and an exited user is not in
+    the snapshot; so dropping the other rows keeps memory to the changes, not the audience.
+    """
+    wanted = len(the_plan.entered) + len(the_plan.resend)
+    if wanted >= len(members):
+        return members
+    ids = pa.array(members.index.array)
+    value_set = pa.concat_arrays(
+        [pa.array(i.array, pa.large_string()) for i in (the_plan.entered, the_plan.resend)]
+    )
+    keep = pc.is_in(ids.cast(pa.large_string()), value_set=value_set)
+    trimmed: pd.DataFrame = members[keep.to_numpy(zero_copy_only=False)]
+    return trimmed
+
+
+def load_and_plan(
+    audience: AudienceConfig, store: StateStore, audience_id: int | None, *, full: bool
+) -> tuple[Snapshot, Plan]:
+    """Load and diff one audience, inside the state database when its query lives there."""
+    if audience_id is not None and pushdown.applies(audience, store.engine):
+        return pushdown.plan_in_database(store.engine, audience, audience_id, full=full)
+    snapshot = load_snapshot(audience)
+    synced = (
+        store.members(audience_id)
+        if audience_id is not None
+        else pd.Index([], dtype="string[pyarrow]", name="user_id")
+    )
+    return snapshot, plan(snapshot.members.index, synced, full=full, held=snapshot.held)
+
+
+def collect_changed(changed: dict[str, Identity], p: Plan, members: pd.DataFrame) -> None:
+    """Each user a plan sends to, with the email the destination may need to create them."""
+    for ids in (p.entered, p.resend):
+        if "email" in members.columns:
+            emails = members["email"].reindex(ids).tolist()
+        else:
+            emails = [None] * len(ids)
+        for user_id, email in zip(ids.tolist(), emails, strict=True):
+            if isinstance(email, str) or user_id not in changed:
+                changed[str(user_id)] = Identity(email=email if isinstance(email, str) else None)
+    for user_id in p.exited.tolist():
+        changed.setdefault(str(user_id), Identity())
+
+
+def plan_all(
+    config: Config,
+    engine: sa.Engine,
+    dest_name: str,
+    audiences: Sequence[AudienceConfig],
+    full: bool,
+    changed: dict[str, Identity] | None,
+) -> list[AudienceResult]:
+    """The dry run: plan every audience, send nothing, write nothing; ``changed`` (if given)
+    collects the users the plans send to."""
+    store = StateStore(engine)
+    has_state = sa.inspect(engine).has_table("sync_audiences")
+    results = []
+    for audience in audiences:
+        ref = store.find_audience(dest_name, audience.trait_key) if has_state else None
+        mode = run_mode(store, ref.id if ref is not None else None, full=full)
+        try:
+            snapshot, p = load_and_plan(
+                audience, store, ref.id if ref is not None else None, full=full
+            )
+        except SnapshotError as exc:
+            results.append(
+                AudienceResult(
+                    audience, RunStatus.FAILED, mode, error=str(exc), error_type=SnapshotError
+                )
+            )
+            continue
+        if changed is not None:
+            collect_changed(changed, p, snapshot.members)
+        sample = [
+            {"user_id": str(u), audience.trait_key: value}
+            for ids, value in ((p.entered, True), (p.resend, True), (p.exited, False))
+            for u in ids[:SAMPLE_SIZE]
+        ][: SAMPLE_SIZE * 2]
+        counts = {
+            "snapshot_rows": snapshot.rows,
+            "rejected_rows": snapshot.rejected_count,
+            "entered": len(p.entered),
+            "exited": len(p.exited),
+            "unchanged": p.unchanged,
+            "pending": p.sends,
+        }
+        results.append(
+            AudienceResult(
+                audience,
+                RunStatus.SUCCEEDED,
+                mode,
+                None,
+                counts,
+                None,
+                None,
+                snapshot.rejected,
+                sample,
+            )
+        )
+    return results
