@@ -451,13 +451,7 @@ def history(
     finally:
         engine.dispose()
     if as_json:
-        click.echo(
-            json.dumps(
-                rows,
-                indent=2,
-                default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v),
-            )
-        )
+        click.echo(json.dumps(rows, indent=2, default=_json_default))
         return
     table = _table(f"{title} (times in UTC)")
     for column in columns:

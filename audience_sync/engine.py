@@ -56,6 +56,7 @@ from audience_sync.planning import (
     identity_rows,
     load_and_plan,
     plan_all,
+    plan_counts,
     run_mode,
 )
 from audience_sync.result import AudienceResult, SyncResult
@@ -198,12 +199,7 @@ class _Run:
         refused = self._guard(audience, mode, run_id, lease, snapshot, synced, the_plan)
         if refused is not None:
             return refused
-        counts = {
-            "snapshot_rows": snapshot.rows,
-            "rejected_rows": snapshot.rejected_count,
-            "entered": len(the_plan.entered),
-            "exited": len(the_plan.exited),
-            "unchanged": the_plan.unchanged,
+        counts = plan_counts(snapshot, the_plan) | {
             "delivered": 0,
             "failed": 0,
             "skipped": 0,
@@ -281,13 +277,7 @@ class _Run:
                 limits=limits_for(audience, self.config.safeguards),
             )
         except SafeguardError as exc:
-            counts = {
-                "snapshot_rows": snapshot.rows,
-                "rejected_rows": snapshot.rejected_count,
-                "entered": len(the_plan.entered),
-                "exited": len(the_plan.exited),
-                "unchanged": the_plan.unchanged,
-            }
+            counts = plan_counts(snapshot, the_plan)
             self.store.finish_run(run_id, RunStatus.FAILED, str(exc), **counts)
             self.lock.release([lease])
             log.error("audience=%s run=%d status=failed %s", audience.trait_key, run_id, exc)
@@ -423,15 +413,16 @@ class _Run:
         for change in update.changes:
             run = self.by_key[change.audience_key]
             batch = run.applied()
-            log_row = {
-                "user_id": update.user_id,
-                "trait_key": change.audience_key,
-                "value": change.value,
-                "outcome": outcome.status.value,
-                "reason": outcome.reason,
-            }
             if self.config.state.change_log:
-                batch.changes.append(log_row)
+                batch.changes.append(
+                    {
+                        "user_id": update.user_id,
+                        "trait_key": change.audience_key,
+                        "value": change.value,
+                        "outcome": outcome.status.value,
+                        "reason": outcome.reason,
+                    }
+                )
             run.counts["pending"] -= 1
             if outcome.status is DeliveryStatus.DELIVERED:
                 batch.delivered += 1

@@ -27,6 +27,7 @@ __all__ = [
     "identity_rows",
     "load_and_plan",
     "plan_all",
+    "plan_counts",
     "run_mode",
 ]
 
@@ -41,6 +42,17 @@ def run_mode(store: StateStore, audience_id: int | None, *, full: bool) -> RunMo
     if audience_id is not None and store.has_succeeded(audience_id):
         return RunMode.INCREMENTAL
     return RunMode.INITIAL
+
+
+def plan_counts(snapshot: Snapshot, the_plan: Plan) -> dict[str, int]:
+    """The ``sync_runs`` counters a plan fixes before anything is sent."""
+    return {
+        "snapshot_rows": snapshot.rows,
+        "rejected_rows": snapshot.rejected_count,
+        "entered": len(the_plan.entered),
+        "exited": len(the_plan.exited),
+        "unchanged": the_plan.unchanged,
+    }
 
 
 def identity_rows(members: pd.DataFrame, the_plan: Plan) -> pd.DataFrame:
@@ -124,14 +136,7 @@ def plan_all(
             for ids, value in ((p.entered, True), (p.resend, True), (p.exited, False))
             for u in ids[:SAMPLE_SIZE]
         ][: SAMPLE_SIZE * 2]
-        counts = {
-            "snapshot_rows": snapshot.rows,
-            "rejected_rows": snapshot.rejected_count,
-            "entered": len(p.entered),
-            "exited": len(p.exited),
-            "unchanged": p.unchanged,
-            "pending": p.sends,
-        }
+        counts = plan_counts(snapshot, p) | {"pending": p.sends}
         results.append(
             AudienceResult(
                 audience,

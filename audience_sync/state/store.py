@@ -325,9 +325,7 @@ class StateStore:
         with self.engine.connect() as conn:
             return [_row(r) for r in conn.execute(query).mappings()]
 
-    def mark_interrupted(
-        self, audience_id: int, *, reason: str, exclude_run: int | None = None
-    ) -> int:
+    def mark_interrupted(self, audience_id: int, *, reason: str) -> int:
         """Mark the audience's runs still ``running`` (by a process now gone) as interrupted."""
         query = (
             sync_runs.update()
@@ -337,8 +335,6 @@ class StateStore:
             )
             .values(status=RunStatus.INTERRUPTED.value, finished_at=self.clock(), error=reason)
         )
-        if exclude_run is not None:
-            query = query.where(sync_runs.c.id != exclude_run)
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount
 
@@ -355,14 +351,7 @@ class StateStore:
                     bulk.add_members(conn, b.audience_id, b.added)
                 if b.removed:
                     bulk.remove_members(conn, b.audience_id, b.removed)
-                stale = b.cleared + [p["user_id"] for p in b.pending]
-                for chunk in _chunks(stale):
-                    conn.execute(
-                        sync_pending.delete().where(
-                            sync_pending.c.audience_id == b.audience_id,
-                            sync_pending.c.user_id.in_(chunk),
-                        )
-                    )
+                _delete_retries(conn, b.audience_id, b.cleared + [p["user_id"] for p in b.pending])
                 if b.pending:
                     conn.execute(
                         sync_pending.insert(),
@@ -394,13 +383,7 @@ class StateStore:
     def drop_retries(self, audience_id: int, user_ids: Sequence[str]) -> None:
         """Forget retry rows that no longer match a planned change (the user moved on)."""
         with self.engine.begin() as conn:
-            for chunk in _chunks(list(user_ids)):
-                conn.execute(
-                    sync_pending.delete().where(
-                        sync_pending.c.audience_id == audience_id,
-                        sync_pending.c.user_id.in_(chunk),
-                    )
-                )
+            _delete_retries(conn, audience_id, user_ids)
 
     def retry_rows(
         self, *, destination: str | None = None, audience_keys: Iterable[str] = (), limit: int = 100
@@ -448,6 +431,16 @@ class StateStore:
                 )
             )
             return {r.destination: int(r.used) for r in rows}
+
+
+def _delete_retries(conn: sa.Connection, audience_id: int, user_ids: Sequence[str]) -> None:
+    for chunk in _chunks(user_ids):
+        conn.execute(
+            sync_pending.delete().where(
+                sync_pending.c.audience_id == audience_id,
+                sync_pending.c.user_id.in_(chunk),
+            )
+        )
 
 
 def _row(row: sa.RowMapping) -> dict[str, Any]:
