@@ -69,13 +69,19 @@ def plan(
 def _anti_joins(members: pd.Index, synced: pd.Index) -> tuple[np.ndarray, np.ndarray]:
     """Positions of ``members`` not in ``synced``, and of ``synced`` not in ``members``."""
     # Positions instead of ids keep the input order (a parallel join returns rows in any order)
-    # and let pandas slice its own arrays without converting strings back.
+    # and let pandas slice its own arrays without converting strings back. One full outer join
+    # builds one hash table where two anti-joins build two: 0.26 s instead of 0.42 s for 2.5M.
     with duckdb.connect(":memory:") as con:
         con.register("m", _positions_table(members))
         con.register("s", _positions_table(synced))
-        entered = con.sql("SELECT i FROM m ANTI JOIN s USING (u)").fetchnumpy()["i"]
-        exited = con.sql("SELECT i FROM s ANTI JOIN m USING (u)").fetchnumpy()["i"]
-    return np.sort(np.asarray(entered, dtype=np.int64)), np.sort(np.asarray(exited, np.int64))
+        unmatched = con.sql(
+            "SELECT m.i AS entered, s.i AS exited FROM m FULL JOIN s USING (u) "
+            "WHERE m.i IS NULL OR s.i IS NULL"
+        ).to_arrow_table()
+    entered, exited = (
+        np.sort(unmatched.column(side).drop_null().to_numpy()) for side in ("entered", "exited")
+    )
+    return entered.astype(np.int64, copy=False), exited.astype(np.int64, copy=False)
 
 
 def _positions_table(ids: pd.Index) -> pa.Table:

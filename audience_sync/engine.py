@@ -71,8 +71,11 @@ log = logging.getLogger("audience_sync")
 
 #: Namespace of the deterministic Segment ``messageId`` of a change.
 MESSAGE_NAMESPACE = uuid.UUID("6f1c3a52-3c1e-4bd4-9a8e-5d2b7f0c9e11")
+_NAMESPACE_SHA1 = hashlib.sha1(MESSAGE_NAMESPACE.bytes, usedforsecurity=False)
 #: Changes whose identities are looked up together (one vectorised lookup per audience).
-IDENTITY_CHUNK = 5000
+IDENTITY_CHUNK = 50_000
+# Shared by every user the snapshot says nothing about (e.g. all who exited).
+_NO_IDENTITY = Identity()
 
 Progress = Callable[[int, int], None]
 
@@ -90,7 +93,9 @@ def open_destination(config: Config, state: sa.Engine) -> Destination:
 
 def message_id(key: str) -> str:
     """``str(uuid.uuid5(MESSAGE_NAMESPACE, key))``, without building UUID objects (hot path)."""
-    digest = bytearray(hashlib.sha1(MESSAGE_NAMESPACE.bytes + key.encode()).digest()[:16])
+    sha = _NAMESPACE_SHA1.copy()  # the namespace's bytes hashed once, not per change
+    sha.update(key.encode())
+    digest = bytearray(sha.digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = digest.hex()
@@ -186,6 +191,7 @@ class _Run:
         run_id = self.store.start_run(ref, mode=mode.value, trigger=self.trigger.value)
         self.lock.attach_run(lease, run_id)
         log.info("audience=%s run=%d mode=%s started", audience.trait_key, run_id, mode.value)
+        started = time.perf_counter()
         try:
             snapshot, the_plan = load_and_plan(audience, self.store, ref.id, full=self.full)
         except SnapshotError as exc:
@@ -195,6 +201,16 @@ class _Run:
             return AudienceResult(
                 audience, RunStatus.FAILED, mode, run_id, error=str(exc), error_type=SnapshotError
             )
+        log.info(
+            "audience=%s run=%d planned in %.2fs: entered=%d exited=%d resend=%d unchanged=%d",
+            audience.trait_key,
+            run_id,
+            time.perf_counter() - started,
+            len(the_plan.entered),
+            len(the_plan.exited),
+            len(the_plan.resend),
+            the_plan.unchanged,
+        )
         synced = the_plan.unchanged + len(the_plan.exited)  # the state's members
         refused = self._guard(audience, mode, run_id, lease, snapshot, synced, the_plan)
         if refused is not None:
@@ -342,26 +358,29 @@ class _Run:
         first = table.groupby("user_id", sort=False).first()  # first non-missing, in run order
         # Plain Python lists: iterating Arrow-backed columns value by value is slow.
         columns = [pa.Array.from_pandas(first[k]).to_pylist() for k in IDENTITY_TRAITS]
+        unknown = [None] * len(IDENTITY_TRAITS)
         return {
-            str(user_id): Identity(*row)
+            str(user_id): _NO_IDENTITY if row == unknown else Identity(*row)
             for user_id, *row in zip(first.index.tolist(), *columns, strict=True)
         }
 
     def _message_id(self, run: _AudienceRun, user_id: str, value: bool) -> str:
         # A re-sent change keeps its first attempt's id, so downstream dedup can drop it.
-        first_run = run.run_id
         if user_id in run.retry_ids:
             return str(run.retry.at[user_id, "message_id"])
-        key = f"{self.destination.name}\x1f{run.ref.key}\x1f{user_id}\x1f{value}\x1f{first_run}"
-        return message_id(key)
+        prefix, if_false, if_true = _message_key_parts(self.destination.name, run)
+        return message_id(f"{prefix}{user_id}{if_true if value else if_false}")
 
     def updates(self, frame: pd.DataFrame) -> Iterator[UserUpdate]:
         """Per-user updates, lazily; a held permanent failure is not re-sent."""
-        users = frame["user_id"].to_numpy()
-        run_index = frame["run"].to_numpy()
-        values = frame["value"].to_numpy()
+        # Plain Python lists and per-run constants: this loop runs once per change.
+        users: list[str] = frame["user_id"].tolist()
+        run_index: list[int] = frame["run"].tolist()
+        values: list[bool] = frame["value"].tolist()
+        keys = [_message_key_parts(self.destination.name, run) for run in self.runs]
+        check_held = not self.retry_failed
         start = 0
-        n = len(frame)
+        n = len(users)
         identities: dict[str, Identity] = {}
         chunk_end = 0
         while start < n:
@@ -370,25 +389,22 @@ class _Run:
             if start >= chunk_end:
                 chunk_end = _chunk_end(users, start, IDENTITY_CHUNK)
                 identities = self._identities(frame.iloc[start:chunk_end])
+            user_id = users[start]
             end = start + 1
-            while end < n and users[end] == users[start]:
+            while end < n and users[end] == user_id:
                 end += 1
-            user_id = str(users[start])
-            runs = [int(r) for r in run_index[start:end]]
             identity = identities[user_id]
             changes = []
-            for i, value in zip(runs, values[start:end], strict=True):
-                run = self.runs[i]
-                if self._held(run, user_id, bool(value), identity):
-                    continue
-                changes.append(
-                    Change(
-                        run.ref.key,
-                        run.config.name,
-                        bool(value),
-                        self._message_id(run, user_id, bool(value)),
-                    )
-                )
+            for i in range(start, end):
+                run, value = self.runs[run_index[i]], values[i]
+                if user_id in run.retry_ids:
+                    if check_held and self._held(run, user_id, value, identity):
+                        continue
+                    mid = self._message_id(run, user_id, value)
+                else:
+                    prefix, if_false, if_true = keys[run_index[i]]
+                    mid = message_id(f"{prefix}{user_id}{if_true if value else if_false}")
+                changes.append(Change(run.ref.key, run.config.name, value, mid))
             start = end
             if changes:
                 yield UserUpdate(user_id, identity, tuple(changes))
@@ -476,20 +492,30 @@ class _Run:
         self._apply(self._take_batches())
 
     async def commit_async(self) -> None:
-        """Commit off the event loop, so requests already started keep going meanwhile.
-
-        The engine commits every list of outcomes the destination yields, after the previous
-        commit ended (a group commit): a run killed at any moment re-sends only the changes whose
-        confirmation was not yet recorded.
-        """
+        """Commit what was recorded so far in a worker thread, off the event loop."""
         batches = self._take_batches()
         if batches:
             await asyncio.to_thread(self._apply, batches)
+
+    async def _commit_behind(self, running: asyncio.Task[None] | None) -> asyncio.Task[None]:
+        """Commit the outcomes recorded so far in the background, after the previous commit.
+
+        So the destination delivers the next batch while the database commits this one (double
+        buffering): a run killed at any moment re-sends at most the batch being committed and the
+        one being delivered, never what a finished commit recorded. A failed commit raises here.
+        """
+        if running is not None:
+            await running
+        running = asyncio.create_task(self.commit_async())
+        # One turn of the loop starts the commit even for a destination that never awaits.
+        await asyncio.sleep(0)
+        return running
 
     # -- delivery ---------------------------------------------------------------------------
 
     async def deliver(self) -> tuple[RunStatus | None, str | None, type[AudienceSyncError] | None]:
         """Send every planned change; returns how delivery ended (None: it ran to the end)."""
+        started = time.perf_counter()
         frame = self._changes_frame()
         total = frame["user_id"].nunique() if len(frame) else 0
         inflight: dict[str, UserUpdate] = {}
@@ -501,6 +527,7 @@ class _Run:
 
         heartbeat = asyncio.create_task(self._heartbeat())
         watchdog = asyncio.create_task(self._stop_watchdog(asyncio.current_task()))
+        committing: asyncio.Task[None] | None = None
         try:
             if total:
                 async with (
@@ -511,7 +538,7 @@ class _Run:
                         for outcome in outcomes:
                             self.record(inflight.pop(outcome.user_id), outcome)
                         self.done += len(outcomes)
-                        await self.commit_async()
+                        committing = await self._commit_behind(committing)
                         if self.progress is not None:
                             self.progress(self.done, total)
         except QuotaExhausted as exc:
@@ -528,7 +555,22 @@ class _Run:
         finally:
             heartbeat.cancel()
             watchdog.cancel()
+            failed_commit: BaseException | None = None
+            if committing is not None:
+                await asyncio.wait([committing])  # its thread finishes whatever happens
+                if not committing.cancelled():
+                    failed_commit = committing.exception()
             self.commit()  # whatever was confirmed is recorded, however delivery ended
+            if total:
+                log.info(
+                    "destination=%s confirmed %d of %d users in %.2fs",
+                    self.destination.name,
+                    self.done,
+                    total,
+                    time.perf_counter() - started,
+                )
+            if failed_commit is not None:
+                raise failed_commit
         if self.should_stop():
             return RunStatus.INTERRUPTED, "stopped by a signal before the run finished", None
         return None, None, None
@@ -594,6 +636,12 @@ class _Run:
             )
         self.lock.release([r.lease for r in self.runs])
         return results
+
+
+def _message_key_parts(destination: str, run: _AudienceRun) -> tuple[str, str, str]:
+    """A change's messageId derives from ``prefix + user_id + suffix`` (suffix: false, true)."""
+    prefix = f"{destination}\x1f{run.ref.key}\x1f"
+    return prefix, f"\x1f{False}\x1f{run.run_id}", f"\x1f{True}\x1f{run.run_id}"
 
 
 def _chunk_end(users: Any, start: int, size: int) -> int:

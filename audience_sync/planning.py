@@ -6,6 +6,7 @@ nothing. The engine calls these; they send nothing and write nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pyarrow as pa
@@ -79,12 +80,16 @@ def load_and_plan(
     """Load and diff one audience, inside the state database when its query lives there."""
     if audience_id is not None and pushdown.applies(audience, store.engine):
         return pushdown.plan_in_database(store.engine, audience, audience_id, full=full)
-    snapshot = load_snapshot(audience)
-    synced = (
-        store.members(audience_id)
-        if audience_id is not None
-        else pd.Index([], dtype="string[pyarrow]", name="user_id")
-    )
+    synced: pd.Index
+    if audience_id is None:
+        snapshot = load_snapshot(audience)
+        synced = pd.Index([], dtype="string[pyarrow]", name="user_id")
+    else:
+        # The state read is mostly the database's work: overlap it with reading the snapshot.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-read") as pool:
+            reading = pool.submit(store.members, audience_id)
+            snapshot = load_snapshot(audience)
+            synced = reading.result()
     return snapshot, plan(snapshot.members.index, synced, full=full, held=snapshot.held)
 
 

@@ -159,8 +159,8 @@ def measure_diff(folder: Path, url: str) -> dict[str, float]:
         t3 = time.perf_counter()
         conn = engine.connect()
         with conn.begin() as tx:  # measured, then rolled back: the next measurement needs it
-            add_members(conn, ref.id, list(the_plan.entered))
-            remove_members(conn, ref.id, list(the_plan.exited))
+            add_members(conn, [(ref.id, u) for u in the_plan.entered])
+            remove_members(conn, [(ref.id, u) for u in the_plan.exited])
             t4 = time.perf_counter()
             tx.rollback()
         conn.close()

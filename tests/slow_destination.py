@@ -9,11 +9,15 @@ started through ``tests/cli_with_test_destinations.py``, never in the package.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
 
-from audience_sync.destinations.jsonl import JsonlDestination, JsonlSettings, identify_message
+from audience_sync.destinations.jsonl import (
+    JsonlDestination,
+    JsonlSettings,
+    encode_line,
+    identify_message,
+)
 from audience_sync.model import Outcome, UserUpdate
 
 
@@ -33,7 +37,7 @@ class SlowJsonlDestination(JsonlDestination):
 
     async def deliver(self, updates: Iterable[UserUpdate]) -> AsyncIterator[list[Outcome]]:
         timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        lines: list[str] = []
+        lines: list[bytes] = []
         confirmed: list[Outcome] = []
         for n, update in enumerate(updates):
             await asyncio.sleep(self.settings.delay)
@@ -44,7 +48,7 @@ class SlowJsonlDestination(JsonlDestination):
                 message = identify_message(
                     update, change, space_id=self.settings.space_id, timestamp=timestamp
                 )
-                lines.append(json.dumps(message, separators=(",", ":")) + "\n")
+                lines.append(encode_line(message))
             confirmed.append(Outcome.delivered(update.user_id))
             if len(confirmed) >= self.settings.flush_every:
                 self._write(lines)

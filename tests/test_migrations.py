@@ -30,3 +30,46 @@ def test_migration_scripts_ship_inside_the_package():
     scripts = importlib.resources.files("audience_sync.migrations")
     assert scripts.joinpath("env.py").is_file()
     assert any(p.name.startswith("0001") for p in scripts.joinpath("versions").iterdir())
+
+
+def test_upgrading_from_0002_keeps_the_change_log_and_drops_its_foreign_key(state_url: str):
+    engine = connect(state_url)
+    upgrade(engine, "0002")
+    assert any(
+        fk["referred_table"] == "sync_runs"
+        for fk in sa.inspect(engine).get_foreign_keys("sync_changes")
+    )
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO sync_audiences (id, destination, audience_key, audience_name, "
+                "created_at) VALUES (1, 'jsonl', 'vip', 'VIP', CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO sync_runs (id, audience_id, destination, audience_key, audience_name,"
+                " mode, trigger, status, started_at) VALUES (7, 1, 'jsonl', 'vip', 'VIP', "
+                "'initial', 'manual', 'succeeded', CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO sync_changes (run_id, user_id, trait_key, value, outcome, at) "
+                "VALUES (7, 'u1', 'vip', TRUE, 'delivered', CURRENT_TIMESTAMP)"
+            )
+        )
+    upgrade(engine)
+    assert schema_is_current(engine)
+    inspector = sa.inspect(engine)
+    assert not any(
+        fk["referred_table"] == "sync_runs" for fk in inspector.get_foreign_keys("sync_changes")
+    )
+    assert {i["name"] for i in inspector.get_indexes("sync_changes")} >= {
+        "ix_sync_changes_user",
+        "ix_sync_changes_run",
+    }
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT run_id, user_id, value FROM sync_changes")).all()
+    assert [tuple(r) for r in rows] == [(7, "u1", True)]
+    engine.dispose()

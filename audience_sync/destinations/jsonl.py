@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import uuid
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Self
+
+import orjson
 
 from audience_sync.destinations.base import Call, Destination, DestinationSettings, IdentifyCall
 from audience_sync.errors import DestinationError
@@ -29,8 +30,12 @@ class JsonlSettings(DestinationSettings):
     """Output file, relative to the config file's folder; appended to."""
     space_id: str = "audience-sync"
     """Written as ``context.personas.space_id`` (Segment's Engage space)."""
-    flush_every: int = 1000
-    """Messages written between two ``fsync`` calls (each confirms that many users)."""
+    flush_every: int = 5000
+    """Users written between two ``fsync`` calls (each confirms that many users).
+
+    Each confirmed block is one state commit: 5,000 (~2 MB of JSON) keeps both the fsyncs and
+    the commits off the critical path at 400,000 changes (docs/scale.md); a crash re-writes at
+    most two blocks."""
     fsync: bool = True
 
 
@@ -43,24 +48,41 @@ def computation_id(audience_key: str) -> str:
 def identify_message(
     update: UserUpdate, change: Change, *, space_id: str, timestamp: str
 ) -> dict[str, Any]:
-    """The Segment Identify that Engage would send for one audience change."""
+    """The Segment Identify that Engage would send for one audience change.
+
+    The ``context`` and ``integrations`` parts are shared between messages (read-only).
+    """
     return {
         "type": "identify",
         "userId": update.user_id,
         "traits": {**update.identity.traits(), change.audience_key: change.value},
-        "context": {
-            "personas": {
-                "computation_class": "audience",
-                "computation_key": change.audience_key,
-                "computation_id": computation_id(change.audience_key),
-                "space_id": space_id,
-                "namespace": f"spa_{space_id}",
-            }
-        },
+        "context": _context(change.audience_key, space_id),
         "messageId": change.message_id,
         "timestamp": timestamp,
-        "integrations": {"All": False, "Crisp": True},
+        "integrations": _INTEGRATIONS,
     }
+
+
+_INTEGRATIONS: dict[str, bool] = {"All": False, "Crisp": True}
+
+
+@functools.cache
+def _context(audience_key: str, space_id: str) -> dict[str, Any]:
+    # The same for every message of an audience: built once, not 100,000s of times. Plain
+    # dicts (orjson serialises no read-only mapping type), so nothing may modify them.
+    personas = {
+        "computation_class": "audience",
+        "computation_key": audience_key,
+        "computation_id": computation_id(audience_key),
+        "space_id": space_id,
+        "namespace": f"spa_{space_id}",
+    }
+    return {"personas": personas}
+
+
+def encode_line(message: dict[str, Any]) -> bytes:
+    # orjson: about 8x the standard library's encoder, which matters at 100,000s of messages.
+    return orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
 
 
 def _drop_torn_line(path: Path) -> None:
@@ -95,7 +117,7 @@ class JsonlDestination(Destination):
     kind = "jsonl"
     settings_model = JsonlSettings
     settings: JsonlSettings
-    _file: IO[str] | None = None
+    _file: IO[bytes] | None = None
 
     @property
     def path(self) -> Path:
@@ -106,7 +128,7 @@ class JsonlDestination(Destination):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _drop_torn_line(self.path)
-            self._file = self.path.open("a", encoding="utf-8")
+            self._file = self.path.open("ab")
         except OSError as exc:
             raise DestinationError(f"cannot open {self.path} for writing: {exc.strerror}") from None
         return self
@@ -123,7 +145,7 @@ class JsonlDestination(Destination):
         if self.settings.fsync:
             os.fsync(self._file.fileno())
 
-    def _write(self, lines: list[str]) -> None:
+    def _write(self, lines: list[bytes]) -> None:
         assert self._file is not None, "use the destination as an async context manager"
         try:
             self._file.writelines(lines)
@@ -133,14 +155,14 @@ class JsonlDestination(Destination):
 
     async def deliver(self, updates: Iterable[UserUpdate]) -> AsyncGenerator[list[Outcome], None]:
         timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        lines: list[str] = []
+        lines: list[bytes] = []
         confirmed: list[Outcome] = []
         for update in updates:
             for change in update.changes:
                 message = identify_message(
                     update, change, space_id=self.settings.space_id, timestamp=timestamp
                 )
-                lines.append(json.dumps(message, separators=(",", ":")) + "\n")
+                lines.append(encode_line(message))
             confirmed.append(Outcome.delivered(update.user_id))
             if len(confirmed) >= self.settings.flush_every:
                 self._write(lines)
@@ -171,7 +193,7 @@ class JsonlDestination(Destination):
                 "timestamp": timestamp,
                 "integrations": {"All": False, "Crisp": True},
             }
-            lines.append(json.dumps(message, separators=(",", ":")) + "\n")
+            lines.append(encode_line(message))
             outcomes.append(Outcome.delivered(call.user_id))
         self._write(lines)
         return outcomes

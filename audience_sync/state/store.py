@@ -236,8 +236,10 @@ class StateStore:
 
     def members(self, audience_id: int) -> pd.Index:
         """The user ids the destination was last confirmed to hold as members."""
-        with self.engine.connect() as conn:
-            ids = bulk.read_members(conn, audience_id)
+        ids = bulk.read_members_arrow(self.engine.url, audience_id)
+        if ids is None:
+            with self.engine.connect() as conn:
+                ids = bulk.read_members(conn, audience_id)
         index: pd.Index = pd.Index(pd.array(ids, dtype="string[pyarrow]"), name="user_id")
         return index
 
@@ -345,12 +347,12 @@ class StateStore:
     ) -> None:
         """Write the confirmed outcomes of one delivery batch, for all audiences, atomically."""
         now = self.clock()
+        # One statement per table for all audiences: a commit's cost is its rows, not its
+        # number of audiences (the engine commits every few hundred users).
         with self.engine.begin() as conn:
+            bulk.add_members(conn, [(b.audience_id, u) for b in batches for u in b.added])
+            bulk.remove_members(conn, [(b.audience_id, u) for b in batches for u in b.removed])
             for b in batches:
-                if b.added:
-                    bulk.add_members(conn, b.audience_id, b.added)
-                if b.removed:
-                    bulk.remove_members(conn, b.audience_id, b.removed)
                 _delete_retries(conn, b.audience_id, b.cleared + [p["user_id"] for p in b.pending])
                 if b.pending:
                     conn.execute(
@@ -365,18 +367,23 @@ class StateStore:
                             for p in b.pending
                         ],
                     )
-                if b.changes:
-                    bulk.log_changes(conn, b.run_id, now, b.changes)
-                if b.delivered or b.failed or b.skipped:
-                    conn.execute(
-                        sync_runs.update()
-                        .where(sync_runs.c.id == b.run_id)
-                        .values(
-                            delivered=sync_runs.c.delivered + b.delivered,
-                            failed=sync_runs.c.failed + b.failed,
-                            skipped=sync_runs.c.skipped + b.skipped,
-                        )
-                    )
+            bulk.log_changes(conn, now, [(b.run_id, b.changes) for b in batches if b.changes])
+            counted = [b for b in batches if b.delivered or b.failed or b.skipped]
+            if counted:
+                runs = sync_runs.c
+                conn.execute(
+                    sync_runs.update()
+                    .where(runs.id == sa.bindparam("run"))
+                    .values(
+                        delivered=runs.delivered + sa.bindparam("d"),
+                        failed=runs.failed + sa.bindparam("f"),
+                        skipped=runs.skipped + sa.bindparam("s"),
+                    ),
+                    [
+                        {"run": b.run_id, "d": b.delivered, "f": b.failed, "s": b.skipped}
+                        for b in counted
+                    ],
+                )
             if on_commit is not None:
                 on_commit(conn)
 

@@ -1,0 +1,46 @@
+"""The bulk member reads: ADBC (PostgreSQL) and the drivers' own paths return the same ids."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import sqlalchemy as sa
+
+from audience_sync.state import StateStore, connect, upgrade
+from audience_sync.state.bulk import add_members, read_members, read_members_arrow
+
+AWKWARD = ["plain", "com,ma", 'quo"te', "new\nline", "tab\tbed", "back\\slash", "é ü 漢", "  pad "]
+
+
+def test_every_read_path_round_trips_awkward_ids(state_url: str) -> None:
+    engine = connect(state_url)
+    upgrade(engine)
+    store = StateStore(engine)
+    ref = store.audience("jsonl", "bulk", "Bulk")
+    other = store.audience("jsonl", "other", "Other")
+    with engine.begin() as conn:
+        add_members(conn, [(ref.id, u) for u in AWKWARD])
+        add_members(conn, [(other.id, "not-this-audience")])
+    with engine.connect() as conn:
+        by_driver = read_members(conn, ref.id).to_pylist()
+    arrow = read_members_arrow(engine.url, ref.id)
+    assert sorted(by_driver) == sorted(AWKWARD)
+    if engine.dialect.name == "postgresql":
+        assert arrow is not None, "ADBC should read PostgreSQL members"
+        assert sorted(arrow.to_pylist()) == sorted(AWKWARD)
+    else:
+        assert arrow is None  # SQLite reads through its own driver
+    assert sorted(store.members(ref.id)) == sorted(AWKWARD)
+    engine.dispose()
+
+
+def test_a_failed_adbc_read_falls_back_and_never_logs_the_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = sa.make_url("postgresql+psycopg://sync:s3cret-pw@127.0.0.1:1/state")
+    with caplog.at_level(logging.WARNING):
+        assert read_members_arrow(url, 1) is None
+    assert "using psycopg instead" in caplog.text
+    assert "127.0.0.1" in caplog.text
+    assert "s3cret-pw" not in caplog.text
