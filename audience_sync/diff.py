@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "has_repeated", "members_repeat", "plan"]
 
 _EMPTY = pd.Index([], dtype="string[pyarrow]")
 
@@ -66,6 +66,33 @@ def plan(
     return Plan(entered=entered, exited=exited, resend=resend, unchanged=unchanged)
 
 
+def has_repeated(ids: pd.Index | pd.Series) -> bool:
+    """Whether any id occurs twice.
+
+    A DuckDB ``GROUP BY`` over the Arrow buffers: 0.17 s for 2.5M ids on two cores, where
+    Arrow's ``unique`` takes 0.6 s and pandas' ``duplicated`` several seconds.
+    """
+    if len(ids) < 2:
+        return False
+    table = pa.table({"u": _as_arrow(ids)})
+    with duckdb.connect(":memory:") as con:
+        con.register("ids", table)
+        found = con.sql("SELECT 1 AS found FROM ids GROUP BY u HAVING count(*) > 1 LIMIT 1")
+        return len(found.fetchnumpy()["found"]) > 0
+
+
+def members_repeat(members: pd.Index, synced: pd.Index, the_plan: Plan) -> bool:
+    """Whether ``members`` repeats an id, from a plan made as if it did not (no ``held``).
+
+    Saves hashing millions of ids a second time just for this check. Every member row that is
+    not entered matched exactly one state row (state ids are unique), so those matches count
+    distinct ids only when no matched id repeats; entered ids are checked directly.
+    """
+    if len(members) - len(the_plan.entered) != len(synced) - len(the_plan.exited):
+        return True
+    return has_repeated(the_plan.entered)
+
+
 def _anti_joins(members: pd.Index, synced: pd.Index) -> tuple[np.ndarray, np.ndarray]:
     """Positions of ``members`` not in ``synced``, and of ``synced`` not in ``members``."""
     # Positions instead of ids keep the input order (a parallel join returns rows in any order)
@@ -88,7 +115,7 @@ def _positions_table(ids: pd.Index) -> pa.Table:
     return pa.table({"u": _as_arrow(ids), "i": pa.array(np.arange(len(ids), dtype=np.int64))})
 
 
-def _as_arrow(ids: pd.Index) -> pa.ChunkedArray | pa.Array:
+def _as_arrow(ids: pd.Index | pd.Series) -> pa.ChunkedArray | pa.Array:
     """The ids as Arrow text; zero copy for pyarrow-backed strings."""
     array = pa.array(ids.array) if not isinstance(ids.dtype, np.dtype) else None
     if array is None or not (

@@ -378,7 +378,6 @@ class _Run:
         run_index: list[int] = frame["run"].tolist()
         values: list[bool] = frame["value"].tolist()
         keys = [_message_key_parts(self.destination.name, run) for run in self.runs]
-        check_held = not self.retry_failed
         start = 0
         n = len(users)
         identities: dict[str, Identity] = {}
@@ -397,8 +396,8 @@ class _Run:
             changes = []
             for i in range(start, end):
                 run, value = self.runs[run_index[i]], values[i]
-                if user_id in run.retry_ids:
-                    if check_held and self._held(run, user_id, value, identity):
+                if user_id in run.retry_ids:  # rare: the retry queue's users
+                    if self._held(run, user_id, value, identity):
                         continue
                     mid = self._message_id(run, user_id, value)
                 else:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import pandas as pd
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audience_sync.diff import Plan, plan
+from audience_sync.diff import Plan, has_repeated, members_repeat, plan
 
 
 def index(ids: Iterable[str]) -> pd.Index:
@@ -140,3 +141,22 @@ def test_plan_matches_set_model(case: tuple[list[str], list[str], set[str], bool
     # Applying the plan to the state gives the snapshot's members plus the held state members.
     after = (s | set(p.entered) | set(p.resend)) - set(p.exited)
     assert after == m | (s & held)
+
+
+@pytest.mark.parametrize(
+    ("members", "synced", "repeats"),
+    [
+        (["a", "b", "c"], ["b", "c", "d"], False),
+        (["a", "b", "b", "c"], ["b", "c", "d"], True),  # a repeated id the state has
+        (["a", "a", "b"], ["b", "c"], True),  # a repeated id that enters
+        (["a", "b", "a"], [], True),  # first sync: every id enters
+        (["a", "b"], [], False),
+        ([], ["a"], False),
+    ],
+)
+def test_repeated_member_ids_are_found_from_the_plan(
+    members: list[str], synced: list[str], repeats: bool
+) -> None:
+    m, s = index(members), index(synced)
+    assert members_repeat(m, s, plan(m, s)) is repeats
+    assert has_repeated(m) is repeats

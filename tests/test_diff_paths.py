@@ -1,5 +1,6 @@
-"""Every diff path plans the same changes: the in-memory DuckDB diff, the one fed by the bulk
-state reads, and the one pushed down into the state database (SQLite and PostgreSQL).
+"""Every diff path plans the same changes: the in-memory DuckDB diff, the engine's file path
+(repeated ids found by the diff), the one fed by the bulk state reads, and the one pushed down
+into the state database (SQLite and PostgreSQL).
 
 Each is checked against a plain set-based model of the rules (trim ids, reject empty ones,
 collapse identical rows, hold users with conflicting rows) on generated data.
@@ -7,11 +8,15 @@ collapse identical rows, hold users with conflicting rows) on generated data.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
+from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
@@ -19,6 +24,7 @@ from hypothesis import strategies as st
 
 from audience_sync.config import AudienceConfig
 from audience_sync.diff import plan
+from audience_sync.planning import load_and_plan
 from audience_sync.pushdown import applies, plan_in_database
 from audience_sync.sources.sql import read_query
 from audience_sync.sources.validate import validate
@@ -30,6 +36,7 @@ _ID_CHARS = st.sampled_from(list("abc019,\"'\\\n\t é"))
 _ids = st.text(_ID_CHARS, min_size=1, max_size=4).map(str.strip).filter(bool)
 _padded = st.tuples(st.sampled_from(["", " ", "\t"]), _ids, st.sampled_from(["", " "])).map("".join)
 _email = st.one_of(st.none(), st.sampled_from(["a@x", "b@x", " b@x "]))
+_SCHEMA = pa.schema([("user_id", pa.string()), ("email", pa.string())])
 _rows = st.lists(
     st.tuples(st.one_of(_padded, st.sampled_from(["", "  "]), st.none()), _email), max_size=30
 )
@@ -122,7 +129,20 @@ def test_in_memory_and_pushed_down_diffs_agree(
     # Pushed down: the same diff as SQL inside the state database.
     pushed_snapshot, pushed = plan_in_database(store.engine, audience, audience_id, full=full)
 
-    for got, snap in ((memory, snapshot), (pushed, pushed_snapshot)):
+    # The engine's path for a file: repeated ids are found by the diff, not by a hash of its own.
+    with tempfile.TemporaryDirectory() as folder:
+        parquet = Path(folder) / "snapshot.parquet"
+        columns = {"user_id": [u for u, _ in rows], "email": [e for _, e in rows]}
+        pq.write_table(pa.table(columns, schema=_SCHEMA), parquet)
+        engine_snapshot, engine_plan = load_and_plan(
+            AudienceConfig(name="Diff paths", source=parquet), store, audience_id, full=full
+        )
+
+    for got, snap in (
+        (memory, snapshot),
+        (pushed, pushed_snapshot),
+        (engine_plan, engine_snapshot),
+    ):
         assert set(got.entered) == want.entered
         assert set(got.exited) == want.exited
         assert set(got.resend) == want.resend

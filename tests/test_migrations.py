@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.resources
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -73,3 +74,20 @@ def test_upgrading_from_0002_keeps_the_change_log_and_drops_its_foreign_key(stat
         rows = conn.execute(sa.text("SELECT run_id, user_id, value FROM sync_changes")).all()
     assert [tuple(r) for r in rows] == [(7, "u1", True)]
     engine.dispose()
+
+
+def test_postgresql_autovacuums_the_members_after_one_percent_churn(state_url: str):
+    engine = connect(state_url)
+    upgrade(engine)
+    if engine.dialect.name != "postgresql":
+        engine.dispose()
+        pytest.skip("an autovacuum setting exists only in PostgreSQL")
+    with engine.connect() as conn:
+        options = conn.execute(
+            sa.text("SELECT reloptions FROM pg_class WHERE oid = 'sync_members'::regclass")
+        ).scalar_one()
+    engine.dispose()
+    assert sorted(options) == [
+        "autovacuum_vacuum_insert_scale_factor=0.01",
+        "autovacuum_vacuum_scale_factor=0.01",
+    ]

@@ -14,13 +14,16 @@ from audience_sync.sources.validate import validate
 __all__ = ["load_snapshot", "validate"]
 
 
-def load_snapshot(audience: AudienceConfig) -> Snapshot:
-    """Read and validate ``audience``'s snapshot; raises ``SnapshotError`` when unusable."""
+def load_snapshot(audience: AudienceConfig, *, check_repeats: bool = True) -> Snapshot:
+    """Read and validate ``audience``'s snapshot; raises ``SnapshotError`` when unusable.
+
+    ``check_repeats=False``: see ``validate``.
+    """
     if audience.source is not None:
         frame, source = read_file(audience.source), str(audience.source)
     else:
         assert audience.query is not None and audience.source_url is not None
         frame = read_query(audience.source_url, audience.query)
         source = f"query for {audience.name!r}"
-    snapshot = validate(frame, source)
+    snapshot = validate(frame, source, check_repeats=check_repeats)
     return dataclasses.replace(snapshot, taken_at=snapshot_time(frame, source, audience.source))
