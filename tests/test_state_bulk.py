@@ -8,7 +8,12 @@ import pytest
 import sqlalchemy as sa
 
 from audience_sync.state import StateStore, connect, upgrade
-from audience_sync.state.bulk import add_members, read_members, read_members_arrow
+from audience_sync.state.bulk import (
+    _MEDIAN_USER_ID,
+    add_members,
+    read_members,
+    read_members_arrow,
+)
 
 AWKWARD = ["plain", "com,ma", 'quo"te', "new\nline", "tab\tbed", "back\\slash", "é ü 漢", "  pad "]
 
@@ -21,7 +26,9 @@ def test_every_read_path_round_trips_awkward_ids(state_url: str) -> None:
     other = store.audience("jsonl", "other", "Other")
     with engine.begin() as conn:
         add_members(conn, [(ref.id, u) for u in AWKWARD])
-        add_members(conn, [(other.id, "not-this-audience")])
+        # The other audience shares the ids (so the median id PostgreSQL's statistics give is one
+        # of them) and has one of its own.
+        add_members(conn, [(other.id, u) for u in [*AWKWARD, "not-this-audience"]])
     with engine.connect() as conn:
         by_driver = read_members(conn, ref.id).to_pylist()
     arrow = read_members_arrow(engine.url, ref.id)
@@ -32,6 +39,14 @@ def test_every_read_path_round_trips_awkward_ids(state_url: str) -> None:
     else:
         assert arrow is None  # SQLite reads through its own driver
     assert sorted(store.members(ref.id)) == sorted(AWKWARD)
+    if engine.dialect.name == "postgresql":
+        # With statistics, ADBC reads two halves split at the median id, on two connections.
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(sa.text("ANALYZE sync_members"))
+            middle = conn.execute(sa.text(_MEDIAN_USER_ID.replace("$1", "1"))).scalar_one()
+        assert middle in AWKWARD  # the split path is the one taken, at one of the ids
+        split = read_members_arrow(engine.url, ref.id)
+        assert split is not None and sorted(split.to_pylist()) == sorted(AWKWARD)
     engine.dispose()
 
 

