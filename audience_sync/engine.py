@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import sqlalchemy as sa
@@ -377,33 +378,37 @@ class _Run:
         users: list[str] = frame["user_id"].tolist()
         run_index: list[int] = frame["run"].tolist()
         values: list[bool] = frame["value"].tolist()
-        keys = [_message_key_parts(self.destination.name, run) for run in self.runs]
-        start = 0
         n = len(users)
+        # Where each user's rows end (the frame is sorted by user), found in one vectorised pass.
+        ids = frame["user_id"].to_numpy(dtype=object)
+        ends = [*(np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist(), n] if n else []
+        per_run = [
+            (run, run.ref.key, run.config.name, run.retry_ids, *_message_key_parts(dest, run))
+            for dest in (self.destination.name,)
+            for run in self.runs
+        ]
+        start = 0
         identities: dict[str, Identity] = {}
         chunk_end = 0
-        while start < n:
+        for end in ends:
             if self.should_stop():
                 return
             if start >= chunk_end:
                 chunk_end = _chunk_end(users, start, IDENTITY_CHUNK)
                 identities = self._identities(frame.iloc[start:chunk_end])
             user_id = users[start]
-            end = start + 1
-            while end < n and users[end] == user_id:
-                end += 1
             identity = identities[user_id]
             changes = []
             for i in range(start, end):
-                run, value = self.runs[run_index[i]], values[i]
-                if user_id in run.retry_ids:  # rare: the retry queue's users
+                run, key, name, retry_ids, prefix, if_false, if_true = per_run[run_index[i]]
+                value = values[i]
+                if user_id in retry_ids:  # rare: the retry queue's users
                     if self._held(run, user_id, value, identity):
                         continue
                     mid = self._message_id(run, user_id, value)
                 else:
-                    prefix, if_false, if_true = keys[run_index[i]]
                     mid = message_id(f"{prefix}{user_id}{if_true if value else if_false}")
-                changes.append(Change(run.ref.key, run.config.name, value, mid))
+                changes.append(Change(key, name, value, mid))
             start = end
             if changes:
                 yield UserUpdate(user_id, identity, tuple(changes))

@@ -16,6 +16,8 @@ from conftest import write_config, write_csv
 from audience_sync import engine as engine_module
 from audience_sync.config import load_config
 from audience_sync.engine import sync
+from audience_sync.errors import StateError
+from audience_sync.state import StateStore
 
 STATE_TABLES = ("sync_audiences", "sync_members", "sync_pending", "sync_changes", "sync_locks")
 
@@ -120,3 +122,45 @@ def test_a_query_in_the_state_database_is_diffed_there(tmp_path: Path, state_url
     messages = identifies(tmp_path / "out.jsonl")[3:]
     assert {(m["userId"], m["traits"]["vip"]) for m in messages} == {("4", True), ("1", False)}
     assert next(m for m in messages if m["userId"] == "4")["traits"]["email"] == "4@x"
+
+
+def test_a_failed_commit_ends_the_run_and_the_next_run_resends_only_its_batch(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 30 users, confirmed 10 at a time; each batch is committed while the next is delivered.
+    users = [f"u{i:03d}" for i in range(30)]
+    write_csv(tmp_path / "a.csv", "user_id,email\n" + "".join(f"{u},{u}@x\n" for u in users))
+    config = write_config(
+        tmp_path / "c.toml",
+        state_url=state_url,
+        audiences=[{"name": "A", "source": "a.csv"}],
+        destination={"type": "jsonl", "path": "out.jsonl", "flush_every": 10},
+    )
+    applied: list[list[str]] = []
+    real_apply = StateStore.apply
+
+    def apply(self: StateStore, batches: Any, on_commit: Any = None) -> None:
+        applied.append([u for b in batches for u in b.added])
+        if len(applied) == 2:
+            raise StateError("the state database went away")
+        real_apply(self, batches, on_commit)
+
+    monkeypatch.setattr(StateStore, "apply", apply)
+    with pytest.raises(StateError, match="went away"):
+        sync(load_config(config))
+    # The second batch's commit failed; the first was committed before it and the third (already
+    # confirmed by the destination) after it. Only the second is missing from the state.
+    assert applied == [users[:10], users[10:20], users[20:]]
+    engine = sa.create_engine(state_url)
+    with engine.connect() as conn:
+        members = sorted(conn.execute(sa.text("SELECT user_id FROM sync_members")).scalars())
+        status = conn.execute(sa.text("SELECT status FROM sync_runs")).scalar_one()
+    engine.dispose()
+    assert members == users[:10] + users[20:]
+    assert status == "failed"
+
+    monkeypatch.undo()
+    result = sync(load_config(config))
+    assert result.exit_code == 0
+    sent = [m["userId"] for m in identifies(tmp_path / "out.jsonl")]
+    assert sent == users + users[10:20]  # the failed batch once more, nothing else

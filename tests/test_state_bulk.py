@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
+import pandas as pd
 import pytest
 import sqlalchemy as sa
 
@@ -11,6 +13,7 @@ from audience_sync.state import StateStore, connect, upgrade
 from audience_sync.state.bulk import (
     _MEDIAN_USER_ID,
     add_members,
+    log_changes,
     read_members,
     read_members_arrow,
 )
@@ -59,3 +62,29 @@ def test_a_failed_adbc_read_falls_back_and_never_logs_the_password(
     assert "using psycopg instead" in caplog.text
     assert "127.0.0.1" in caplog.text
     assert "s3cret-pw" not in caplog.text
+
+
+def test_the_change_log_round_trips_awkward_ids_reasons_and_nulls(state_url: str) -> None:
+    engine = connect(state_url)
+    upgrade(engine)
+    store = StateStore(engine)
+    ref = store.audience("jsonl", "bulk", "Bulk")
+    run_id = store.start_run(ref, mode="initial", trigger="manual")
+    at = datetime(2026, 11, 25, 12, 30, tzinfo=UTC)
+    changes = [
+        {"user_id": u, "trait_key": "bulk", "value": i % 2 == 0, "outcome": "failed", "reason": r}
+        for i, (u, r) in enumerate(zip(AWKWARD, ['a "quoted", reason', "", None] * 3, strict=False))
+    ]
+    with engine.begin() as conn:
+        log_changes(conn, at, [(run_id, changes)])
+        add_members(conn, [(ref.id, u) for u in AWKWARD])
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT run_id, user_id, value, outcome, reason, at FROM sync_changes")
+        ).all()
+    engine.dispose()
+    got = sorted((r.user_id, r.value, r.reason, r.run_id, r.outcome) for r in rows)
+    want = sorted((c["user_id"], c["value"], c["reason"], run_id, "failed") for c in changes)
+    assert got == want  # an empty reason stays empty, a missing one stays NULL
+    stamps = {pd.Timestamp(r.at) for r in rows}  # SQLite returns text, naive UTC
+    assert {t.tz_convert(UTC) if t.tzinfo else t.tz_localize(UTC) for t in stamps} == {at}
