@@ -35,7 +35,7 @@ from audience_sync.naming import dropped_non_ascii, trait_key
 from audience_sync.result import SyncResult
 from audience_sync.service import Service
 from audience_sync.state import StateStore, connect, upgrade
-from audience_sync.state.store import utc_now
+from audience_sync.state.store import COUNTERS, utc_now
 from audience_sync.track import read_calls
 from audience_sync.track import track as send_calls
 
@@ -198,17 +198,6 @@ def _result_json(result: SyncResult) -> dict[str, Any]:
     }
 
 
-_COLUMNS = (
-    "snapshot_rows",
-    "rejected_rows",
-    "entered",
-    "exited",
-    "unchanged",
-    "delivered",
-    "failed",
-    "skipped",
-    "pending",
-)
 _HEADERS = (
     "rows",
     "rejected",
@@ -236,8 +225,8 @@ def _print_result(result: SyncResult) -> None:
     table.add_column("run", justify="right")
     table.add_column("mode")
     table.add_column("status")
-    columns = (*_COLUMNS[:5], "pending") if result.dry_run else _COLUMNS
-    for header, column in zip(_HEADERS, _COLUMNS, strict=True):
+    columns = (*COUNTERS[:5], "pending") if result.dry_run else COUNTERS
+    for header, column in zip(_HEADERS, COUNTERS, strict=True):
         if column in columns:
             table.add_column(
                 "to send" if result.dry_run and column == "pending" else header, justify="right"
@@ -443,7 +432,7 @@ def history(
                 "mode",
                 "trigger",
                 "status",
-                *_COLUMNS,
+                *COUNTERS,
                 "error",
             )
             title = "Sync runs"
@@ -455,7 +444,7 @@ def history(
         return
     table = _table(f"{title} (times in UTC)")
     for column in columns:
-        table.add_column(dict(zip(_COLUMNS, _HEADERS, strict=True)).get(column, column))
+        table.add_column(dict(zip(COUNTERS, _HEADERS, strict=True)).get(column, column))
     for row in rows:
         table.add_row(
             *(

@@ -382,9 +382,9 @@ class _Run:
         # Where each user's rows end (the frame is sorted by user), found in one vectorised pass.
         ids = frame["user_id"].to_numpy(dtype=object)
         ends = [*(np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist(), n] if n else []
+        dest = self.destination.name
         per_run = [
             (run, run.ref.key, run.config.name, run.retry_ids, *_message_key_parts(dest, run))
-            for dest in (self.destination.name,)
             for run in self.runs
         ]
         start = 0

@@ -153,11 +153,18 @@ class JsonlDestination(Destination):
         except OSError as exc:
             raise DestinationError(f"cannot write to {self.path}: {exc.strerror}") from None
 
+    async def pace(self, n: int) -> None:
+        """Called before the ``n``-th user (from 0) when a subclass overrides it (tests slow
+        delivery down this way); the plain destination skips the call on its hot path."""
+
     async def deliver(self, updates: Iterable[UserUpdate]) -> AsyncGenerator[list[Outcome], None]:
         timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         lines: list[bytes] = []
         confirmed: list[Outcome] = []
-        for update in updates:
+        paced = type(self).pace is not JsonlDestination.pace
+        for n, update in enumerate(updates):
+            if paced:
+                await self.pace(n)
             for change in update.changes:
                 message = identify_message(
                     update, change, space_id=self.settings.space_id, timestamp=timestamp

@@ -105,7 +105,7 @@ def read_members_arrow(url: sa.URL, audience_id: int) -> pa.Array | None:
 
     def read(conn: Any, query: str, *params: object) -> pa.ChunkedArray:
         with conn.cursor() as cursor:
-            cursor.execute(query, parameters=(audience_id, *params))
+            cursor.execute(query, parameters=params or None)
             column: pa.ChunkedArray = cursor.fetch_arrow_table().column(0)
             return column
 
@@ -113,15 +113,16 @@ def read_members_arrow(url: sa.URL, audience_id: int) -> pa.Array | None:
         with adbc.connect(uri) as conn:
             pivot = read(conn, _MEDIAN_USER_ID)
             if len(pivot) == 0 or pivot[0].as_py() is None:
-                ids = read(conn, select)  # no statistics yet: one read
+                ids = read(conn, select, audience_id)  # no statistics yet: one read
             else:
                 with (
                     adbc.connect(uri) as other,
                     ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-read") as pool,
                 ):
                     middle = pivot[0].as_py()
-                    upper = pool.submit(read, other, f"{select} AND user_id >= $2", middle)
-                    lower = read(conn, f"{select} AND user_id < $2", middle)
+                    below, above = f"{select} AND user_id < $2", f"{select} AND user_id >= $2"
+                    upper = pool.submit(read, other, above, audience_id, middle)
+                    lower = read(conn, below, audience_id, middle)
                     ids = pa.chunked_array([*lower.chunks, *upper.result().chunks], lower.type)
     except adbc.Error as exc:
         # libpq's messages name the host and user, never the password.
@@ -131,14 +132,12 @@ def read_members_arrow(url: sa.URL, audience_id: int) -> pa.Array | None:
 
 
 # A middle user_id from the statistics ANALYZE keeps for sync_members: the histogram's middle
-# bound, or with no histogram (few distinct ids) the middle of the most common ids. $1 is
-# unused, so that every query of a read takes the audience id.
+# bound, or with no histogram (few distinct ids) the middle of the most common ids.
 _MEDIAN_USER_ID = """
 WITH s AS (
   SELECT histogram_bounds::text::text[] AS bounds, most_common_vals::text::text[] AS common
   FROM pg_stats
   WHERE schemaname = current_schema() AND tablename = 'sync_members' AND attname = 'user_id'
-    AND $1::int IS NOT NULL
 )
 SELECT COALESCE(
   bounds[array_length(bounds, 1) / 2 + 1],

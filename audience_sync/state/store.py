@@ -319,11 +319,7 @@ class StateStore:
     ) -> list[dict[str, Any]]:
         """The newest runs first."""
         query = sa.select(sync_runs).order_by(sync_runs.c.id.desc()).limit(limit)
-        if destination is not None:
-            query = query.where(sync_runs.c.destination == destination)
-        keys = list(audience_keys)
-        if keys:
-            query = query.where(sync_runs.c.audience_key.in_(keys))
+        query = _scoped(query, sync_runs.c, destination, audience_keys)
         with self.engine.connect() as conn:
             return [_row(r) for r in conn.execute(query).mappings()]
 
@@ -402,11 +398,7 @@ class StateStore:
             .order_by(sync_pending.c.first_at, sync_pending.c.user_id)
             .limit(limit)
         )
-        if destination is not None:
-            query = query.where(sync_audiences.c.destination == destination)
-        keys = list(audience_keys)
-        if keys:
-            query = query.where(sync_audiences.c.audience_key.in_(keys))
+        query = _scoped(query, sync_audiences.c, destination, audience_keys)
         with self.engine.connect() as conn:
             return [_row(r) for r in conn.execute(query).mappings()]
 
@@ -438,6 +430,18 @@ class StateStore:
                 )
             )
             return {r.destination: int(r.used) for r in rows}
+
+
+def _scoped(
+    query: sa.Select[Any], columns: Any, destination: str | None, audience_keys: Iterable[str]
+) -> sa.Select[Any]:
+    """``query`` narrowed to one destination and some audiences (by key), when given."""
+    if destination is not None:
+        query = query.where(columns.destination == destination)
+    keys = list(audience_keys)
+    if keys:
+        query = query.where(columns.audience_key.in_(keys))
+    return query
 
 
 def _delete_retries(conn: sa.Connection, audience_id: int, user_ids: Sequence[str]) -> None:

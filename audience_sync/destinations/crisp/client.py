@@ -186,22 +186,15 @@ class CrispClient:
         if verdict is Verdict.RATE_LIMITED:
             self.limiter.on_rate_limited(reply.retry_after)
             if self.limiter.limited_for >= self.patience:
-                used = await asyncio.to_thread(self.budget.used_today)
-                raise QuotaExhausted(
-                    f"quota: Crisp kept answering {reply.status} (rate limited) for "
+                raise await self._quota_spent(
+                    f"Crisp kept answering {reply.status} (rate limited) for "
                     f"{self.limiter.limited_for:,.0f} s without a success, so the daily quota "
-                    f"looks spent; {used:,} of {self.budget.limit:,} requests counted today",
-                    used=used,
-                    budget=self.budget.limit,
+                    "looks spent"
                 )
             raise _Retry(reply)
         if verdict is Verdict.QUOTA:
-            used = await asyncio.to_thread(self.budget.used_today)
-            raise QuotaExhausted(
-                f"quota: Crisp refused requests as over quota ({reply.describe()}); "
-                f"{used:,} of {self.budget.limit:,} requests counted today",
-                used=used,
-                budget=self.budget.limit,
+            raise await self._quota_spent(
+                f"Crisp refused requests as over quota ({reply.describe()})"
             )
         if verdict is Verdict.CREDENTIALS:
             raise CredentialsError(
@@ -214,6 +207,14 @@ class CrispClient:
             raise _Retry(reply)
         self.limiter.on_success()
         return reply
+
+    async def _quota_spent(self, why: str) -> QuotaExhausted:
+        used = await asyncio.to_thread(self.budget.used_today)
+        return QuotaExhausted(
+            f"quota: {why}; {used:,} of {self.budget.limit:,} requests counted today",
+            used=used,
+            budget=self.budget.limit,
+        )
 
     async def _send(
         self,
