@@ -23,7 +23,7 @@ from audience_sync.config import AudienceConfig, load_config
 from audience_sync.errors import SnapshotError
 from audience_sync.model import Snapshot
 from audience_sync.sources import load_snapshot
-from audience_sync.sources.validate import MAX_REPORTED_ROWS
+from audience_sync.sources.validate import MAX_REPORTED_ROWS, _clean
 
 
 def load(path: Path) -> Snapshot:
@@ -198,6 +198,25 @@ def test_words_that_look_like_null_are_ids(tmp_path: Path) -> None:
 def test_ids_are_stripped(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "a.csv", 'user_id,email\n" 007 ",a@example.com\n')
     assert ids(load(path)) == ["007"]
+
+
+# Mostly plain ASCII, so that a column's only blank end is often a single value's.
+EDGY_TEXT = st.text(
+    st.sampled_from("ab ") | st.sampled_from("\t\x1c\x7f\x85\xa0é\u2028"), max_size=4
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.none() | EDGY_TEXT, max_size=8), st.integers(min_value=0, max_value=3))
+def test_cleaning_strips_exactly_what_str_strip_strips(values: list[str | None], cut: int) -> None:
+    # The check that skips stripping must never skip a value str.strip would change, in sliced
+    # and in chunked Arrow columns too (files are read in chunks).
+    sliced = pd.Series(values, dtype="string[pyarrow]").iloc[cut:]
+    halves = [pa.array(values[:cut], pa.large_string()), pa.array(values[cut:], pa.large_string())]
+    chunked = pd.Series(pd.arrays.ArrowStringArray(pa.chunked_array(halves)))
+    for column in (sliced, chunked):
+        expected = [None if v is pd.NA or not v.strip() else v.strip() for v in column]
+        assert [None if v is pd.NA else v for v in _clean(column)] == expected
 
 
 def test_many_rejected_rows_are_all_counted_and_some_detailed(tmp_path: Path) -> None:

