@@ -33,12 +33,13 @@ def test_migration_scripts_ship_inside_the_package():
     assert any(p.name.startswith("0001") for p in scripts.joinpath("versions").iterdir())
 
 
-def test_upgrading_from_0002_keeps_the_change_log_and_drops_its_foreign_key(state_url: str):
+def at_revision_with_foreign_key(state_url: str, revision: str, table: str, referred: str):
+    """An engine on a database migrated to ``revision``, where ``table`` still has its foreign
+    key to ``referred``, holding audience 1."""
     engine = connect(state_url)
-    upgrade(engine, "0002")
+    upgrade(engine, revision)
     assert any(
-        fk["referred_table"] == "sync_runs"
-        for fk in sa.inspect(engine).get_foreign_keys("sync_changes")
+        fk["referred_table"] == referred for fk in sa.inspect(engine).get_foreign_keys(table)
     )
     with engine.begin() as conn:
         conn.execute(
@@ -47,6 +48,12 @@ def test_upgrading_from_0002_keeps_the_change_log_and_drops_its_foreign_key(stat
                 "created_at) VALUES (1, 'jsonl', 'vip', 'VIP', CURRENT_TIMESTAMP)"
             )
         )
+    return engine
+
+
+def test_upgrading_from_0002_keeps_the_change_log_and_drops_its_foreign_key(state_url: str):
+    engine = at_revision_with_foreign_key(state_url, "0002", "sync_changes", "sync_runs")
+    with engine.begin() as conn:
         conn.execute(
             sa.text(
                 "INSERT INTO sync_runs (id, audience_id, destination, audience_key, audience_name,"
@@ -91,3 +98,25 @@ def test_postgresql_autovacuums_the_members_after_one_percent_churn(state_url: s
         "autovacuum_vacuum_insert_scale_factor=0.01",
         "autovacuum_vacuum_scale_factor=0.01",
     ]
+
+
+def test_upgrading_from_0004_keeps_the_members_and_drops_their_foreign_key(state_url: str):
+    engine = at_revision_with_foreign_key(state_url, "0004", "sync_members", "sync_audiences")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO sync_members (audience_id, user_id) VALUES (1, 'u1'), (1, 'u2')")
+        )
+    upgrade(engine)
+    assert schema_is_current(engine)
+    inspector = sa.inspect(engine)
+    assert inspector.get_foreign_keys("sync_members") == []
+    assert inspector.get_pk_constraint("sync_members")["constrained_columns"] == [
+        "audience_id",
+        "user_id",
+    ]
+    with engine.begin() as conn:
+        rows = conn.execute(sa.text("SELECT audience_id, user_id FROM sync_members")).all()
+        assert sorted(tuple(r) for r in rows) == [(1, "u1"), (1, "u2")]
+        with pytest.raises(sa.exc.IntegrityError):  # still one row per member
+            conn.execute(sa.text("INSERT INTO sync_members VALUES (1, 'u1')"))
+    engine.dispose()

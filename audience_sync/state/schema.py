@@ -38,7 +38,8 @@ sync_audiences = sa.Table(
 sync_members = sa.Table(
     "sync_members",
     metadata,
-    sa.Column("audience_id", sa.Integer, sa.ForeignKey("sync_audiences.id"), primary_key=True),
+    # No foreign key: PostgreSQL would check it once per inserted member (migration 0005).
+    sa.Column("audience_id", sa.Integer, primary_key=True),
     sa.Column("user_id", sa.String(255), primary_key=True),
 )
 
