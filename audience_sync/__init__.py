@@ -24,6 +24,7 @@ from audience_sync.errors import (
 )
 from audience_sync.model import (
     Change,
+    ChangeBatch,
     DeliveryStatus,
     Identity,
     Outcome,
@@ -45,6 +46,7 @@ __all__ = [
     "AudienceSyncError",
     "CallResult",
     "Change",
+    "ChangeBatch",
     "Config",
     "ConfigError",
     "CredentialsError",

@@ -9,7 +9,7 @@ faster than pyarrow's ``is_in`` and 40x faster than ``pandas.Index.isin`` on mil
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import duckdb
 import numpy as np
@@ -29,6 +29,9 @@ class Plan:
     exited: pd.Index
     resend: pd.Index
     unchanged: int
+    sent_rows: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """Positions in the diffed ``members`` of ``entered``, then ``resend`` (None when the plan
+    was not made from an in-memory index, e.g. pushed down into the database)."""
 
     @property
     def sends(self) -> int:
@@ -50,20 +53,24 @@ def plan(
     re-sent as ``resend``. Results keep the order of their input.
     """
     if len(synced) == 0:  # an initial sync: everyone enters, nothing to join
-        return Plan(entered=members, exited=synced, resend=_EMPTY, unchanged=0)
+        everyone = np.arange(len(members))
+        return Plan(entered=members, exited=synced, resend=_EMPTY, unchanged=0, sent_rows=everyone)
     entered_at, exited_at = _anti_joins(members, synced)
     entered = members.take(entered_at)
     exited = synced.take(exited_at)
     if len(held) and len(exited):
         exited = exited[~exited.isin(list(held))]
     unchanged = len(synced) - len(exited)  # state members who stay, held users included
+    sent_rows = entered_at
     if full:
         keep = np.ones(len(members), dtype=bool)
         keep[entered_at] = False
-        resend = members[keep]
+        resend_at = np.flatnonzero(keep)
+        resend = members.take(resend_at)
+        sent_rows = np.concatenate([entered_at, resend_at])
     else:
         resend = _EMPTY
-    return Plan(entered=entered, exited=exited, resend=resend, unchanged=unchanged)
+    return Plan(entered, exited, resend, unchanged, sent_rows)
 
 
 def has_repeated(ids: pd.Index | pd.Series) -> bool:

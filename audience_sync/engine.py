@@ -1,10 +1,11 @@
 """One sync run: the only module that calls the stages, in order.
 
 lock -> settle what a crashed run left -> load and plan (``planning.py``) -> safeguards ->
-deliver -> record.
+merge the changes per user (``changes.py``) -> deliver -> record.
 
 All audiences of a run are planned first, then their changes are merged per user, so a
-destination can send one update per user however many audiences changed for them. Outcomes are
+destination can send one update per user however many audiences changed for them; it takes
+them as per-user updates or as column batches (``Destination.deliver_batches``). Outcomes are
 committed as the destination confirms them; the state never moves for a change that was not
 confirmed, and a run stopped at any point leaves the rest pending for the next run.
 """
@@ -13,19 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
 import sqlalchemy as sa
 
+from audience_sync.changes import AudienceChanges, RunChanges, input_hash
 from audience_sync.config import AudienceConfig, Config
 from audience_sync.destinations import Destination, destination_class
 from audience_sync.diff import Plan
@@ -40,8 +38,7 @@ from audience_sync.errors import (
     StateError,
 )
 from audience_sync.model import (
-    IDENTITY_TRAITS,
-    Change,
+    ChangeBatch,
     DeliveryStatus,
     Identity,
     Outcome,
@@ -70,13 +67,10 @@ __all__ = ["AudienceResult", "SyncResult", "open_destination", "sync"]
 
 log = logging.getLogger("audience_sync")
 
-#: Namespace of the deterministic Segment ``messageId`` of a change.
-MESSAGE_NAMESPACE = uuid.UUID("6f1c3a52-3c1e-4bd4-9a8e-5d2b7f0c9e11")
-_NAMESPACE_SHA1 = hashlib.sha1(MESSAGE_NAMESPACE.bytes, usedforsecurity=False)
-#: Changes whose identities are looked up together (one vectorised lookup per audience).
-IDENTITY_CHUNK = 50_000
-# Shared by every user the snapshot says nothing about (e.g. all who exited).
-_NO_IDENTITY = Identity()
+#: Commits running at once on PostgreSQL (SQLite takes one writer at a time).
+COMMITS_IN_FLIGHT = 2
+#: Users per batch of changes prepared for a destination that takes updates one user at a time.
+UPDATE_BATCH = 10_000
 
 Progress = Callable[[int, int], None]
 
@@ -92,23 +86,6 @@ def open_destination(config: Config, state: sa.Engine) -> Destination:
     )
 
 
-def message_id(key: str) -> str:
-    """``str(uuid.uuid5(MESSAGE_NAMESPACE, key))``, without building UUID objects (hot path)."""
-    sha = _NAMESPACE_SHA1.copy()  # the namespace's bytes hashed once, not per change
-    sha.update(key.encode())
-    digest = bytearray(sha.digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
-def input_hash(value: bool, identity: Identity) -> str:
-    """Fingerprint of what a change sends: a held failure is retried once it changes."""
-    text = "\x1f".join([str(value), *(getattr(identity, k) or "" for k in IDENTITY_TRAITS)])
-    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
-
-
 @dataclass(slots=True)
 class _AudienceRun:
     """The engine's working state for one audience during a run."""
@@ -118,7 +95,7 @@ class _AudienceRun:
     lease: Lease
     run_id: int
     mode: RunMode
-    members: pd.DataFrame
+    identities: pd.DataFrame
     plan: Plan
     retry: pd.DataFrame
     counts: dict[str, int]
@@ -130,7 +107,7 @@ class _AudienceRun:
 
     def applied(self) -> Applied:
         if self.batch is None:
-            self.batch = Applied(self.ref.id, self.run_id)
+            self.batch = Applied(self.ref.id, self.run_id, self.ref.key)
         return self.batch
 
 
@@ -167,6 +144,8 @@ class _Run:
         self.by_key: dict[str, _AudienceRun] = {}
         self.done = 0
         self.held_users = 0
+        postgres = store.engine.dialect.name == "postgresql"
+        self._commits_in_flight = COMMITS_IN_FLIGHT if postgres else 1
 
     # -- planning --------------------------------------------------------------------------
 
@@ -323,109 +302,26 @@ class _Run:
         run.retry = retry.drop(index=stale)
         run.retry_ids = set(run.retry.index)
 
-    # -- building per-user updates -----------------------------------------------------------
+    # -- the run's changes --------------------------------------------------------------------
 
-    def _changes_frame(self) -> pd.DataFrame:
-        parts = []
-        for index, run in enumerate(self.runs):
-            for ids, value in (
-                (run.plan.entered, True),
-                (run.plan.resend, True),
-                (run.plan.exited, False),
-            ):
-                if len(ids):
-                    parts.append(pd.DataFrame({"user_id": ids, "run": index, "value": value}))
-        if not parts:
-            return pd.DataFrame({"user_id": [], "run": [], "value": []})
-        frame = pd.concat(parts, ignore_index=True)
-        # Sorting by user groups each user's changes across audiences into one update.
-        return frame.sort_values(["user_id", "run"], kind="stable", ignore_index=True)
-
-    def _identities(self, frame: pd.DataFrame) -> dict[str, Identity]:
-        """Each user's identity in a chunk of the changes frame, from the audiences they changed
-        in (the first audience that knows a trait wins): one vectorised lookup per audience."""
-        traits = {
-            k: pd.Series(pd.NA, index=frame.index, dtype="string[pyarrow]") for k in IDENTITY_TRAITS
-        }
-        for i, rows in frame.groupby("run", sort=False).groups.items():
-            members = self.runs[int(str(i))].members
-            known = [k for k in IDENTITY_TRAITS if k in members.columns]
-            if not known:
-                continue
-            found = members[known].reindex(pd.Index(frame.loc[rows, "user_id"]))
-            for k in known:
-                traits[k].loc[rows] = found[k].to_numpy()
-        table = pd.DataFrame({"user_id": frame["user_id"], **traits})
-        first = table.groupby("user_id", sort=False).first()  # first non-missing, in run order
-        # Plain Python lists: iterating Arrow-backed columns value by value is slow.
-        columns = [pa.Array.from_pandas(first[k]).to_pylist() for k in IDENTITY_TRAITS]
-        unknown = [None] * len(IDENTITY_TRAITS)
-        return {
-            str(user_id): _NO_IDENTITY if row == unknown else Identity(*row)
-            for user_id, *row in zip(first.index.tolist(), *columns, strict=True)
-        }
-
-    def _message_id(self, run: _AudienceRun, user_id: str, value: bool) -> str:
-        # A re-sent change keeps its first attempt's id, so downstream dedup can drop it.
-        if user_id in run.retry_ids:
-            return str(run.retry.at[user_id, "message_id"])
-        prefix, if_false, if_true = _message_key_parts(self.destination.name, run)
-        return message_id(f"{prefix}{user_id}{if_true if value else if_false}")
-
-    def updates(self, frame: pd.DataFrame) -> Iterator[UserUpdate]:
-        """Per-user updates, lazily; a held permanent failure is not re-sent."""
-        # Plain Python lists and per-run constants: this loop runs once per change.
-        users: list[str] = frame["user_id"].tolist()
-        run_index: list[int] = frame["run"].tolist()
-        values: list[bool] = frame["value"].tolist()
-        n = len(users)
-        # Where each user's rows end (the frame is sorted by user), found in one vectorised pass.
-        ids = frame["user_id"].to_numpy(dtype=object)
-        ends = [*(np.flatnonzero(ids[1:] != ids[:-1]) + 1).tolist(), n] if n else []
-        dest = self.destination.name
-        per_run = [
-            (run, run.ref.key, run.config.name, run.retry_ids, *_message_key_parts(dest, run))
-            for run in self.runs
-        ]
-        start = 0
-        identities: dict[str, Identity] = {}
-        chunk_end = 0
-        for end in ends:
-            if self.should_stop():
-                return
-            if start >= chunk_end:
-                chunk_end = _chunk_end(users, start, IDENTITY_CHUNK)
-                identities = self._identities(frame.iloc[start:chunk_end])
-            user_id = users[start]
-            identity = identities[user_id]
-            changes = []
-            for i in range(start, end):
-                run, key, name, retry_ids, prefix, if_false, if_true = per_run[run_index[i]]
-                value = values[i]
-                if user_id in retry_ids:  # rare: the retry queue's users
-                    if self._held(run, user_id, value, identity):
-                        continue
-                    mid = self._message_id(run, user_id, value)
-                else:
-                    mid = message_id(f"{prefix}{user_id}{if_true if value else if_false}")
-                changes.append(Change(key, name, value, mid))
-            start = end
-            if changes:
-                yield UserUpdate(user_id, identity, tuple(changes))
-            else:
-                self.held_users += 1
-
-    def _held(self, run: _AudienceRun, user_id: str, value: bool, identity: Identity) -> bool:
-        if self.retry_failed or user_id not in run.retry_ids:
-            return False
-        row = run.retry.loc[user_id]
-        if row["retryable"] or row["status"] != DeliveryStatus.FAILED.value:
-            return False
-        if row["input_hash"] != input_hash(value, identity):
-            return False  # the user's data changed: worth another try
-        run.held_failed += 1
-        run.counts["pending"] -= 1
-        return True
+    def changes(self) -> RunChanges:
+        """Every planned change, merged per user; held permanent failures counted and left out."""
+        changes = RunChanges(
+            self.destination.name,
+            [
+                AudienceChanges(
+                    run.ref.key, run.config.name, run.run_id, run.plan, run.identities, run.retry
+                )
+                for run in self.runs
+            ],
+            retry_failed=self.retry_failed,
+        )
+        for run, held in zip(self.runs, changes.held, strict=True):
+            run.held_failed = held
+            run.counts["pending"] -= held
+            run.identities = run.identities.iloc[:0]  # in the changes now; free the memory
+        self.held_users = changes.held_users
+        return changes
 
     # -- recording outcomes ------------------------------------------------------------------
 
@@ -435,13 +331,7 @@ class _Run:
             batch = run.applied()
             if self.config.state.change_log:
                 batch.changes.append(
-                    {
-                        "user_id": update.user_id,
-                        "trait_key": change.audience_key,
-                        "value": change.value,
-                        "outcome": outcome.status.value,
-                        "reason": outcome.reason,
-                    }
+                    update.user_id, change.value, outcome.status.value, outcome.reason
                 )
             run.counts["pending"] -= 1
             if outcome.status is DeliveryStatus.DELIVERED:
@@ -480,6 +370,34 @@ class _Run:
                 }
             )
 
+    def record_batch(self, confirmed: ChangeBatch) -> None:
+        """Record a batch the destination confirmed whole: every change in it was delivered."""
+        table = confirmed.table
+        keys = table.column("audience_key").combine_chunks()
+        at = keys.indices.to_numpy(zero_copy_only=False)
+        values = table.column("value").to_numpy()
+        user_ids = table.column("user_id")
+        for index, key in enumerate(keys.dictionary.to_pylist()):
+            rows = at == index
+            count = int(rows.sum())
+            if not count:
+                continue
+            run = self.by_key[key]
+            batch = run.applied()
+            users: list[str] = user_ids.filter(rows).to_pylist()
+            sent: list[bool] = values[rows].tolist()
+            if self.config.state.change_log:
+                batch.changes.extend(users, sent, DeliveryStatus.DELIVERED.value)
+            batch.removed.extend(u for u, v in zip(users, sent, strict=True) if not v)
+            batch.added.extend(
+                u for u, v in zip(users, sent, strict=True) if v and u not in run.resend
+            )
+            if run.retry_ids:
+                batch.cleared.extend(u for u in users if u in run.retry_ids)
+            batch.delivered += count
+            run.counts["delivered"] += count
+            run.counts["pending"] -= count
+
     def _take_batches(self) -> list[Applied]:
         batches = [r.batch for r in self.runs if r.batch is not None]
         for r in self.runs:
@@ -501,52 +419,45 @@ class _Run:
         if batches:
             await asyncio.to_thread(self._apply, batches)
 
-    async def _commit_behind(self, running: asyncio.Task[None] | None) -> asyncio.Task[None]:
-        """Commit the outcomes recorded so far in the background, after the previous commit.
+    async def _commit_behind(self, running: list[asyncio.Task[None]]) -> None:
+        """Commit the outcomes recorded so far in the background, beside earlier commits.
 
-        So the destination delivers the next batch while the database commits this one (double
-        buffering): a run killed at any moment re-sends at most the batch being committed and the
-        one being delivered, never what a finished commit recorded. A failed commit raises here.
+        So the destination delivers the next batch while the database commits this one, and on
+        PostgreSQL up to ``COMMITS_IN_FLIGHT`` commits run at once on their own connections
+        (each is a few bulk statements the server works through on one core; batches never
+        share a user, so they commit in any order). A run killed at any moment re-sends at most
+        the batches being committed and the one being delivered, never what a finished commit
+        recorded. A failed commit raises here.
         """
-        if running is not None:
-            await running
-        running = asyncio.create_task(self.commit_async())
+        if len(running) >= self._commits_in_flight:
+            await running.pop(0)
+        running.append(asyncio.create_task(self.commit_async()))
         # One turn of the loop starts the commit even for a destination that never awaits.
         await asyncio.sleep(0)
-        return running
 
     # -- delivery ---------------------------------------------------------------------------
 
     async def deliver(self) -> tuple[RunStatus | None, str | None, type[AudienceSyncError] | None]:
         """Send every planned change; returns how delivery ended (None: it ran to the end)."""
         started = time.perf_counter()
-        frame = self._changes_frame()
-        total = frame["user_id"].nunique() if len(frame) else 0
-        inflight: dict[str, UserUpdate] = {}
-
-        def feed() -> Iterator[UserUpdate]:
-            for update in self.updates(frame):
-                inflight[update.user_id] = update
-                yield update
-
+        changes = self.changes()
+        total = changes.users
         heartbeat = asyncio.create_task(self._heartbeat())
         watchdog = asyncio.create_task(self._stop_watchdog(asyncio.current_task()))
-        committing: asyncio.Task[None] | None = None
+        committing: list[asyncio.Task[None]] = []
         try:
             if total:
                 async with (
                     self.destination as dest,
-                    contextlib.aclosing(dest.deliver(feed())) as stream,
+                    contextlib.aclosing(self._confirmed(dest, changes)) as confirmations,
                 ):
-                    async for outcomes in stream:
-                        for outcome in outcomes:
-                            self.record(inflight.pop(outcome.user_id), outcome)
-                        self.done += len(outcomes)
-                        committing = await self._commit_behind(committing)
+                    async for users in confirmations:
+                        self.done += users
+                        await self._commit_behind(committing)
                         if self.progress is not None:
                             self.progress(self.done, total)
         except QuotaExhausted as exc:
-            pending = max(total - self.done - self.held_users, 0)
+            pending = max(total - self.done, 0)
             message = exc.describe(pending)
             log.warning("destination=%s %s", self.destination.name, message)
             return RunStatus.PARTIAL, message, None
@@ -560,10 +471,10 @@ class _Run:
             heartbeat.cancel()
             watchdog.cancel()
             failed_commit: BaseException | None = None
-            if committing is not None:
-                await asyncio.wait([committing])  # its thread finishes whatever happens
-                if not committing.cancelled():
-                    failed_commit = committing.exception()
+            if committing:
+                await asyncio.wait(committing)  # their threads finish whatever happens
+                failures = [t.exception() for t in committing if not t.cancelled()]
+                failed_commit = next((e for e in failures if e is not None), None)
             self.commit()  # whatever was confirmed is recorded, however delivery ended
             if total:
                 log.info(
@@ -578,6 +489,39 @@ class _Run:
         if self.should_stop():
             return RunStatus.INTERRUPTED, "stopped by a signal before the run finished", None
         return None, None, None
+
+    async def _confirmed(self, dest: Destination, changes: RunChanges) -> AsyncGenerator[int, None]:
+        """Hand ``changes`` to ``dest`` in the shape it takes; record each confirmation as it
+        comes and yield how many users it settled."""
+        if dest.takes_batches:
+            batches = self._batches(changes, dest.batch_users)
+            async with contextlib.aclosing(dest.deliver_batches(batches)) as stream:
+                async for confirmed in stream:
+                    self.record_batch(confirmed)
+                    yield confirmed.users
+            return
+        inflight: dict[str, UserUpdate] = {}
+
+        def feed() -> Iterator[UserUpdate]:
+            for batch in self._batches(changes, UPDATE_BATCH):
+                for update in batch.updates():
+                    if self.should_stop():
+                        return
+                    inflight[update.user_id] = update
+                    yield update
+
+        async with contextlib.aclosing(dest.deliver(feed())) as outcomes_stream:
+            async for outcomes in outcomes_stream:
+                for outcome in outcomes:
+                    self.record(inflight.pop(outcome.user_id), outcome)
+                yield len(outcomes)
+
+    def _batches(self, changes: RunChanges, users: int) -> Iterator[ChangeBatch]:
+        """The changes in batches of ``users`` users, until a stop is asked for."""
+        for batch in changes.batches(users):
+            if self.should_stop():
+                return
+            yield batch
 
     async def _stop_watchdog(self, delivery: asyncio.Task[Any] | None) -> None:
         """Once a stop is asked for, give in-flight requests ``stop_timeout``, then cancel them."""

@@ -5,15 +5,17 @@ to a destination, and the per-user outcomes the destination hands back.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
 import pandas as pd
+import pyarrow as pa
 
 __all__ = [
     "IDENTITY_TRAITS",
     "Change",
+    "ChangeBatch",
     "DeliveryStatus",
     "Identity",
     "Outcome",
@@ -131,6 +133,87 @@ class UserUpdate:
     @property
     def traits(self) -> Mapping[str, bool]:
         return {c.audience_key: c.value for c in self.changes}
+
+
+#: The columns of a ``ChangeBatch`` table, in order.
+BATCH_COLUMNS: tuple[str, ...] = (
+    "user_id",
+    "audience_key",
+    "audience_name",
+    "value",
+    "message_id",
+    *IDENTITY_TRAITS,
+)
+_AUDIENCE = pa.dictionary(pa.int32(), pa.string())
+BATCH_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("audience_key", _AUDIENCE),
+        ("audience_name", _AUDIENCE),
+        ("value", pa.bool_()),
+        ("message_id", pa.string()),
+        *((trait, pa.string()) for trait in IDENTITY_TRAITS),
+    ]
+)
+_NO_IDENTITY = Identity()
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeBatch:
+    """Changes for whole users, in columns: what a destination that takes many at once gets.
+
+    ``table`` follows ``BATCH_SCHEMA``: one row per change, each user's rows adjacent;
+    ``audience_key`` and ``audience_name`` are dictionary-encoded, and the identity traits
+    (null when unknown) are the same on every row of a user. ``users`` counts distinct users.
+    The same changes as per-user updates: ``updates()``; the way back: ``from_updates()``.
+    """
+
+    table: pa.Table
+    users: int
+
+    def __len__(self) -> int:
+        return int(self.table.num_rows)
+
+    def updates(self) -> Iterator[UserUpdate]:
+        """One ``UserUpdate`` per user, in the batch's order."""
+        columns = [self.table.column(c).to_pylist() for c in BATCH_COLUMNS]
+        users, keys, names, values, message_ids, *traits = columns
+        n = len(users)
+        start = 0
+        while start < n:
+            user_id = users[start]
+            end = start + 1
+            while end < n and users[end] == user_id:
+                end += 1
+            identity = Identity(*(t[start] for t in traits))
+            changes = tuple(
+                Change(keys[i], names[i], values[i], message_ids[i]) for i in range(start, end)
+            )
+            yield UserUpdate(
+                user_id, _NO_IDENTITY if identity == _NO_IDENTITY else identity, changes
+            )
+            start = end
+
+    @classmethod
+    def from_updates(cls, updates: Iterable[UserUpdate]) -> ChangeBatch:
+        """The batch of ``updates`` (one per user)."""
+        rows = [(u, c) for u in updates for c in u.changes]
+        columns: dict[str, list[object]] = {
+            "user_id": [u.user_id for u, _ in rows],
+            "audience_key": [c.audience_key for _, c in rows],
+            "audience_name": [c.audience_name for _, c in rows],
+            "value": [c.value for _, c in rows],
+            "message_id": [c.message_id for _, c in rows],
+            **{t: [getattr(u.identity, t) for u, _ in rows] for t in IDENTITY_TRAITS},
+        }
+        arrays = [
+            pa.array(columns[f.name], pa.string()).dictionary_encode()
+            if pa.types.is_dictionary(f.type)
+            else pa.array(columns[f.name], f.type)
+            for f in BATCH_SCHEMA
+        ]
+        table = pa.Table.from_arrays(arrays, schema=BATCH_SCHEMA)
+        return cls(table, len({u.user_id for u, _ in rows}))
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,21 +57,23 @@ def plan_counts(snapshot: Snapshot, the_plan: Plan) -> dict[str, int]:
 
 
 def identity_rows(members: pd.DataFrame, the_plan: Plan) -> pd.DataFrame:
-    """The snapshot rows a run still needs after planning: those of users it sends ``true``.
+    """The snapshot rows of the users the plan sends ``true``: ``entered``, then ``resend``.
 
-    Identities are only looked up for audiences a user changed in, and an exited user is not in
-    the snapshot; so dropping the other rows keeps memory to the changes, not the audience.
+    Identities are only sent for audiences a user changed in, and an exited user is not in the
+    snapshot; so the other rows are dropped, and memory follows the changes, not the audience.
     """
-    wanted = len(the_plan.entered) + len(the_plan.resend)
-    if wanted >= len(members):
-        return members
-    ids = pa.array(members.index.array)
-    value_set = pa.concat_arrays(
-        [pa.array(i.array, pa.large_string()) for i in (the_plan.entered, the_plan.resend)]
-    )
-    keep = pc.is_in(ids.cast(pa.large_string()), value_set=value_set)
-    trimmed: pd.DataFrame = members[keep.to_numpy(zero_copy_only=False)]
-    return trimmed
+    if the_plan.sent_rows is not None:  # the in-memory diff says where they are
+        rows: pd.DataFrame = members.iloc[the_plan.sent_rows]
+        return rows
+    ids = the_plan.entered.append(the_plan.resend)
+    if len(ids) < len(members):
+        # Hash the few wanted ids rather than every member's: a pushed-down plan's members
+        # are its sent users already, but other callers may hand the whole snapshot.
+        value_set = pa.array(ids.array).cast(pa.large_string())
+        keep = pc.is_in(pa.array(members.index.array).cast(pa.large_string()), value_set)
+        members = members[keep.to_numpy(zero_copy_only=False)]
+    found: pd.DataFrame = members.reindex(ids)
+    return found
 
 
 def load_and_plan(

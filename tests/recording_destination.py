@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from audience_sync.destinations.base import Destination, DestinationSettings
 from audience_sync.errors import AudienceSyncError
-from audience_sync.model import Outcome, UserUpdate
+from audience_sync.model import ChangeBatch, Outcome, UserUpdate
 
 
 class RecordingSettings(DestinationSettings):
@@ -81,3 +81,47 @@ class RecordingDestination(Destination):
         for update in self.delivered:
             result.setdefault(update.user_id, {}).update(update.traits)
         return result
+
+
+class BatchRecordingDestination(Destination):
+    """A destination that takes ``ChangeBatch``es: records each, confirms it whole, or stops
+    the run after ``stop_after`` batches."""
+
+    kind = "batch_recording"
+    settings_model = RecordingSettings
+
+    def __init__(
+        self,
+        name: str = "recording",
+        *,
+        users: int = 2,
+        stop_after: int | None = None,
+        stop_with: BaseException | None = None,
+    ) -> None:
+        super().__init__(
+            RecordingSettings(), name=name, state=sa.create_engine("sqlite://"), config_dir=Path()
+        )
+        self.users = users
+        self.stop_after = stop_after
+        self.stop_with = stop_with or AudienceSyncError("stopped on purpose")
+        self.batches: list[ChangeBatch] = []
+
+    @property
+    def batch_users(self) -> int:
+        return self.users
+
+    async def deliver_batches(self, batches: Iterable[ChangeBatch]) -> AsyncIterator[ChangeBatch]:
+        for batch in batches:
+            if self.stop_after is not None and len(self.batches) >= self.stop_after:
+                raise self.stop_with
+            self.batches.append(batch)
+            yield batch
+
+    def sent(self) -> list[tuple[str, str, bool]]:
+        """(user_id, audience_key, value) of every change confirmed, in order."""
+        return [
+            (u.user_id, c.audience_key, c.value)
+            for b in self.batches
+            for u in b.updates()
+            for c in u.changes
+        ]

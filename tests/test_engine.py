@@ -4,14 +4,13 @@ the state and the history say afterwards, and that nothing unconfirmed ever adva
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from conftest import write_config, write_csv
-from recording_destination import RecordingDestination
+from recording_destination import BatchRecordingDestination, RecordingDestination
 
 from audience_sync import (
     AudienceSyncError,
@@ -418,8 +417,32 @@ def test_sql_snapshot_source(tmp_path: Path, state_url: str):
     engine.dispose()
 
 
-def test_message_ids_are_rfc_4122_uuid5():
-    from audience_sync.engine import MESSAGE_NAMESPACE, message_id
+def test_a_batch_destination_gets_whole_users_and_a_crash_keeps_the_confirmed_batches(
+    setup, state_url
+):
+    path, _ = setup
+    crashing = BatchRecordingDestination(users=1, stop_after=2)
+    with pytest.raises(AudienceSyncError, match="stopped on purpose"):
+        sync(load_config(path), destination=crashing)
+    assert [b.users for b in crashing.batches] == [1, 1]
+    confirmed = {u for u, _, _ in crashing.sent()}
+    assert members(state_url) == {
+        "order_completed_last_30days": confirmed & {"007", "u2", "u3"},
+        "vip_users_eu": confirmed & {"u3", "u5"},
+    }
 
-    for key in ("crisp\x1fvip\x1fu1\x1fTrue\x1f7", "", "é🎉"):
-        assert message_id(key) == str(uuid.uuid5(MESSAGE_NAMESPACE, key))
+    finishing = BatchRecordingDestination(users=3)
+    result = sync(load_config(path), destination=finishing)
+    assert result.exit_code == 0
+    assert {u for u, _, _ in finishing.sent()} == {"007", "u2", "u3", "u5"} - confirmed
+    assert members(state_url) == {
+        "order_completed_last_30days": {"007", "u2", "u3"},
+        "vip_users_eu": {"u3", "u5"},
+    }
+    # u3 is in both audiences: their two changes travel in one batch, next to each other.
+    everything = crashing.sent() + finishing.sent()
+    assert [(a, v) for u, a, v in everything if u == "u3"] == [
+        ("order_completed_last_30days", True),
+        ("vip_users_eu", True),
+    ]
+    assert sum(r.counts["delivered"] for r in result.audiences) == len(finishing.sent())

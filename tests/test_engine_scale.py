@@ -13,7 +13,6 @@ import pytest
 import sqlalchemy as sa
 from conftest import write_config, write_csv
 
-from audience_sync import engine as engine_module
 from audience_sync.config import load_config
 from audience_sync.engine import sync
 from audience_sync.errors import StateError
@@ -61,10 +60,10 @@ def test_a_run_without_changes_writes_only_its_run_rows(tmp_path: Path, state_ur
     assert [tuple(r) for r in runs[2:]] == [("succeeded", 0, 0), ("succeeded", 0, 0)]
 
 
-def test_identities_are_looked_up_per_chunk_without_mixing_users(
-    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("flush_every", [1, 3, 1000])
+def test_each_user_gets_their_own_identity_across_batches(
+    tmp_path: Path, state_url: str, flush_every: int
 ) -> None:
-    monkeypatch.setattr(engine_module, "IDENTITY_CHUNK", 3)  # many chunk boundaries
     users = range(1, 21)
     write_csv(
         tmp_path / "a.csv",
@@ -78,6 +77,7 @@ def test_identities_are_looked_up_per_chunk_without_mixing_users(
         tmp_path / "c.toml",
         state_url=state_url,
         audiences=[{"name": "A", "source": "a.csv"}, {"name": "B", "source": "b.csv"}],
+        destination={"type": "jsonl", "path": "out.jsonl", "flush_every": flush_every},
     )
     assert sync(load_config(config)).exit_code == 0
 

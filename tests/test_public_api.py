@@ -12,6 +12,7 @@ EXPORTED = {
     "AudienceSyncError",
     "CallResult",
     "Change",
+    "ChangeBatch",
     "Config",
     "ConfigError",
     "CredentialsError",

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from audience_sync.state import StateStore, connect, upgrade
 from audience_sync.state.bulk import (
     _MEDIAN_USER_ID,
+    ChangeRows,
     add_members,
     log_changes,
     read_members,
@@ -71,12 +72,13 @@ def test_the_change_log_round_trips_awkward_ids_reasons_and_nulls(state_url: str
     ref = store.audience("jsonl", "bulk", "Bulk")
     run_id = store.start_run(ref, mode="initial", trigger="manual")
     at = datetime(2026, 11, 25, 12, 30, tzinfo=UTC)
-    changes = [
-        {"user_id": u, "trait_key": "bulk", "value": i % 2 == 0, "outcome": "failed", "reason": r}
-        for i, (u, r) in enumerate(zip(AWKWARD, ['a "quoted", reason', "", None] * 3, strict=False))
-    ]
+    changes = ChangeRows(run_id, "bulk")
+    reasons = ['a "quoted", reason', "", None] * 3
+    for i, (u, r) in enumerate(zip(AWKWARD, reasons, strict=False)):
+        changes.append(u, i % 2 == 0, "failed", r)
+    changes.extend(["delivered-1", "cr\r, lf\n"], [True, False], "delivered")
     with engine.begin() as conn:
-        log_changes(conn, at, [(run_id, changes)])
+        log_changes(conn, at, [changes, ChangeRows(run_id, "nothing")])
         add_members(conn, [(ref.id, u) for u in AWKWARD])
     with engine.connect() as conn:
         rows = conn.execute(
@@ -84,7 +86,16 @@ def test_the_change_log_round_trips_awkward_ids_reasons_and_nulls(state_url: str
         ).all()
     engine.dispose()
     got = sorted((r.user_id, r.value, r.reason, r.run_id, r.outcome) for r in rows)
-    want = sorted((c["user_id"], c["value"], c["reason"], run_id, "failed") for c in changes)
+    want = sorted(
+        zip(
+            changes.user_ids,
+            changes.values,
+            changes.reasons,
+            [run_id] * len(changes),
+            changes.outcomes,
+            strict=True,
+        )
+    )
     assert got == want  # an empty reason stays empty, a missing one stays NULL
     stamps = {pd.Timestamp(r.at) for r in rows}  # SQLite returns text, naive UTC
     assert {t.tz_convert(UTC) if t.tzinfo else t.tz_localize(UTC) for t in stamps} == {at}

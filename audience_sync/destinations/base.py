@@ -1,16 +1,24 @@
-"""The interface every destination implements: take per-user updates, hand back per-user outcomes.
+"""The interface every destination implements, in one of two shapes.
 
-It is shaped for a remote, batched, failure-prone API. The engine hands a destination a lazy stream
-of ``UserUpdate`` values; the destination pulls from it as capacity frees up and yields
-``Outcome`` lists *as they are confirmed*. The engine commits each yielded list while later
-requests are still in flight, so a killed run re-sends at most what was not yet recorded. A
-``DestinationError`` is raised only when the whole run must stop (rejected credentials, spent
-quota); outcomes already yielded stand.
+- ``deliver``, per user, for a remote, batched, failure-prone API: the engine hands the
+  destination a lazy stream of ``UserUpdate`` values; the destination pulls from it as capacity
+  frees up and yields ``Outcome`` lists *as they are confirmed*, each user delivered, failed or
+  skipped on their own.
+- ``deliver_batches``, in columns, for a destination that takes many changes at once and confirms
+  them all together (a file, a bulk load): the engine hands it ``ChangeBatch``es (Arrow tables)
+  and it yields each batch back once all of it is confirmed. No Python object per change: at
+  hundreds of thousands of changes that is most of a run's cost.
+
+Either way the engine commits what was confirmed while later work is still in flight, so a
+killed run re-sends at most what was not yet recorded. A ``DestinationError`` is raised only
+when the whole run must stop (rejected credentials, spent quota, a full disk); what was already
+confirmed stands.
 """
 
 from __future__ import annotations
 
 import abc
+import itertools
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -20,7 +28,7 @@ import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
 from audience_sync.errors import DestinationError
-from audience_sync.model import Outcome, UserUpdate
+from audience_sync.model import ChangeBatch, Outcome, UserUpdate
 
 __all__ = ["Call", "Destination", "DestinationSettings", "IdentifyCall", "TrackEvent"]
 
@@ -67,9 +75,9 @@ Call = TrackEvent | IdentifyCall
 class Destination(abc.ABC):
     """A place audience memberships are delivered to.
 
-    Subclasses set ``kind`` (the ``type`` in the config) and ``settings_model``. A destination is
-    an async context manager: resources (files, HTTP clients) are opened in ``__aenter__`` and
-    closed in ``__aexit__``.
+    Subclasses set ``kind`` (the ``type`` in the config) and ``settings_model``, and implement
+    ``deliver`` or ``deliver_batches``. A destination is an async context manager: resources
+    (files, HTTP clients) are opened in ``__aenter__`` and closed in ``__aexit__``.
     """
 
     kind: ClassVar[str]
@@ -118,13 +126,44 @@ class Destination(abc.ABC):
         """
         return None
 
-    @abc.abstractmethod
-    def deliver(self, updates: Iterable[UserUpdate]) -> AsyncGenerator[list[Outcome], None]:
+    @property
+    def batch_users(self) -> int:
+        """Users per ``ChangeBatch`` handed to ``deliver_batches``."""
+        return 5000
+
+    @property
+    def takes_batches(self) -> bool:
+        """Whether the destination implements ``deliver_batches`` (the engine then uses it)."""
+        return type(self).deliver_batches is not Destination.deliver_batches
+
+    async def deliver(self, updates: Iterable[UserUpdate]) -> AsyncGenerator[list[Outcome], None]:
         """Send ``updates`` (a lazy iterable: pull from it as capacity frees up) and yield
         outcomes as they are confirmed, one per update in total.
 
         An update that gets no outcome (the run was stopped) is treated as pending: not sent.
+        A destination that implements only ``deliver_batches`` gets this for free: updates go
+        out in batches of ``batch_users`` and every user of a confirmed batch is delivered.
         """
+        if not self.takes_batches:
+            raise NotImplementedError(f"{type(self).__name__} implements no deliver method")
+        iterator = iter(updates)
+        while True:
+            pending = list(itertools.islice(iterator, self.batch_users))
+            if not pending:
+                return
+            sent = ChangeBatch.from_updates(pending)
+            async for confirmed in self.deliver_batches([sent]):
+                users = dict.fromkeys(confirmed.table.column("user_id").to_pylist())
+                yield [Outcome.delivered(u) for u in users]
+
+    def deliver_batches(self, batches: Iterable[ChangeBatch]) -> AsyncGenerator[ChangeBatch, None]:
+        """Send ``batches`` (a lazy iterable) and yield each one back once every change in it is
+        confirmed, in order; raise ``DestinationError`` when one cannot be.
+
+        For destinations that confirm many changes at once and never refuse a single user.
+        A batch that is not yielded (the run was stopped, or failed) stays pending: not sent.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not take change batches")
 
     async def send_calls(self, calls: Sequence[Call]) -> list[Outcome]:
         """Send Identify and Track calls; one outcome per call, in order.

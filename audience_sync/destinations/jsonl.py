@@ -1,8 +1,12 @@
 """A destination that needs no credentials: Segment-spec Identify messages, one JSON per line.
 
 Each audience change becomes one Identify (as Engage sends them), appended to a file and
-``fsync``-ed before its outcomes are confirmed, so the state never runs ahead of the file.
-Useful for trying audience-sync out, and as a hand-off to any tool that reads Segment messages.
+``fsync``-ed before its batch is confirmed, so the state never runs ahead of the file. Useful
+for trying audience-sync out, and as a hand-off to any tool that reads Segment messages.
+
+The file takes whole batches, so this is a ``deliver_batches`` destination: a batch's lines are
+rendered by one DuckDB query over its Arrow table (JSON escaping in C, on all cores) and written
+straight from the result's buffer, with no Python object per message.
 """
 
 from __future__ import annotations
@@ -16,13 +20,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Self
 
+import duckdb
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
 
+from audience_sync.arrowtext import text_buffers
 from audience_sync.destinations.base import Call, Destination, DestinationSettings, IdentifyCall
 from audience_sync.errors import DestinationError
-from audience_sync.model import Change, Outcome, UserUpdate
+from audience_sync.model import IDENTITY_TRAITS, ChangeBatch, Outcome
 
-__all__ = ["JsonlDestination", "JsonlSettings", "identify_message"]
+__all__ = ["JsonlDestination", "JsonlSettings", "identify_lines"]
 
 
 class JsonlSettings(DestinationSettings):
@@ -30,7 +39,7 @@ class JsonlSettings(DestinationSettings):
     """Output file, relative to the config file's folder; appended to."""
     space_id: str = "audience-sync"
     """Written as ``context.personas.space_id`` (Segment's Engage space)."""
-    flush_every: int = 5000
+    flush_every: int = Field(default=5000, ge=1)
     """Users written between two ``fsync`` calls (each confirms that many users).
 
     Each confirmed block is one state commit: 5,000 (~2 MB of JSON) keeps both the fsyncs and
@@ -45,22 +54,55 @@ def computation_id(audience_key: str) -> str:
     return "aud_" + hashlib.sha1(audience_key.encode()).hexdigest()[:24]
 
 
-def identify_message(
-    update: UserUpdate, change: Change, *, space_id: str, timestamp: str
-) -> dict[str, Any]:
-    """The Segment Identify that Engage would send for one audience change.
+def identify_lines(
+    batch: ChangeBatch, *, space_id: str, timestamp: str, con: duckdb.DuckDBPyConnection
+) -> pa.ChunkedArray:
+    """The Segment Identify that Engage would send for each change of ``batch``, one JSON text
+    per change, each ending in a newline (so the column's buffer is the file's bytes).
 
-    The ``context`` and ``integrations`` parts are shared between messages (read-only).
+    ``traits`` holds the user's known identity traits and the audience's trait; ``context`` says
+    which audience (computation) it came from, as Engage's ``context.personas`` does.
     """
-    return {
-        "type": "identify",
-        "userId": update.user_id,
-        "traits": {**update.identity.traits(), change.audience_key: change.value},
-        "context": _context(change.audience_key, space_id),
-        "messageId": change.message_id,
-        "timestamp": timestamp,
-        "integrations": _INTEGRATIONS,
+    table = batch.table
+    keys = table.column("audience_key").combine_chunks()
+    audiences = keys.dictionary.to_pylist()
+    # Per audience, not per change: the JSON of its trait key and of its context.
+    trait = pa.array([orjson.dumps(k).decode() for k in audiences], pa.string())
+    context = pa.array(
+        [orjson.dumps(_context(k, space_id)).decode() for k in audiences], pa.string()
+    )
+    columns: dict[str, Any] = {
+        "user_id": table.column("user_id"),
+        "value": table.column("value"),
+        "message_id": table.column("message_id"),
+        "trait": trait.take(keys.indices),
+        "context": context.take(keys.indices),
     }
+    for name in IDENTITY_TRAITS:
+        values = table.column(name)
+        if name in audiences:  # an audience whose key is `email` (say): its value wins
+            values = pc.if_else(pc.equal(keys.indices, audiences.index(name)), None, values)
+        columns[name] = values
+    con.register("batch", pa.table(columns))
+    try:
+        return con.sql(_IDENTIFY_SQL, params=[_tail(timestamp)]).to_arrow_table().column("line")
+    finally:
+        con.unregister("batch")
+
+
+# `concat` skips NULL arguments and `'"email":' || NULL` is NULL: unknown traits are left out.
+_IDENTIFY_SQL = (
+    """SELECT concat('{"type":"identify","userId":', to_json(user_id), ',"traits":{', """
+    + ", ".join(f"""'"{t}":' || to_json({t}) || ','""" for t in IDENTITY_TRAITS)
+    + """, trait, CASE WHEN value THEN ':true' ELSE ':false' END, '},"context":', context, """
+    + """',"messageId":', to_json(message_id), $1) AS line FROM batch"""
+)
+
+
+def _tail(timestamp: str) -> str:
+    """The end of every line of a run: its timestamp and the integrations."""
+    end = orjson.dumps({"timestamp": timestamp, "integrations": _INTEGRATIONS}).decode()
+    return "," + end[1:] + "\n"
 
 
 _INTEGRATIONS: dict[str, bool] = {"All": False, "Crisp": True}
@@ -83,6 +125,12 @@ def _context(audience_key: str, space_id: str) -> dict[str, Any]:
 def encode_line(message: dict[str, Any]) -> bytes:
     # orjson: about 8x the standard library's encoder, which matters at 100,000s of messages.
     return orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def _bytes_of(text: pa.Array) -> memoryview:
+    """The bytes of all of a string array's values, back to back (its data buffer's span)."""
+    offsets, data = text_buffers(text)
+    return memoryview(data[int(offsets[0]) : int(offsets[-1])].data)
 
 
 def _drop_torn_line(path: Path) -> None:
@@ -145,7 +193,7 @@ class JsonlDestination(Destination):
         if self.settings.fsync:
             os.fsync(self._file.fileno())
 
-    def _write(self, lines: list[bytes]) -> None:
+    def _write(self, lines: Sequence[bytes | memoryview]) -> None:
         assert self._file is not None, "use the destination as an async context manager"
         try:
             self._file.writelines(lines)
@@ -153,31 +201,31 @@ class JsonlDestination(Destination):
         except OSError as exc:
             raise DestinationError(f"cannot write to {self.path}: {exc.strerror}") from None
 
+    @property
+    def batch_users(self) -> int:
+        return self.settings.flush_every
+
     async def pace(self, n: int) -> None:
         """Called before the ``n``-th user (from 0) when a subclass overrides it (tests slow
-        delivery down this way); the plain destination skips the call on its hot path."""
+        delivery down this way); the plain destination skips the call."""
 
-    async def deliver(self, updates: Iterable[UserUpdate]) -> AsyncGenerator[list[Outcome], None]:
+    async def deliver_batches(
+        self, batches: Iterable[ChangeBatch]
+    ) -> AsyncGenerator[ChangeBatch, None]:
         timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-        lines: list[bytes] = []
-        confirmed: list[Outcome] = []
         paced = type(self).pace is not JsonlDestination.pace
-        for n, update in enumerate(updates):
-            if paced:
-                await self.pace(n)
-            for change in update.changes:
-                message = identify_message(
-                    update, change, space_id=self.settings.space_id, timestamp=timestamp
+        users = 0
+        with duckdb.connect(":memory:") as con:
+            for batch in batches:
+                if paced:
+                    for n in range(users, users + batch.users):
+                        await self.pace(n)
+                users += batch.users
+                lines = identify_lines(
+                    batch, space_id=self.settings.space_id, timestamp=timestamp, con=con
                 )
-                lines.append(encode_line(message))
-            confirmed.append(Outcome.delivered(update.user_id))
-            if len(confirmed) >= self.settings.flush_every:
-                self._write(lines)
-                yield confirmed
-                lines, confirmed = [], []
-        if confirmed:
-            self._write(lines)
-            yield confirmed
+                self._write([_bytes_of(chunk) for chunk in lines.chunks])
+                yield batch
 
     async def send_calls(self, calls: Sequence[Call]) -> list[Outcome]:
         timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")

@@ -10,12 +10,15 @@ row-by-row ORM reads or multi-row ``INSERT`` statements (see docs/scale.md).
 from __future__ import annotations
 
 import io
+import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import sqlalchemy as sa
@@ -23,6 +26,7 @@ import sqlalchemy as sa
 from audience_sync.state.schema import sync_changes, sync_members
 
 __all__ = [
+    "ChangeRows",
     "Membership",
     "add_members",
     "log_changes",
@@ -204,26 +208,70 @@ def remove_members(conn: sa.Connection, rows: Sequence[Membership]) -> None:
         cursor.close()
 
 
-def log_changes(
-    conn: sa.Connection, at: datetime, changes: Sequence[tuple[int, Sequence[dict[str, Any]]]]
-) -> None:
-    """Append ``sync_changes`` rows: per run id, its changes (``user_id``, ``trait_key``, ...)."""
-    if not changes:
+@dataclass(slots=True)
+class ChangeRows:
+    """``sync_changes`` rows of one run (one trait), column by column: no dict per row."""
+
+    run_id: int
+    trait_key: str
+    user_ids: list[str] = field(default_factory=list)
+    values: list[bool] = field(default_factory=list)
+    outcomes: list[str] = field(default_factory=list)
+    reasons: list[str | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def append(self, user_id: str, value: bool, outcome: str, reason: str | None) -> None:
+        self.user_ids.append(user_id)
+        self.values.append(value)
+        self.outcomes.append(outcome)
+        self.reasons.append(reason)
+
+    def extend(self, user_ids: list[str], values: list[bool], outcome: str) -> None:
+        """Many rows with the same outcome and no reason (a confirmed batch)."""
+        self.user_ids.extend(user_ids)
+        self.values.extend(values)
+        self.outcomes.extend([outcome] * len(user_ids))
+        self.reasons.extend([None] * len(user_ids))
+
+
+def log_changes(conn: sa.Connection, at: datetime, logs: Sequence[ChangeRows]) -> None:
+    """Append ``sync_changes`` rows, for any number of runs, in one statement."""
+    logs = [log for log in logs if len(log)]
+    if not logs:
         return
     pg = _postgres(conn)
     if pg is not None:
-        rows = [(run_id, c) for run_id, batch in changes for c in batch]
+        sizes = [len(log) for log in logs]
         columns: dict[str, Any] = {
-            "run_id": pa.array([run_id for run_id, _ in rows], pa.int32()),
-            **{
-                name: pa.array([c[name] for _, c in rows])
-                for name in ("user_id", "trait_key", "value", "outcome", "reason")
-            },
-            "at": pa.repeat(pa.scalar(at.isoformat()), len(rows)),
+            "run_id": pa.array(np.repeat([log.run_id for log in logs], sizes), pa.int32()),
+            "user_id": _joined(log.user_ids for log in logs),
+            "trait_key": pa.array(np.repeat([log.trait_key for log in logs], sizes)),
+            "value": pa.array(list(itertools.chain.from_iterable(log.values for log in logs))),
+            "outcome": _joined(log.outcomes for log in logs),
+            "reason": _joined(log.reasons for log in logs),
+            "at": pa.repeat(pa.scalar(at.isoformat()), sum(sizes)),
         }
         _copy_csv(pg, "sync_changes", pa.table(columns))
         return
     conn.execute(
         sync_changes.insert(),
-        [{"run_id": run_id, "at": at, **c} for run_id, rows in changes for c in rows],
+        [
+            {
+                "run_id": log.run_id,
+                "trait_key": log.trait_key,
+                "at": at,
+                "user_id": u,
+                "value": v,
+                "outcome": o,
+                "reason": r,
+            }
+            for log in logs
+            for u, v, o, r in zip(log.user_ids, log.values, log.outcomes, log.reasons, strict=True)
+        ],
     )
+
+
+def _joined(lists: Iterable[list[str] | list[str | None]]) -> pa.Array:
+    return pa.concat_arrays([pa.array(values, pa.string()) for values in lists])

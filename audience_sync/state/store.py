@@ -170,14 +170,19 @@ class Applied:
 
     audience_id: int
     run_id: int
+    trait_key: str
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     pending: list[dict[str, Any]] = field(default_factory=list)
     cleared: list[str] = field(default_factory=list)
-    changes: list[dict[str, Any]] = field(default_factory=list)
+    changes: bulk.ChangeRows = field(init=False)
+    """The change log's rows (kept empty when the change log is off)."""
     delivered: int = 0
     failed: int = 0
     skipped: int = 0
+
+    def __post_init__(self) -> None:
+        self.changes = bulk.ChangeRows(self.run_id, self.trait_key)
 
 
 def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
@@ -363,7 +368,7 @@ class StateStore:
                             for p in b.pending
                         ],
                     )
-            bulk.log_changes(conn, now, [(b.run_id, b.changes) for b in batches if b.changes])
+            bulk.log_changes(conn, now, [b.changes for b in batches])
             counted = [b for b in batches if b.delivered or b.failed or b.skipped]
             if counted:
                 runs = sync_runs.c

@@ -1,0 +1,316 @@
+"""The run's changes, between the diff and the destination.
+
+All audiences of a run are planned first; this stage turns their plans into one table of
+changes, one row per (user, audience), sorted by user so that each user's changes across
+audiences are adjacent (a destination sends them as one update). It settles what the retry
+queue says about them (a re-sent change keeps its first ``messageId``; a permanent failure is
+held until the user's data changes) and hands the changes out in ``ChangeBatch``es, with each
+user's identity and each change's Segment ``messageId``.
+
+Everything per change is vectorised (Arrow, NumPy, DuckDB's ``sha1``): a run with 1% churn on
+20M memberships has 400,000 changes, and a Python loop over them costs seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from audience_sync.arrowtext import text_buffers
+from audience_sync.diff import Plan
+from audience_sync.model import (
+    BATCH_SCHEMA,
+    IDENTITY_TRAITS,
+    ChangeBatch,
+    DeliveryStatus,
+    Identity,
+)
+
+__all__ = [
+    "MESSAGE_NAMESPACE",
+    "AudienceChanges",
+    "RunChanges",
+    "input_hash",
+    "message_id",
+    "message_ids",
+]
+
+#: Namespace of the deterministic Segment ``messageId`` of a change.
+MESSAGE_NAMESPACE = uuid.UUID("6f1c3a52-3c1e-4bd4-9a8e-5d2b7f0c9e11")
+
+
+def message_id(key: str) -> str:
+    """``str(uuid.uuid5(MESSAGE_NAMESPACE, key))``: the ``messageId`` of one change."""
+    return str(uuid.uuid5(MESSAGE_NAMESPACE, key))
+
+
+def message_ids(keys: pa.Array | pa.ChunkedArray, con: duckdb.DuckDBPyConnection) -> pa.Array:
+    """``message_id`` of every key at once: SHA-1 in DuckDB (on all cores), the UUID text
+    written by NumPy into one Arrow buffer. 400,000 ids in about 0.1 s, a third of a Python loop.
+    """
+    n = len(keys)
+    if n == 0:
+        return pa.array([], pa.string())
+    table = pa.table({"k": keys})
+    con.register("message_keys", table)
+    try:
+        hexes = (
+            con.sql(f"SELECT sha1({_NAMESPACE_BLOB} || encode(k)) AS d FROM message_keys")
+            .to_arrow_table()
+            .column("d")
+            .combine_chunks()
+        )
+    finally:
+        con.unregister("message_keys")
+    return _uuid_text(_hex_matrix(hexes, 40))
+
+
+_NAMESPACE_BLOB = f"from_hex('{MESSAGE_NAMESPACE.hex}')"
+_DASH = ord("-")
+# The RFC 4122 variant keeps a digest nibble's two low bits under the high bits 10: 0-3 -> 8-b.
+_VARIANT = np.zeros(256, dtype=np.uint8)
+for _digit in "0123456789abcdef":
+    _VARIANT[ord(_digit)] = ord(format((int(_digit, 16) & 0x3) | 0x8, "x"))
+
+
+def _hex_matrix(hexes: pa.Array, width: int) -> np.ndarray:
+    """Fixed-width ASCII strings as an ``(n, width)`` byte matrix, without copying."""
+    offsets, data = text_buffers(hexes)
+    start = int(offsets[0])
+    assert hexes.null_count == 0 and int(offsets[-1]) - start == width * len(hexes)
+    return data[start : start + width * len(hexes)].reshape(len(hexes), width)
+
+
+def _uuid_text(digest: np.ndarray) -> pa.Array:
+    """Version-5 UUIDs in their 36-character form from SHA-1 hex digests (rows of ``digest``)."""
+    n = len(digest)
+    out = np.empty((n, 36), dtype=np.uint8)
+    out[:, 0:8] = digest[:, 0:8]
+    out[:, 8] = _DASH
+    out[:, 9:13] = digest[:, 8:12]
+    out[:, 13] = _DASH
+    out[:, 14] = ord("5")  # the version nibble
+    out[:, 15:18] = digest[:, 13:16]
+    out[:, 18] = _DASH
+    out[:, 19] = _VARIANT[digest[:, 16]]
+    out[:, 20:23] = digest[:, 17:20]
+    out[:, 23] = _DASH
+    out[:, 24:36] = digest[:, 20:32]
+    offsets = np.arange(0, 36 * (n + 1), 36, dtype=np.int32)
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(out)])
+
+
+def input_hash(value: bool, identity: Identity) -> str:
+    """Fingerprint of what a change sends: a held failure is retried once it changes."""
+    text = "\x1f".join([str(value), *(getattr(identity, k) or "" for k in IDENTITY_TRAITS)])
+    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class AudienceChanges:
+    """One audience's part of a run.
+
+    ``identities`` holds the identity traits the snapshot gives (a subset of
+    ``IDENTITY_TRAITS``), one row per user the plan sends ``true``: ``plan.entered``, then
+    ``plan.resend``, in that order. ``retry`` is the audience's retry queue, indexed by user id.
+    """
+
+    key: str
+    name: str
+    run_id: int
+    plan: Plan
+    identities: pd.DataFrame
+    retry: pd.DataFrame
+
+
+class RunChanges:
+    """Every change of one run, sorted by user, handed out in batches of whole users.
+
+    Built once all audiences are planned. A change whose user waits in the retry queue after a
+    permanent failure (``retryable`` false) is *held*, not sent, while the user's data is what
+    failed, unless ``retry_failed``; ``held`` counts them per audience.
+    """
+
+    def __init__(
+        self, destination: str, audiences: Sequence[AudienceChanges], *, retry_failed: bool
+    ) -> None:
+        self.audiences = tuple(audiences)
+        self.held = [0] * len(self.audiences)
+        table = _sorted_changes(self.audiences)
+        planned_users = len(_user_ends(table.column("user_id")))
+        table = self._settle_retries(table, retry_failed)
+        self._table = table
+        self._ids = table.column("user_id")
+        self._user_ends = _user_ends(self._ids)
+        self.changes = table.num_rows
+        #: Users to send to, and users none of whose changes are sent (all held).
+        self.users = len(self._user_ends)
+        self.held_users = planned_users - self.users
+        # Per audience: the key of its message ids is prefix + user_id + suffix[value].
+        self._prefixes = pa.array(
+            [f"{destination}\x1f{a.key}\x1f" for a in self.audiences], pa.string()
+        )
+        self._suffixes = pa.array(
+            [f"\x1f{value}\x1f{a.run_id}" for a in self.audiences for value in (False, True)],
+            pa.string(),
+        )
+        self._keys = pa.array([a.key for a in self.audiences], pa.string())
+        self._names = pa.array([a.name for a in self.audiences], pa.string())
+
+    def _settle_retries(self, table: pa.Table, retry_failed: bool) -> pa.Table:
+        """Held changes out; the ``retry_message_id`` column for re-sent changes that keep theirs.
+
+        The retry queue is small (the users a destination refused), so its rows are looked at
+        one by one; the other changes are only matched against it, in bulk.
+        """
+        held = np.zeros(table.num_rows, dtype=bool)
+        kept_ids: list[str | None] = [None] * table.num_rows
+        any_kept = False
+        audience = table.column("audience").to_numpy()
+        for i, a in enumerate(self.audiences):
+            if a.retry.empty:
+                continue
+            queued = pc.is_in(table.column("user_id"), value_set=pa.array(a.retry.index.array))
+            rows = np.flatnonzero(queued.to_numpy(zero_copy_only=False) & (audience == i))
+            for r in rows.tolist():
+                row = table.slice(r, 1).to_pylist()[0]
+                entry = a.retry.loc[row["user_id"]]
+                identity = Identity(*(row[t] for t in IDENTITY_TRAITS))
+                if not retry_failed and _is_held(entry, row["value"], identity):
+                    held[r] = True
+                    self.held[i] += 1
+                else:
+                    kept_ids[r] = str(entry["message_id"])
+                    any_kept = True
+        if any_kept:
+            table = table.append_column("retry_message_id", pa.array(kept_ids, pa.string()))
+        if held.any():
+            table = table.filter(pa.array(~held))
+        return table
+
+    def batches(self, users: int) -> Iterator[ChangeBatch]:
+        """The changes in batches of at most ``users`` users each (a user is never split)."""
+        if self.users == 0:
+            return
+        with duckdb.connect(":memory:") as con:
+            for first in range(0, self.users, users):
+                last = min(first + users, self.users)
+                start = int(self._user_ends[first - 1]) if first else 0
+                end = int(self._user_ends[last - 1])
+                yield self._batch(self._table.slice(start, end - start), last - first, con)
+
+    def _batch(self, rows: pa.Table, users: int, con: duckdb.DuckDBPyConnection) -> ChangeBatch:
+        audience = rows.column("audience").combine_chunks()
+        value = rows.column("value").combine_chunks()
+        user_id = rows.column("user_id").cast(pa.string()).combine_chunks()
+        suffix_at = pc.add(pc.multiply(audience, 2), pc.cast(value, pa.int32()))
+        keys = pc.binary_join_element_wise(
+            self._prefixes.take(audience), user_id, self._suffixes.take(suffix_at), ""
+        )
+        ids = message_ids(keys, con)
+        if "retry_message_id" in rows.column_names:
+            ids = pc.coalesce(rows.column("retry_message_id").combine_chunks(), ids)
+        columns = {
+            "user_id": user_id,
+            "audience_key": pa.DictionaryArray.from_arrays(audience, self._keys),
+            "audience_name": pa.DictionaryArray.from_arrays(audience, self._names),
+            "value": value,
+            "message_id": ids,
+            **{t: rows.column(t).cast(pa.string()).combine_chunks() for t in IDENTITY_TRAITS},
+        }
+        return ChangeBatch(pa.Table.from_pydict(columns, schema=BATCH_SCHEMA), users)
+
+
+def _is_held(entry: pd.Series, value: bool, identity: Identity) -> bool:
+    """Whether a queued permanent failure still stands: same change, same data."""
+    if entry["retryable"] or entry["status"] != DeliveryStatus.FAILED.value:
+        return False
+    return bool(entry["input_hash"] == input_hash(value, identity))
+
+
+def _sorted_changes(audiences: Sequence[AudienceChanges]) -> pa.Table:
+    """One row per change (``user_id``, ``audience``, ``value``, identity traits), sorted by
+    user and then audience; a user's identity is on each of their rows, each trait from the
+    first audience (in config order) whose snapshot has it."""
+    parts = []
+    for i, a in enumerate(audiences):
+        p = a.plan
+        sends = len(p.entered) + len(p.resend)
+        for ids, value, identities in (
+            (_concat_ids(p.entered, p.resend), True, a.identities),
+            (_concat_ids(p.exited), False, None),
+        ):
+            n = len(ids)
+            if n == 0:
+                continue
+            assert identities is None or len(identities) == sends
+            columns = {
+                "user_id": ids,
+                "audience": pa.array(np.full(n, i, dtype=np.int32)),
+                "value": pa.array(np.full(n, value)),
+            }
+            for t in IDENTITY_TRAITS:
+                if identities is not None and t in identities.columns:
+                    columns[t] = pa.array(identities[t].array).cast(pa.large_string())
+                else:
+                    columns[t] = pa.nulls(n, pa.large_string())
+            parts.append(pa.table(columns))
+    if not parts:
+        return pa.table(
+            {
+                "user_id": pa.array([], pa.large_string()),
+                "audience": pa.array([], pa.int32()),
+                "value": pa.array([], pa.bool_()),
+                **{t: pa.array([], pa.large_string()) for t in IDENTITY_TRAITS},
+            }
+        )
+    table = pa.concat_tables(parts).combine_chunks()
+    order = pc.sort_indices(table, [("user_id", "ascending"), ("audience", "ascending")])
+    table = table.take(order)
+    return _share_identities(table)
+
+
+def _concat_ids(*indexes: pd.Index) -> pa.Array:
+    arrays = [pa.array(ix.array).cast(pa.large_string()) for ix in indexes if len(ix)]
+    if not arrays:
+        return pa.array([], pa.large_string())
+    return pa.concat_arrays(
+        [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays]
+    )
+
+
+def _user_ends(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Row positions where each user's rows end (``ids`` sorted by user)."""
+    n = len(ids)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    changed = pc.not_equal(ids.slice(1), ids.slice(0, n - 1))
+    return np.append(np.flatnonzero(changed.to_numpy(zero_copy_only=False)) + 1, n)
+
+
+def _share_identities(table: pa.Table) -> pa.Table:
+    """Give every row of a user the user's identity: per trait, the first non-null value among
+    the user's rows (rows are in audience order). Exited rows carry none of their own."""
+    ends = _user_ends(table.column("user_id"))
+    if len(ends) == table.num_rows:  # one row per user: nothing to share
+        return table
+    starts = np.concatenate([[0], ends[:-1]])
+    group = np.repeat(np.arange(len(ends)), np.diff(np.concatenate([[0], ends])))
+    n = table.num_rows
+    for t in IDENTITY_TRAITS:
+        column = table.column(t).combine_chunks()
+        if column.null_count in (0, n):
+            continue  # every row knows it, or none does
+        valid = column.is_valid().to_numpy(zero_copy_only=False)
+        first_valid = np.minimum.reduceat(np.where(valid, np.arange(n), n), starts)[group]
+        picked = pa.array(first_valid, mask=first_valid == n)
+        table = table.set_column(table.schema.get_field_index(t), t, column.take(picked))
+    return table
