@@ -6,6 +6,7 @@ import logging
 from datetime import UTC, datetime
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import sqlalchemy as sa
 
@@ -43,6 +44,10 @@ def test_every_read_path_round_trips_awkward_ids(state_url: str) -> None:
     else:
         assert arrow is None  # SQLite reads through its own driver
     assert sorted(store.members(ref.id)) == sorted(AWKWARD)
+    empty = store.audience("jsonl", "empty", "Empty")
+    with engine.connect() as conn:
+        nothing = read_members(conn, empty.id)
+    assert nothing.type == pa.large_string() and len(nothing) == 0
     if engine.dialect.name == "postgresql":
         # With statistics, ADBC reads two halves split at the median id, on two connections.
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
