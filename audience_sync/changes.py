@@ -168,30 +168,50 @@ class RunChanges:
     def _settle_retries(self, table: pa.Table, retry_failed: bool) -> pa.Table:
         """Held changes out; the ``retry_message_id`` column for re-sent changes that keep theirs.
 
-        The retry queue is small (the users a destination refused), so its rows are looked at
-        one by one; the other changes are only matched against it, in bulk.
+        Only the changes of queued users are looked at one by one (the queue holds the users a
+        destination refused: usually few, 100,000s after an outage); the rest are only matched
+        against the queue, in bulk.
         """
         held = np.zeros(table.num_rows, dtype=bool)
-        kept_ids: list[str | None] = [None] * table.num_rows
-        any_kept = False
+        kept_ids: dict[int, str] = {}
         audience = table.column("audience").to_numpy()
         for i, a in enumerate(self.audiences):
             if a.retry.empty:
                 continue
             queued = pc.is_in(table.column("user_id"), value_set=pa.array(a.retry.index.array))
             rows = np.flatnonzero(queued.to_numpy(zero_copy_only=False) & (audience == i))
-            for r in rows.tolist():
-                row = table.slice(r, 1).to_pylist()[0]
-                entry = a.retry.loc[row["user_id"]]
-                identity = Identity(*(row[t] for t in IDENTITY_TRAITS))
-                if not retry_failed and _is_held(entry, row["value"], identity):
+            if not len(rows):
+                continue
+            picked = table.take(pa.array(rows))
+            users = picked.column("user_id").to_pylist()
+            entries = a.retry.reindex(users)
+            columns = zip(
+                rows.tolist(),
+                picked.column("value").to_pylist(),
+                *(picked.column(t).to_pylist() for t in IDENTITY_TRAITS),
+                entries["message_id"].tolist(),
+                entries["retryable"].tolist(),
+                entries["status"].tolist(),
+                entries["input_hash"].tolist(),
+                strict=True,
+            )
+            for r, value, *traits, first_id, retryable, status, fingerprint in columns:
+                permanent = not retryable and status == DeliveryStatus.FAILED.value
+                # Held while the user's data is what failed; retried once it changes.
+                if (
+                    permanent
+                    and not retry_failed
+                    and fingerprint == input_hash(value, Identity(*traits))
+                ):
                     held[r] = True
                     self.held[i] += 1
                 else:
-                    kept_ids[r] = str(entry["message_id"])
-                    any_kept = True
-        if any_kept:
-            table = table.append_column("retry_message_id", pa.array(kept_ids, pa.string()))
+                    kept_ids[r] = str(first_id)
+        if kept_ids:
+            column: list[str | None] = [None] * table.num_rows
+            for r, first_id in kept_ids.items():
+                column[r] = first_id
+            table = table.append_column("retry_message_id", pa.array(column, pa.string()))
         if held.any():
             table = table.filter(pa.array(~held))
         return table
@@ -227,13 +247,6 @@ class RunChanges:
             **{t: rows.column(t).cast(pa.string()).combine_chunks() for t in IDENTITY_TRAITS},
         }
         return ChangeBatch(pa.Table.from_pydict(columns, schema=BATCH_SCHEMA), users)
-
-
-def _is_held(entry: pd.Series, value: bool, identity: Identity) -> bool:
-    """Whether a queued permanent failure still stands: same change, same data."""
-    if entry["retryable"] or entry["status"] != DeliveryStatus.FAILED.value:
-        return False
-    return bool(entry["input_hash"] == input_hash(value, identity))
 
 
 def _sorted_changes(audiences: Sequence[AudienceChanges]) -> pa.Table:

@@ -67,7 +67,8 @@ __all__ = ["AudienceResult", "SyncResult", "open_destination", "sync"]
 
 log = logging.getLogger("audience_sync")
 
-#: Commits running at once on PostgreSQL (SQLite takes one writer at a time).
+#: Commits running at once for a batch destination on PostgreSQL (SQLite takes one writer at
+#: a time): each is a few bulk statements one server process works through on one core.
 COMMITS_IN_FLIGHT = 2
 #: Users per batch of changes prepared for a destination that takes updates one user at a time.
 UPDATE_BATCH = 10_000
@@ -144,8 +145,11 @@ class _Run:
         self.by_key: dict[str, _AudienceRun] = {}
         self.done = 0
         self.held_users = 0
+        # Commits at once: see _commit_behind. Per-user destinations are paced by a remote API,
+        # never by the database, and their at-most-re-sent bound assumes one commit at a time.
         postgres = store.engine.dialect.name == "postgresql"
-        self._commits_in_flight = COMMITS_IN_FLIGHT if postgres else 1
+        parallel = postgres and destination.takes_batches
+        self._commits_in_flight = COMMITS_IN_FLIGHT if parallel else 1
 
     # -- planning --------------------------------------------------------------------------
 
@@ -422,12 +426,12 @@ class _Run:
     async def _commit_behind(self, running: list[asyncio.Task[None]]) -> None:
         """Commit the outcomes recorded so far in the background, beside earlier commits.
 
-        So the destination delivers the next batch while the database commits this one, and on
-        PostgreSQL up to ``COMMITS_IN_FLIGHT`` commits run at once on their own connections
-        (each is a few bulk statements the server works through on one core; batches never
-        share a user, so they commit in any order). A run killed at any moment re-sends at most
-        the batches being committed and the one being delivered, never what a finished commit
-        recorded. A failed commit raises here.
+        So the destination delivers the next batch while the database commits this one, and a
+        batch destination on PostgreSQL has up to ``COMMITS_IN_FLIGHT`` commits at once, on
+        connections of their own (batches never share a user, so they may commit in any order;
+        their counter updates queue on the run rows' locks, always taken in the same order). A
+        run killed at any moment re-sends at most the batches being committed and the one being
+        delivered, never what a finished commit recorded. A failed commit raises here.
         """
         if len(running) >= self._commits_in_flight:
             await running.pop(0)
