@@ -142,11 +142,11 @@ class RunChanges:
     def __init__(
         self, destination: str, audiences: Sequence[AudienceChanges], *, retry_failed: bool
     ) -> None:
-        self.audiences = tuple(audiences)
-        self.held = [0] * len(self.audiences)
-        table = _sorted_changes(self.audiences)
+        # Only names and counts are kept: the plans' identity frames are in the table now.
+        self.held = [0] * len(audiences)
+        table = _sorted_changes(audiences)
         planned_users = len(_user_ends(table.column("user_id")))
-        table = self._settle_retries(table, retry_failed)
+        table = self._settle_retries(table, audiences, retry_failed)
         self._table = table
         self._ids = table.column("user_id")
         self._user_ends = _user_ends(self._ids)
@@ -155,17 +155,17 @@ class RunChanges:
         self.users = len(self._user_ends)
         self.held_users = planned_users - self.users
         # Per audience: the key of its message ids is prefix + user_id + suffix[value].
-        self._prefixes = pa.array(
-            [f"{destination}\x1f{a.key}\x1f" for a in self.audiences], pa.string()
-        )
+        self._prefixes = pa.array([f"{destination}\x1f{a.key}\x1f" for a in audiences], pa.string())
         self._suffixes = pa.array(
-            [f"\x1f{value}\x1f{a.run_id}" for a in self.audiences for value in (False, True)],
+            [f"\x1f{value}\x1f{a.run_id}" for a in audiences for value in (False, True)],
             pa.string(),
         )
-        self._keys = pa.array([a.key for a in self.audiences], pa.string())
-        self._names = pa.array([a.name for a in self.audiences], pa.string())
+        self._keys = pa.array([a.key for a in audiences], pa.string())
+        self._names = pa.array([a.name for a in audiences], pa.string())
 
-    def _settle_retries(self, table: pa.Table, retry_failed: bool) -> pa.Table:
+    def _settle_retries(
+        self, table: pa.Table, audiences: Sequence[AudienceChanges], retry_failed: bool
+    ) -> pa.Table:
         """Held changes out; the ``retry_message_id`` column for re-sent changes that keep theirs.
 
         Only the changes of queued users are looked at one by one (the queue holds the users a
@@ -175,7 +175,7 @@ class RunChanges:
         held = np.zeros(table.num_rows, dtype=bool)
         kept_ids: dict[int, str] = {}
         audience = table.column("audience").to_numpy()
-        for i, a in enumerate(self.audiences):
+        for i, a in enumerate(audiences):
             if a.retry.empty:
                 continue
             queued = pc.is_in(table.column("user_id"), value_set=pa.array(a.retry.index.array))
