@@ -144,7 +144,6 @@ class _Run:
         self.runs: list[_AudienceRun] = []
         self.by_key: dict[str, _AudienceRun] = {}
         self.done = 0
-        self.held_users = 0
         # Commits at once: see _commit_behind. Per-user destinations are paced by a remote API,
         # never by the database, and their at-most-re-sent bound assumes one commit at a time.
         postgres = store.engine.dialect.name == "postgresql"
@@ -324,7 +323,6 @@ class _Run:
             run.held_failed = held
             run.counts["pending"] -= held
             run.identities = run.identities.iloc[:0]  # in the changes now; free the memory
-        self.held_users = changes.held_users
         return changes
 
     # -- recording outcomes ------------------------------------------------------------------
@@ -480,13 +478,15 @@ class _Run:
                 failures = [t.exception() for t in committing if not t.cancelled()]
                 failed_commit = next((e for e in failures if e is not None), None)
             self.commit()  # whatever was confirmed is recorded, however delivery ended
-            if total:
+            if total or changes.held_users:
+                held = changes.held_users
                 log.info(
-                    "destination=%s confirmed %d of %d users in %.2fs",
+                    "destination=%s confirmed %d of %d users in %.2fs%s",
                     self.destination.name,
                     self.done,
                     total,
                     time.perf_counter() - started,
+                    f"; {held} held after a permanent failure (--retry-failed)" if held else "",
                 )
             if failed_commit is not None:
                 raise failed_commit
