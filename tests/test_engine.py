@@ -446,3 +446,31 @@ def test_a_batch_destination_gets_whole_users_and_a_crash_keeps_the_confirmed_ba
         ("vip_users_eu", True),
     ]
     assert sum(r.counts["delivered"] for r in result.audiences) == len(finishing.sent())
+
+
+def test_per_user_and_batch_destinations_are_sent_the_same_changes(setup, state_url):
+    path, csvs = setup
+
+    def sent_per_user(dest: RecordingDestination) -> set[tuple]:
+        return {
+            (u.user_id, c.audience_key, c.value, u.identity)
+            for u in dest.updates
+            for c in u.changes
+        }
+
+    def sent_in_batches(dest: BatchRecordingDestination) -> set[tuple]:
+        return {
+            (u.user_id, c.audience_key, c.value, u.identity)
+            for b in dest.batches
+            for u in b.updates()
+            for c in u.changes
+        }
+
+    for day in (DAY1, DAY2 + "u6,,Nameless\n"):
+        write_csv(csvs["orders"], day)
+        per_user = RecordingDestination("per-user")
+        batches = BatchRecordingDestination("batches", users=2)
+        assert sync(load_config(path), destination=per_user).exit_code == 0
+        assert sync(load_config(path), destination=batches).exit_code == 0
+        assert sent_per_user(per_user) == sent_in_batches(batches) != set()
+        assert members(state_url, "per-user") == members(state_url, "batches")
