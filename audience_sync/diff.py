@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from audience_sync.arrowtext import arrow_text
+
 __all__ = ["Plan", "has_repeated", "members_repeat", "plan"]
 
 _EMPTY = pd.Index([], dtype="string[pyarrow]")
@@ -81,7 +83,7 @@ def has_repeated(ids: pd.Index | pd.Series) -> bool:
     """
     if len(ids) < 2:
         return False
-    table = pa.table({"u": _as_arrow(ids)})
+    table = pa.table({"u": arrow_text(ids)})
     with duckdb.connect(":memory:") as con:
         con.register("ids", table)
         found = con.sql("SELECT 1 AS found FROM ids GROUP BY u HAVING count(*) > 1 LIMIT 1")
@@ -119,14 +121,4 @@ def _anti_joins(members: pd.Index, synced: pd.Index) -> tuple[np.ndarray, np.nda
 
 
 def _positions_table(ids: pd.Index) -> pa.Table:
-    return pa.table({"u": _as_arrow(ids), "i": pa.array(np.arange(len(ids), dtype=np.int64))})
-
-
-def _as_arrow(ids: pd.Index | pd.Series) -> pa.ChunkedArray | pa.Array:
-    """The ids as Arrow text; zero copy for pyarrow-backed strings."""
-    array = pa.array(ids.array) if not isinstance(ids.dtype, np.dtype) else None
-    if array is None or not (
-        pa.types.is_string(array.type) or pa.types.is_large_string(array.type)
-    ):
-        array = pa.array(ids.astype("string[pyarrow]").array)
-    return array
+    return pa.table({"u": arrow_text(ids), "i": pa.array(np.arange(len(ids), dtype=np.int64))})

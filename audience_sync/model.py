@@ -135,16 +135,8 @@ class UserUpdate:
         return {c.audience_key: c.value for c in self.changes}
 
 
-#: The columns of a ``ChangeBatch`` table, in order.
-BATCH_COLUMNS: tuple[str, ...] = (
-    "user_id",
-    "audience_key",
-    "audience_name",
-    "value",
-    "message_id",
-    *IDENTITY_TRAITS,
-)
 _AUDIENCE = pa.dictionary(pa.int32(), pa.string())
+#: The columns of a ``ChangeBatch`` table, in order.
 BATCH_SCHEMA = pa.schema(
     [
         ("user_id", pa.string()),
@@ -176,7 +168,7 @@ class ChangeBatch:
 
     def updates(self) -> Iterator[UserUpdate]:
         """One ``UserUpdate`` per user, in the batch's order."""
-        columns = [self.table.column(c).to_pylist() for c in BATCH_COLUMNS]
+        columns = [self.table.column(c).to_pylist() for c in BATCH_SCHEMA.names]
         users, keys, names, values, message_ids, *traits = columns
         n = len(users)
         start = 0

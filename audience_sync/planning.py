@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from audience_sync import pushdown
+from audience_sync.arrowtext import large_text
 from audience_sync.config import AudienceConfig, Config
 from audience_sync.diff import Plan, members_repeat, plan
 from audience_sync.errors import SnapshotError
@@ -69,8 +69,7 @@ def identity_rows(members: pd.DataFrame, the_plan: Plan) -> pd.DataFrame:
     if len(ids) < len(members):
         # Hash the few wanted ids rather than every member's: a pushed-down plan's members
         # are its sent users already, but other callers may hand the whole snapshot.
-        value_set = pa.array(ids.array).cast(pa.large_string())
-        keep = pc.is_in(pa.array(members.index.array).cast(pa.large_string()), value_set)
+        keep = pc.is_in(large_text(members.index), value_set=large_text(ids))
         members = members[keep.to_numpy(zero_copy_only=False)]
     found: pd.DataFrame = members.reindex(ids)
     return found

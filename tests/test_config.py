@@ -247,6 +247,13 @@ def test_wrong_value_type_names_the_key(tmp_path: Path, snapshot: Path) -> None:
     assert "destination.flush_every:" in config_error(path)
 
 
+def test_a_jsonl_destination_must_flush_at_least_one_user(tmp_path: Path, snapshot: Path) -> None:
+    path = config_file(tmp_path, destination={"type": "jsonl", "flush_every": 0})
+    assert "destination.flush_every: Input should be greater than or equal to 1" in config_error(
+        path
+    )
+
+
 # --- values ------------------------------------------------------------------------------------
 
 

@@ -246,7 +246,7 @@ class JsonlDestination(Destination):
             message |= {
                 "messageId": str(uuid.uuid4()),
                 "timestamp": timestamp,
-                "integrations": {"All": False, "Crisp": True},
+                "integrations": _INTEGRATIONS,
             }
             lines.append(encode_line(message))
             outcomes.append(Outcome.delivered(call.user_id))

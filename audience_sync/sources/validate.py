@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from audience_sync.arrowtext import text_buffers
+from audience_sync.arrowtext import arrow_text, text_buffers
 from audience_sync.diff import has_repeated
 from audience_sync.errors import SnapshotError
 from audience_sync.model import IDENTITY_TRAITS, RejectedRow, Snapshot
@@ -91,7 +91,7 @@ def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) ->
 def _clean(column: pd.Series) -> pd.Series:
     """Text with surrounding blanks removed; blank becomes missing."""
     text = column.astype("string[pyarrow]")
-    if _may_have_blank_ends(pa.array(text.array)):
+    if _may_have_blank_ends(arrow_text(text)):
         text = text.str.strip()
     return text.mask(text == "")
 

@@ -10,9 +10,8 @@ row-by-row ORM reads or multi-row ``INSERT`` statements (see docs/scale.md).
 from __future__ import annotations
 
 import io
-import itertools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -256,6 +255,10 @@ class ChangeRows:
         self.outcomes.append(outcome)
         self.reasons.append(reason)
 
+    def rows(self) -> Iterator[tuple[str, bool, str, str | None]]:
+        """``(user_id, value, outcome, reason)`` per row."""
+        return zip(self.user_ids, self.values, self.outcomes, self.reasons, strict=True)
+
     def extend(self, user_ids: list[str], values: list[bool], outcome: str) -> None:
         """Many rows with the same outcome and no reason (a confirmed batch)."""
         self.user_ids.extend(user_ids)
@@ -274,11 +277,11 @@ def log_changes(conn: sa.Connection, at: datetime, logs: Sequence[ChangeRows]) -
         sizes = [len(log) for log in logs]
         columns: dict[str, Any] = {
             "run_id": pa.array(np.repeat([log.run_id for log in logs], sizes), pa.int32()),
-            "user_id": _joined(log.user_ids for log in logs),
+            "user_id": _joined([log.user_ids for log in logs], pa.string()),
             "trait_key": pa.array(np.repeat([log.trait_key for log in logs], sizes)),
-            "value": pa.array(list(itertools.chain.from_iterable(log.values for log in logs))),
-            "outcome": _joined(log.outcomes for log in logs),
-            "reason": _joined(log.reasons for log in logs),
+            "value": _joined([log.values for log in logs], pa.bool_()),
+            "outcome": _joined([log.outcomes for log in logs], pa.string()),
+            "reason": _joined([log.reasons for log in logs], pa.string()),
             "at": pa.repeat(pa.scalar(at.isoformat()), sum(sizes)),
         }
         _copy_csv(pg, "sync_changes", pa.table(columns))
@@ -291,11 +294,7 @@ def log_changes(conn: sa.Connection, at: datetime, logs: Sequence[ChangeRows]) -
             conn,
             "INSERT INTO sync_changes (run_id, trait_key, user_id, value, outcome, reason, at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                (log.run_id, log.trait_key, *row, at_value)
-                for log in logs
-                for row in zip(log.user_ids, log.values, log.outcomes, log.reasons, strict=True)
-            ),
+            ((log.run_id, log.trait_key, *row, at_value) for log in logs for row in log.rows()),
         )
         return
     conn.execute(
@@ -311,10 +310,11 @@ def log_changes(conn: sa.Connection, at: datetime, logs: Sequence[ChangeRows]) -
                 "reason": r,
             }
             for log in logs
-            for u, v, o, r in zip(log.user_ids, log.values, log.outcomes, log.reasons, strict=True)
+            for u, v, o, r in log.rows()
         ],
     )
 
 
-def _joined(lists: Iterable[list[str] | list[str | None]]) -> pa.Array:
-    return pa.concat_arrays([pa.array(values, pa.string()) for values in lists])
+def _joined(lists: Sequence[Sequence[Any]], type_: pa.DataType) -> pa.Array:
+    """One Arrow array of ``type_`` from several Python lists, each converted in C."""
+    return pa.concat_arrays([pa.array(values, type_) for values in lists])
