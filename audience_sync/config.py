@@ -30,6 +30,7 @@ from pydantic import (
 from audience_sync.destinations import DestinationSettings, destination_class, kinds
 from audience_sync.durations import parse_duration
 from audience_sync.errors import ConfigError
+from audience_sync.model import RESERVED_TRAIT_KEYS
 from audience_sync.naming import TRAIT_KEY_PATTERN, trait_key
 
 __all__ = [
@@ -90,6 +91,8 @@ class AudienceConfig(_Strict):
     """Overrides ``[safeguards] max_snapshot_age`` for this audience."""
     allow_empty: bool | None = None
     """Overrides ``[safeguards] allow_empty`` for this audience."""
+    allow_multiline_values: bool = False
+    """A CSV snapshot's quoted values may span lines (else that is a snapshot error)."""
 
     @field_validator("key")
     @classmethod
@@ -296,6 +299,13 @@ def _check_audiences(path: Path, audiences: list[AudienceConfig]) -> tuple[Audie
             )
         names.add(audience.name)
         key = audience.trait_key
+        if key in RESERVED_TRAIT_KEYS:
+            raise ConfigError(
+                f"{path}: audiences[{i}] (audience {audience.name!r}): trait key {key!r} is "
+                "reserved: it is an identity trait and would overwrite the user's "
+                f"{key} in the destination; give the audience a key of its own, e.g. key = "
+                f'"{key}_audience"'
+            )
         if key in seen:
             raise ConfigError(
                 f"{path}: audiences[{i}] (audience {audience.name!r}): trait key {key!r} is "

@@ -34,6 +34,8 @@ class Plan:
     sent_rows: np.ndarray | None = field(default=None, compare=False, repr=False)
     """Positions in the diffed ``members`` of ``entered``, then ``resend`` (None when the plan
     was not made from an in-memory index, e.g. pushed down into the database)."""
+    exits_held: int = 0
+    """Users who left the snapshot but stay members this run (``planning.hold_exits``)."""
 
     @property
     def sends(self) -> int:

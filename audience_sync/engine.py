@@ -565,7 +565,7 @@ class _Run:
                 or counts["rejected_rows"]
             ):
                 status = RunStatus.PARTIAL
-                message = _partial_reason(counts, run.held_failed)
+                message = _partial_reason(counts, run.held_failed, run.plan.exits_held)
             self.store.finish_run(run.run_id, status, message, **counts)
             log.info(
                 "audience=%s run=%d status=%s %s",
@@ -604,10 +604,15 @@ def _chunk_end(users: Any, start: int, size: int) -> int:
     return end
 
 
-def _partial_reason(counts: dict[str, int], held: int) -> str:
+def _partial_reason(counts: dict[str, int], held: int, exits_held: int = 0) -> str:
     parts = []
     if counts["rejected_rows"]:
-        parts.append(f"{counts['rejected_rows']} snapshot rows rejected")
+        held_note = (
+            f" ({exits_held} exits held until a snapshot without rejected rows)"
+            if exits_held
+            else ""
+        )
+        parts.append(f"{counts['rejected_rows']} snapshot rows rejected{held_note}")
     if counts["failed"]:
         note = f" ({held} held after a permanent error; use --retry-failed)" if held else ""
         parts.append(f"{counts['failed']} users failed{note}")

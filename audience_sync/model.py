@@ -14,6 +14,7 @@ import pyarrow as pa
 
 __all__ = [
     "IDENTITY_TRAITS",
+    "RESERVED_TRAIT_KEYS",
     "Change",
     "ChangeBatch",
     "DeliveryStatus",
@@ -29,6 +30,11 @@ __all__ = [
 
 #: Optional snapshot columns that describe who a user is (Crisp needs ``email`` to create one).
 IDENTITY_TRAITS: tuple[str, ...] = ("email", "name", "phone", "avatar")
+#: Trait keys an audience may not use: they would overwrite who the user is in a destination
+#: (the identity traits, the user's id, and the name parts Crisp reads as the name).
+RESERVED_TRAIT_KEYS: frozenset[str] = frozenset(
+    (*IDENTITY_TRAITS, "user_id", "userId", "first_name", "last_name", "firstName", "lastName")
+)
 
 
 class RunMode(enum.StrEnum):

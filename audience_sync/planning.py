@@ -5,6 +5,7 @@ nothing. The engine calls these; they send nothing and write nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -75,10 +76,38 @@ def identity_rows(members: pd.DataFrame, the_plan: Plan) -> pd.DataFrame:
     return found
 
 
+def hold_exits(snapshot: Snapshot, the_plan: Plan) -> Plan:
+    """The plan without its exits when the snapshot had rejected rows.
+
+    A rejected row (an empty or unprintable ``user_id``) may be any member's: a user missing
+    from such a snapshot has not been shown to leave, so nobody is sent ``false`` until a clean
+    snapshot says so. The held users stay members in the state (counted ``unchanged``).
+    """
+    if not snapshot.rejected_count or not len(the_plan.exited):
+        return the_plan
+    held = len(the_plan.exited)
+    return dataclasses.replace(
+        the_plan,
+        exited=the_plan.exited[:0],
+        unchanged=the_plan.unchanged + held,
+        exits_held=held,
+    )
+
+
 def load_and_plan(
     audience: AudienceConfig, store: StateStore, audience_id: int | None, *, full: bool
 ) -> tuple[Snapshot, Plan]:
-    """Load and diff one audience, inside the state database when its query lives there."""
+    """Load and diff one audience, inside the state database when its query lives there.
+
+    Exits are held while the snapshot has rejected rows (``hold_exits``).
+    """
+    snapshot, the_plan = _load_and_plan(audience, store, audience_id, full=full)
+    return snapshot, hold_exits(snapshot, the_plan)
+
+
+def _load_and_plan(
+    audience: AudienceConfig, store: StateStore, audience_id: int | None, *, full: bool
+) -> tuple[Snapshot, Plan]:
     if audience_id is not None and pushdown.applies(audience, store.engine):
         return pushdown.plan_in_database(store.engine, audience, audience_id, full=full)
     synced: pd.Index

@@ -18,9 +18,9 @@ from audience_sync.config import AudienceConfig
 from audience_sync.diff import Plan
 from audience_sync.errors import SnapshotError
 from audience_sync.model import IDENTITY_TRAITS, RejectedRow, Snapshot
-from audience_sync.sources.validate import MAX_REPORTED_ROWS
+from audience_sync.sources.validate import CONTROL_REASON, MAX_REPORTED_ROWS, printable
 
-__all__ = ["applies", "plan_in_database"]
+__all__ = ["applies", "plan_in_database", "wrappable"]
 
 #: The materialised, cleaned query result (a temporary table: private to the connection).
 _SRC = "audience_sync_pushdown_src"
@@ -51,7 +51,7 @@ def plan_in_database(
     """
     assert audience.query is not None
     where = f"query for {audience.name!r}"
-    query = audience.query.strip().rstrip(";")
+    query = wrappable(audience.query)
     try:
         with state.connect() as conn:
             traits = _materialise(conn, query, where)
@@ -65,9 +65,41 @@ def plan_in_database(
     return snapshot, the_plan
 
 
+def wrappable(query: str) -> str:
+    """``query`` ready to be wrapped as ``({query}\n)``: its trailing semicolons removed.
+
+    Semicolons inside quotes or comments stay; the caller's newline before the closing
+    parenthesis ends a trailing ``-- comment``, which would otherwise swallow it.
+    """
+    end = len(query)
+    i = last_code = 0
+    semicolons: list[int] = []
+    while i < end:
+        if query[i] in "'\"":  # a doubled quote inside reads as two adjacent strings
+            close = query.find(query[i], i + 1)
+            i = end if close < 0 else close + 1
+            last_code = i
+            continue
+        if query.startswith("--", i):
+            close = query.find("\n", i)
+            i = end if close < 0 else close + 1
+            continue
+        if query.startswith("/*", i):
+            close = query.find("*/", i + 2)
+            i = end if close < 0 else close + 2
+            continue
+        if query[i] == ";":
+            semicolons.append(i)
+        elif not query[i].isspace():
+            last_code = i + 1
+        i += 1
+    trailing = {s for s in semicolons if s >= last_code}
+    return "".join(c for i, c in enumerate(query) if i not in trailing).strip()
+
+
 def _materialise(conn: sa.Connection, query: str, where: str) -> list[str]:
     """Run the query once into a temporary table of trimmed text columns; its identity traits."""
-    raw = list(conn.execute(sa.text(f"SELECT * FROM ({query}) q LIMIT 0")).keys())
+    raw = list(conn.execute(sa.text(f"SELECT * FROM ({query}\n) q LIMIT 0")).keys())
     columns = [str(c).strip() for c in raw]
     if "user_id" not in columns:
         found = ", ".join(map(repr, columns)) or "none"
@@ -88,7 +120,7 @@ def _materialise(conn: sa.Connection, query: str, where: str) -> list[str]:
     conn.execute(
         sa.text(
             f"CREATE TEMPORARY TABLE {_SRC} AS "
-            f"SELECT ROW_NUMBER() OVER () AS row_, {cleaned} FROM ({query}) q"
+            f"SELECT ROW_NUMBER() OVER () AS row_, {cleaned} FROM ({query}\n) q"
         )
     )
     conn.exec_driver_sql(f"CREATE INDEX {_SRC}_user ON {_SRC} (user_id)")
@@ -104,27 +136,46 @@ def _clean(conn: sa.Connection, column: str) -> str:
     return f"NULLIF(TRIM(CAST({column} AS TEXT), {blanks}), '')"
 
 
+def _unusable(conn: sa.Connection) -> str:
+    """SQL for: the row's user_id is missing or holds a control character (as ``validate``)."""
+    if conn.dialect.name == "postgresql":  # PostgreSQL text never holds NUL
+        control = "user_id ~ '[\\x01-\\x1f\\x7f-\\x9f]'"
+    else:
+        ranges = "char(1) || '-' || char(31) || char(127) || '-' || char(159)"
+        control = f"user_id GLOB '*[' || {ranges} || ']*'"
+    return f"(user_id IS NULL OR {control})"
+
+
+def _unusable_why(user_id: str | None) -> tuple[str | None, str]:
+    if user_id is None:
+        return None, "empty user_id"
+    return printable(user_id), CONTROL_REASON
+
+
 def _diff(
     conn: sa.Connection, audience_id: int, traits: list[str], where: str, *, full: bool
 ) -> tuple[Snapshot, Plan]:
     cols = ", ".join(["user_id", *traits])
     # Distinct rows per user: one means a member, more means conflicting rows (held).
+    unusable = _unusable(conn)  # rejected rows: no user_id, or one with a control character
     per_user = (
         f"SELECT user_id, COUNT(*) AS n FROM (SELECT DISTINCT {cols} FROM {_SRC} "
-        "WHERE user_id IS NOT NULL) d GROUP BY user_id"
+        f"WHERE NOT {unusable}) d GROUP BY user_id"
     )
     in_state = (
         "EXISTS (SELECT 1 FROM sync_members m WHERE m.audience_id = :aid AND m.user_id = s.user_id)"
     )
     first_rows = (
-        f"SELECT MIN(row_) AS row_, {cols} FROM {_SRC} s WHERE user_id IS NOT NULL GROUP BY {cols}"
+        f"SELECT MIN(row_) AS row_, {cols} FROM {_SRC} s WHERE NOT {unusable} GROUP BY {cols}"
     )
     params = {"aid": audience_id}
 
     def rows(sql: str) -> list[Any]:
         return list(conn.execute(sa.text(sql), params))
 
-    total, missing = rows(f"SELECT COUNT(*), COUNT(*) - COUNT(user_id) FROM {_SRC}")[0]
+    total, missing = rows(
+        f"SELECT COUNT(*), COALESCE(SUM(CASE WHEN {unusable} THEN 1 ELSE 0 END), 0) FROM {_SRC}"
+    )[0]
     # Every row of a held user is rejected, identical repeats included (as ``validate``).
     conflicting = rows(
         f"SELECT u.user_id, COUNT(*) AS n FROM ({per_user}) u JOIN {_SRC} s "
@@ -132,9 +183,10 @@ def _diff(
     )
     held = frozenset(str(r.user_id) for r in conflicting)
     rejected = [
-        RejectedRow(int(r.row_), None, "empty user_id")
+        RejectedRow(int(r.row_), *_unusable_why(r.user_id))
         for r in rows(
-            f"SELECT row_ FROM {_SRC} WHERE user_id IS NULL ORDER BY row_ LIMIT {MAX_REPORTED_ROWS}"
+            f"SELECT row_, user_id FROM {_SRC} WHERE {unusable} "
+            f"ORDER BY row_ LIMIT {MAX_REPORTED_ROWS}"
         )
     ]
     if conflicting:

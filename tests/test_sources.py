@@ -323,17 +323,14 @@ def test_missing_file_is_an_error(tmp_path: Path) -> None:
 def test_malformed_csv_names_file_and_line(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "a.csv", "user_id,email\n1,a@example.com\n2,b@example.com,oops\n")
     message = snapshot_error(path)
-    assert "cannot read snapshot" in message
-    assert "Expected 2 columns, got 3" in message
-    assert "2,b@example.com,oops" in message
+    assert "line 3 has 3 values but the header has 2 columns" in message
 
 
 def test_non_utf8_csv_is_an_error(tmp_path: Path) -> None:
     path = tmp_path / "a.csv"
     path.write_bytes("user_id,name\n1,Café\n".encode("latin-1"))
     message = snapshot_error(path)
-    assert "cannot read snapshot" in message
-    assert "utf" in message.lower()  # says the text is not UTF-8
+    assert "line 2 is not UTF-8" in message
 
 
 def test_utf8_bom_is_not_part_of_the_header(tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ def load_snapshot(audience: AudienceConfig, *, check_repeats: bool = True) -> Sn
     ``check_repeats=False``: see ``validate``.
     """
     if audience.source is not None:
-        frame, source = read_file(audience.source), str(audience.source)
+        frame = read_file(audience.source, multiline=audience.allow_multiline_values)
+        source = str(audience.source)
     else:
         assert audience.query is not None and audience.source_url is not None
         frame = read_query(audience.source_url, audience.query)

@@ -1,16 +1,24 @@
 """Read a snapshot file (CSV or Parquet) into a frame of text columns.
 
 Every column is read as text so ``007`` stays ``007``; validation happens in ``validate.py``.
+
+A CSV must parse to one record per non-blank line: an unbalanced quote otherwise swallows the
+lines after it into one value, silently dropping their users. Counting the lines costs a
+``bytes.count`` over the file (memchr speed); only when the counts disagree is the file scanned
+row by row to name the line at fault.
 """
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from audience_sync.errors import SnapshotError
@@ -18,9 +26,15 @@ from audience_sync.model import IDENTITY_TRAITS
 
 __all__ = ["read_file"]
 
+#: Bytes read at a time when counting lines.
+_BLOCK = 1 << 24
 
-def read_file(path: Path) -> pd.DataFrame:
-    """The rows of ``path`` as a frame; a ``SnapshotError`` says what is wrong with the file."""
+
+def read_file(path: Path, *, multiline: bool = False) -> pd.DataFrame:
+    """The rows of ``path`` as a frame; a ``SnapshotError`` says what is wrong with the file.
+
+    ``multiline``: a CSV's quoted values may span lines (else that is an error naming the line).
+    """
     if not path.exists():
         raise SnapshotError(
             f"{path}: snapshot file not found; check the audience's `source` and that the "
@@ -34,30 +48,61 @@ def read_file(path: Path) -> pd.DataFrame:
     try:
         if path.suffix.lower() == ".parquet":
             return _read_parquet(path)
-        return _read_csv(path)
+        return _read_csv(path, multiline)
     except SnapshotError:
         raise
     except (OSError, ValueError, csv.Error, pa.ArrowException) as exc:
-        # pandas' ParserError and EmptyDataError are ValueErrors; the message names the line.
-        raise SnapshotError(f"{path}: cannot read snapshot: {exc}") from None
+        raise SnapshotError(f"{path}: cannot read snapshot: {_first_line(exc)}") from None
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    header, has_rows = _csv_header(path)
+def _first_line(exc: BaseException) -> str:
+    """An error's first line: Arrow appends internal detail (C++ source lines) after it."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _read_csv(path: Path, multiline: bool) -> pd.DataFrame:
+    try:
+        header, has_rows = _csv_header(path)
+    except UnicodeDecodeError:
+        _raise_not_utf8(path)
+        raise
     if not has_rows:
         # pyarrow cannot parse a lone header line without a final newline; no rows to read anyway.
         return pd.DataFrame([], columns=pd.Index(header), dtype="string[pyarrow]")
-    frame = pd.read_csv(
-        path,
-        dtype="string[pyarrow]",
-        engine="pyarrow",
-        keep_default_na=False,
-        na_values=[""],
-    )
-    if len(frame.columns) == len(header):
-        # pandas renames a repeated column `email` to `email.1`; restore the names so that
-        # validation reports the duplicate instead of silently using the first one.
-        frame.columns = pd.Index(header)
+    lines, terminated = _count_lines(path)
+    if not terminated:
+        raise SnapshotError(
+            f"{path}: line {lines}: the last line does not end with a line break, so the file "
+            "looks cut short (an export still being written, or truncated); end every row, the "
+            "last one too, with a newline"
+        )
+    try:
+        table = pa_csv.read_csv(
+            path,
+            # In a file of one column a blank line is a row with an empty user_id, which
+            # validation rejects: skipping it would exit that user unseen.
+            parse_options=pa_csv.ParseOptions(
+                newlines_in_values=multiline, ignore_empty_lines=len(header) > 1
+            ),
+            convert_options=pa_csv.ConvertOptions(
+                column_types=dict.fromkeys(header, pa.large_string()),
+                null_values=[""],
+                strings_can_be_null=True,
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        # Arrow names neither the line nor, always, the problem: find both.
+        _raise_located(path, len(header), multiline)
+        raise SnapshotError(f"{path}: not a valid CSV file: {_first_line(exc)}") from None
+    if table.num_rows + 1 != lines and table.num_rows + 1 != lines - _blank_lines(path):
+        # Fewer records than lines: a quoted value spans lines (allowed or not), or worse.
+        _raise_located(path, len(header), multiline)
+    columns = {str(i): column for i, column in enumerate(table.columns)}
+    frame: pd.DataFrame = pa.table(columns).to_pandas(types_mapper=_as_string_dtype)
+    # Arrow keeps a repeated column name as is (pandas would rename it `email.1`), so validation
+    # reports the duplicate instead of silently using the first one.
+    frame.columns = pd.Index(table.column_names)
     return frame
 
 
@@ -67,6 +112,89 @@ def _csv_header(path: Path) -> tuple[list[str], bool]:
         rows = (row for row in csv.reader(f) if row)
         header = next(rows, [])
         return header, next(rows, None) is not None
+
+
+def _blocks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while block := f.read(_BLOCK):
+            yield block
+
+
+def _count_lines(path: Path) -> tuple[int, bool]:
+    """How many lines ``path`` has (LF, CRLF or CR ends), and whether the last one is ended."""
+    lf = cr = crlf = 0
+    last = b""
+    for block in _blocks(path):
+        lf += block.count(b"\n")
+        returns = block.count(b"\r")
+        if returns:
+            cr += returns
+            crlf += block.count(b"\r\n")
+        if last == b"\r" and block.startswith(b"\n"):
+            crlf += 1  # a CRLF split across two blocks
+        last = block[-1:]
+    terminated = last in (b"\n", b"\r")
+    return lf + cr - crlf + (0 if terminated else 1), terminated
+
+
+def _blank_lines(path: Path) -> int:
+    """How many lines of ``path`` are empty (only read when the record count is off)."""
+    data = np.fromfile(path, dtype=np.uint8)
+    ends = np.flatnonzero((data == 0x0A) | (data == 0x0D))
+    if not len(ends):
+        return 0
+    # A line break that directly follows another one ends an empty line, except the LF of a CRLF.
+    follows = np.diff(ends) == 1
+    crlf = (data[ends[:-1]] == 0x0D) & (data[ends[1:]] == 0x0A)
+    return int(np.count_nonzero(follows & ~crlf)) + int(ends[0] == 0)
+
+
+def _raise_located(path: Path, columns: int, multiline: bool) -> None:
+    """Raise a ``SnapshotError`` naming the first line a strict CSV reading finds at fault.
+
+    Row by row (slow): only called once a fast check has found something wrong.
+    """
+    _raise_not_utf8(path)
+    with path.open(encoding="utf-8-sig", newline="") as text:
+        reader = csv.reader(text, strict=True)
+        start = 1
+        header = False
+        try:
+            for row in reader:
+                if row and header and len(row) != columns:
+                    raise SnapshotError(
+                        f"{path}: line {start} has {len(row)} values but the header has "
+                        f"{columns} columns; check the delimiter (a comma) and quoting of that row"
+                    )
+                if reader.line_num > start and not multiline:
+                    raise SnapshotError(
+                        f"{path}: line {start}: a quoted value opened on this line does not "
+                        'close on it (an unbalanced `"`?), so it would swallow the lines after '
+                        "it; fix the export, or set `allow_multiline_values = true` for the "
+                        "audience if its values really span lines"
+                    )
+                start = reader.line_num + 1
+                header = header or bool(row)
+        except csv.Error as exc:
+            if "end of data" in str(exc):
+                raise SnapshotError(
+                    f"{path}: line {start}: a quoted value opened on this line never closes "
+                    '(an unbalanced `"`); fix the export'
+                ) from None
+            raise SnapshotError(f"{path}: line {start} is not valid CSV: {exc}") from None
+
+
+def _raise_not_utf8(path: Path) -> None:
+    """Raise a ``SnapshotError`` naming the first line of ``path`` that is not UTF-8."""
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SnapshotError(
+                    f"{path}: line {number} is not UTF-8 text (byte {line[exc.start]:#04x} at "
+                    f"column {exc.start + 1}); export the file as UTF-8"
+                ) from None
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:

@@ -1,25 +1,36 @@
 """Turn raw snapshot rows into a validated ``Snapshot``: one row per member, ids as text.
 
-Nothing is dropped silently: rows with no ``user_id`` and users whose rows disagree are counted
-and reported with their row numbers. Users with conflicting rows are *held*: neither entered nor
-exited this run, so a bad export cannot flip their membership.
+Nothing is dropped silently: rows with no ``user_id`` or one holding a control character, and
+users whose rows disagree, are counted and reported with their row numbers. Users with
+conflicting rows are *held*: neither entered nor exited this run, so a bad export cannot flip
+their membership.
 """
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from audience_sync.arrowtext import arrow_text, text_buffers
 from audience_sync.diff import has_repeated
 from audience_sync.errors import SnapshotError
 from audience_sync.model import IDENTITY_TRAITS, RejectedRow, Snapshot
 
-__all__ = ["MAX_REPORTED_ROWS", "validate"]
+__all__ = ["CONTROL_REASON", "MAX_REPORTED_ROWS", "has_control", "printable", "validate"]
 
 #: How many rejected rows are kept with their details (all are counted).
 MAX_REPORTED_ROWS = 50
+#: Control characters (Unicode category Cc): C0, DEL and C1.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_RE2 = r"[\x{00}-\x{1f}\x{7f}-\x{9f}]"  # the same, for Arrow's RE2
+CONTROL_REASON = (
+    "user_id contains a control character (shown as \\xNN); fix the export so ids are "
+    "printable text"
+)
 
 
 def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) -> Snapshot:
@@ -49,6 +60,13 @@ def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) ->
     for row in data.index[missing][:MAX_REPORTED_ROWS]:
         rejected.append(RejectedRow(int(row), None, "empty user_id"))
     data = data[~missing]
+    # `u1\x00` is not `u1`, yet it would look the same in Crisp: refuse such ids.
+    control = has_control(data["user_id"])
+    if control.any():
+        rejected_count += int(control.sum())
+        for row, user_id in data["user_id"][control][:MAX_REPORTED_ROWS].items():
+            rejected.append(RejectedRow(int(str(row)), printable(str(user_id)), CONTROL_REASON))
+        data = data[~control]
 
     # Identical duplicates collapse; users whose duplicate rows disagree are held and every one
     # of their rows is reported (also a row identical to another of the held user's rows).
@@ -86,6 +104,32 @@ def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) ->
         held=held,
         rejected_count=rejected_count,
     )
+
+
+def has_control(ids: pd.Series) -> np.ndarray:
+    """Which of ``ids`` (text, no nulls) hold a control character, as a boolean mask.
+
+    Looks for the bytes a control character starts with (below 0x20, 0x7f, or 0xc2 for C1)
+    in the Arrow buffers first; only when one is there are the values matched one by one.
+    """
+    array = arrow_text(ids)
+    chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
+    suspect = False
+    for chunk in chunks:
+        _, data = text_buffers(chunk)
+        if len(data) and ((data < 0x20) | (data == 0x7F) | (data == 0xC2)).any():
+            suspect = True
+            break
+    if not suspect:
+        return np.zeros(len(ids), dtype=bool)
+    found = pc.match_substring_regex(array, _CONTROL_RE2)
+    mask: np.ndarray = found.fill_null(False).to_numpy(zero_copy_only=False)
+    return mask
+
+
+def printable(user_id: str) -> str:
+    """``user_id`` with its control characters written as ``\\xNN`` (for messages and storage)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", user_id)
 
 
 def _clean(column: pd.Series) -> pd.Series:

@@ -1,0 +1,259 @@
+"""Issue 10: inputs that used to make a run send something wrong, on SQLite and PostgreSQL.
+
+A malformed snapshot is a snapshot error naming the line; a rejected row exits nobody; an
+audience key cannot overwrite an identity trait; an id with a control character is rejected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_config
+
+from audience_sync import load_config, sync
+from audience_sync.config import AudienceConfig
+from audience_sync.errors import ConfigError, SnapshotError
+from audience_sync.model import RunStatus
+from audience_sync.sources import load_snapshot
+from audience_sync.state import StateStore, connect
+
+HEADER = "user_id,email,name\n"
+
+
+def rows(n: int) -> list[str]:
+    return [f"u{i},u{i}@example.com,User {i}\n" for i in range(n)]
+
+
+def write_rows(path: Path, replaced: dict[int, str]) -> None:
+    """The 100 rows of ``rows(100)``, some replaced (by data row index)."""
+    path.write_text(HEADER + "".join(replaced.get(i, r) for i, r in enumerate(rows(100))))
+
+
+def load_error(path: Path, **options: object) -> str:
+    with pytest.raises(SnapshotError) as excinfo:
+        load_snapshot(AudienceConfig(name="VIP", source=path, **options))  # type: ignore[arg-type]
+    message = str(excinfo.value)
+    assert str(path) in message
+    assert "Traceback" not in message and ".cc:" not in message  # no Arrow internals
+    return message
+
+
+def sent(out: Path, key: str) -> dict[str, bool]:
+    """What the jsonl destination was sent for ``key``: the last value per user."""
+    values: dict[str, bool] = {}
+    if out.exists():
+        for line in out.read_text().splitlines():
+            message = json.loads(line)
+            if key in message["traits"]:
+                values[message["userId"]] = message["traits"][key]
+    return values
+
+
+def state_members(state_url: str, key: str = "vip") -> set[str]:
+    engine = connect(state_url)
+    try:
+        store = StateStore(engine)
+        ref = store.find_audience("jsonl", key)
+        return set(store.members(ref.id)) if ref else set()
+    finally:
+        engine.dispose()
+
+
+# --- 1. an unbalanced quote --------------------------------------------------------------------
+
+
+def test_an_unbalanced_quote_is_an_error_naming_the_line_it_opened(tmp_path: Path) -> None:
+    path = tmp_path / "vip.csv"
+    write_rows(path, {95: 'u95,u95@example.com,"User 95\n'})  # data row 96, line 97
+    message = load_error(path)
+    assert "line 97" in message and "quote" in message
+
+
+def test_a_quote_closing_lines_later_is_an_error_unless_allowed(tmp_path: Path) -> None:
+    path = tmp_path / "vip.csv"
+    path.write_text(HEADER + 'u1,a@x,"Ada\nLovelace"\nu2,b@x,Bob\n')
+    assert "line 2" in load_error(path)
+    snapshot = load_snapshot(AudienceConfig(name="VIP", source=path, allow_multiline_values=True))
+    assert list(snapshot.members.index) == ["u1", "u2"]
+    assert snapshot.members.loc["u1", "name"] == "Ada\nLovelace"
+
+
+def test_an_unbalanced_quote_is_an_error_even_when_multiline_values_are_allowed(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "vip.csv"
+    path.write_text(HEADER + 'u1,a@x,Ada\nu2,b@x,"Bob\nu3,c@x,Cy\n')
+    assert "line 3" in load_error(path, allow_multiline_values=True)
+
+
+def test_blank_lines_and_crlf_are_not_mistaken_for_swallowed_lines(tmp_path: Path) -> None:
+    path = tmp_path / "vip.csv"
+    path.write_bytes(b"user_id,email\r\n\r\nu1,a@x\r\n\r\n\r\nu2,b@x\r\n\n")
+    assert list(load_snapshot(AudienceConfig(name="VIP", source=path)).members.index) == [
+        "u1",
+        "u2",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        (HEADER + "u1,a@x,Ada\nu2,b@x\nu3,c@x,Cy\n", 3, "2 values"),
+        (HEADER + "u1,a@x,Ada\nu2,b@x,Bob,extra\n", 3, "4 values"),
+        (HEADER + "u1,a@x,Ada\nu2,b@", 3, "cut short"),
+        (HEADER + 'u1,a@x,Ada\nu2,b@x,"Bo', 3, "cut short"),
+    ],
+)
+def test_wrong_column_counts_and_a_truncated_last_line_name_the_line(
+    tmp_path: Path, text: str, line: int, words: str
+) -> None:
+    path = tmp_path / "vip.csv"
+    path.write_text(text)
+    message = load_error(path)
+    assert f"line {line}" in message and words in message
+
+
+def test_a_non_utf8_line_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "vip.csv"
+    path.write_bytes(b"user_id,name\nu1,Ada\nu2,Ren\xe9e\n")
+    assert "line 3 is not UTF-8" in load_error(path)
+
+
+@pytest.fixture
+def vip(tmp_path: Path, state_url: str) -> tuple[Path, Path]:
+    """A config with one audience `vip` over vip.csv, its first sync of u0..u99 done."""
+    csv = tmp_path / "vip.csv"
+    csv.write_text(HEADER + "".join(rows(100)))
+    config = write_config(
+        tmp_path / "audience-sync.toml",
+        state_url=state_url,
+        audiences=[{"name": "VIP", "source": "vip.csv"}],
+    )
+    assert sync(load_config(config)).exit_code == 0
+    return config, csv
+
+
+def test_a_swallowing_quote_sends_nothing_and_keeps_the_state(
+    vip: tuple[Path, Path], state_url: str
+) -> None:
+    config, csv = vip
+    write_rows(csv, {95: 'u95,u95@example.com,"User 95\n'})
+    out = config.parent / "out.jsonl"
+    before = out.read_text()
+    result = sync(load_config(config))
+    assert result.exit_code == 4
+    assert result.audiences[0].status is RunStatus.FAILED
+    assert "line 97" in (result.audiences[0].error or "")
+    assert out.read_text() == before
+    assert state_members(state_url) == {f"u{i}" for i in range(100)}
+
+
+# --- 2. a rejected row exits nobody --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_rejected_row_does_not_exit_its_user(tmp_path: Path, state_url: str, suffix: str) -> None:
+    source = tmp_path / f"vip{suffix}"
+
+    def write(ids: list[str | None]) -> None:
+        if suffix == ".csv":
+            source.write_text("user_id\n" + "".join(f"{u or ''}\n" for u in ids))
+        else:
+            pq.write_table(pa.table({"user_id": pa.array(ids, pa.string())}), source)
+
+    write(["u1", "u2", "u3", "u4"])
+    config = write_config(
+        tmp_path / "audience-sync.toml",
+        state_url=state_url,
+        audiences=[{"name": "VIP", "source": source.name}],
+    )
+    assert sync(load_config(config)).exit_code == 0
+    write(["u1", None, "u3", "u4", "u5"])  # u2's row lost its id; u5 is new
+    result = sync(load_config(config))
+    assert result.exit_code == 4
+    audience = result.audiences[0]
+    assert audience.status is RunStatus.PARTIAL
+    assert audience.counts["exited"] == 0 and audience.counts["entered"] == 1
+    assert "1 exits held" in (audience.error or "")
+    assert sent(tmp_path / "out.jsonl", "vip") == {f"u{i}": True for i in range(1, 6)}
+    assert state_members(state_url) == {"u1", "u2", "u3", "u4", "u5"}
+
+    write(["u1", "u3", "u4", "u5"])  # a clean snapshot: now u2 has left
+    assert sync(load_config(config)).exit_code == 0
+    assert sent(tmp_path / "out.jsonl", "vip")["u2"] is False
+    assert state_members(state_url) == {"u1", "u3", "u4", "u5"}
+
+
+# --- 3. an audience key equal to an identity trait -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("audience", "key"),
+    [
+        ({"name": "Email"}, "email"),
+        ({"name": "Name"}, "name"),
+        ({"name": "Phone"}, "phone"),
+        ({"name": "User ID"}, "user_id"),
+        ({"name": "Fancy", "key": "avatar"}, "avatar"),
+        ({"name": "First Name"}, "first_name"),
+    ],
+)
+def test_an_identity_trait_is_not_an_audience_key(
+    tmp_path: Path, audience: dict[str, str], key: str
+) -> None:
+    (tmp_path / "a.csv").write_text("user_id\nu1\n")
+    config = write_config(
+        tmp_path / "audience-sync.toml",
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        audiences=[{**audience, "source": "a.csv"}],
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(config)
+    message = str(excinfo.value)
+    assert repr(audience["name"]) in message
+    assert f"trait key {key!r} is reserved" in message
+    assert 'key = "' in message
+
+
+# --- 4. a control character in a user_id ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+@pytest.mark.parametrize("char", ["\x00", "\x07", "\x1b", "\x7f", "\x85", "\n"])
+def test_an_id_with_a_control_character_is_rejected_with_its_row(
+    tmp_path: Path, suffix: str, char: str
+) -> None:
+    path = tmp_path / f"vip{suffix}"
+    ids = ["u0", f"u{char}1", "u2"]  # inside: a blank at either end is stripped
+    if suffix == ".csv":
+        import csv
+
+        with path.open("w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([["user_id"], *([u] for u in ids)])
+    else:
+        pq.write_table(pa.table({"user_id": ids}), path)
+    snapshot = load_snapshot(
+        AudienceConfig(name="VIP", source=path, allow_multiline_values=char == "\n")
+    )
+    assert list(snapshot.members.index) == ["u0", "u2"]
+    assert snapshot.rejected_count == 1
+    (row,) = snapshot.rejected
+    assert row.row == 2 and "control character" in row.reason
+    assert row.user_id is not None and f"\\x{ord(char):02x}" in row.user_id
+
+
+def test_a_nul_in_an_id_neither_enters_a_twin_nor_exits_the_user(
+    vip: tuple[Path, Path], state_url: str
+) -> None:
+    config, csv = vip
+    write_rows(csv, {1: "u1\x00,u1@example.com,User 1\n"})
+    result = sync(load_config(config))
+    assert result.exit_code == 4
+    (rejected,) = result.audiences[0].rejected
+    assert (rejected.row, rejected.user_id) == (2, "u1\\x00")
+    assert sent(config.parent / "out.jsonl", "vip") == {f"u{i}": True for i in range(100)}
+    assert state_members(state_url) == {f"u{i}" for i in range(100)}
