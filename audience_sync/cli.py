@@ -198,6 +198,9 @@ def _result_json(result: SyncResult) -> dict[str, Any]:
     }
 
 
+#: Rejected rows printed per audience after a run (all kept ones are stored and in ``--json``).
+_REJECTED_SHOWN = 10
+
 _HEADERS = (
     "rows",
     "rejected",
@@ -242,12 +245,27 @@ def _print_result(result: SyncResult) -> None:
         )
     out.print(table)
     for r in result.audiences:
-        for rej in r.rejected:
+        for rej in r.rejected[:_REJECTED_SHOWN]:
             who = f"user_id={rej.user_id}" if rej.user_id is not None else "no user_id"
-            out.print(f"  {r.audience.trait_key}: row {rej.row} rejected ({who}): {rej.reason}")
-        hidden = r.counts.get("rejected_rows", 0) - len(r.rejected)
+            out.print(
+                f"  {r.audience.trait_key}: row {rej.row} rejected ({who}): {rej.reason}",
+                markup=False,
+                highlight=False,
+            )
+        hidden = r.counts.get("rejected_rows", 0) - min(len(r.rejected), _REJECTED_SHOWN)
         if hidden > 0:
-            out.print(f"  {r.audience.trait_key}: ... and {hidden} more rejected rows")
+            where = (
+                f"`audience-sync history {r.run_id}` lists them"
+                if r.run_id is not None
+                else "`--json` lists them"
+            )
+            if len(r.rejected) < r.counts.get("rejected_rows", 0):
+                where += f" (the first {len(r.rejected):,} are kept)"
+            out.print(
+                f"  {r.audience.trait_key}: ... and {hidden} more rejected rows: {where}",
+                markup=False,
+                highlight=False,
+            )
         for s in r.sample:
             out.print(f"  {r.audience.trait_key}: would send {json.dumps(s)}", markup=False)
     if result.cost:
@@ -367,6 +385,9 @@ class _HistoryGroup(click.Group):
 @click.option("--limit", default=20, show_default=True, help="How many runs to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--failed", is_flag=True, help="List users waiting for retry, with the reason.")
+@click.option(
+    "--rejected", is_flag=True, help="List the snapshot rows runs rejected, with the reason."
+)
 @click.option("--user", "user_id", help="Show every change the runs attempted for this user.")
 @click.option("--url", help=f"State database URL (default: from the config, or ${STATE_URL_ENV}).")
 @click.pass_context
@@ -377,6 +398,7 @@ def history(
     limit: int,
     as_json: bool,
     failed: bool,
+    rejected: bool,
     user_id: str | None,
     url: str | None,
 ) -> None:
@@ -408,6 +430,10 @@ def history(
                 "reason",
             )
             title = f"Changes for user {user_id}"
+        elif rejected:
+            rows = store.rejected_rows(audience_keys=keys, limit=limit)
+            columns = _REJECTED_COLUMNS
+            title = "Rejected snapshot rows (newest run first)"
         elif failed:
             rows = store.retry_rows(audience_keys=keys, limit=limit)
             columns = (
@@ -483,6 +509,7 @@ def _json_default(value: object) -> str:
 
 
 _SAMPLE_COLUMNS = ("user_id", "trait_key", "value", "outcome", "reason")
+_REJECTED_COLUMNS = ("run_id", "audience_key", "row_number", "user_id", "reason", "at")
 
 
 @history.command("show", hidden=True)
@@ -517,6 +544,7 @@ def history_show(
             "outcomes": detail.outcomes,
             "reasons": detail.reasons,
             "samples": detail.samples,
+            "rejected": detail.rejected,
         }
         click.echo(json.dumps(payload, indent=2, default=_json_default))
         return
@@ -551,6 +579,16 @@ def history_show(
         for r in detail.samples:
             sample.add_row(*(str(r[c]) if r[c] is not None else "" for c in _SAMPLE_COLUMNS))
         out.print(sample)
+    if detail.rejected:
+        counted = int(run["rejected_rows"])
+        kept = len(detail.rejected)
+        note = f", the first {kept:,} of {counted:,} kept" if counted > kept else ""
+        table = Table(title=f"Rejected snapshot rows{note}", title_justify="left")
+        for column in ("row", "user_id", "reason"):
+            table.add_column(column, overflow="fold")
+        for r in detail.rejected:
+            table.add_row(str(r["row_number"] or ""), r["user_id"] or "", r["reason"])
+        out.print(table)
 
 
 @history.command("prune")

@@ -184,6 +184,7 @@ class _Run:
             return AudienceResult(
                 audience, RunStatus.FAILED, mode, run_id, error=str(exc), error_type=SnapshotError
             )
+        self.store.add_rejected(run_id, audience.trait_key, snapshot.rejected)
         log.info(
             "audience=%s run=%d planned in %.2fs: entered=%d exited=%d resend=%d unchanged=%d",
             audience.trait_key,
@@ -565,7 +566,7 @@ class _Run:
                 or counts["rejected_rows"]
             ):
                 status = RunStatus.PARTIAL
-                message = _partial_reason(counts, run.held_failed, run.plan.exits_held)
+                message = _partial_reason(counts, run.run_id, run.held_failed, run.plan.exits_held)
             self.store.finish_run(run.run_id, status, message, **counts)
             log.info(
                 "audience=%s run=%d status=%s %s",
@@ -604,7 +605,7 @@ def _chunk_end(users: Any, start: int, size: int) -> int:
     return end
 
 
-def _partial_reason(counts: dict[str, int], held: int, exits_held: int = 0) -> str:
+def _partial_reason(counts: dict[str, int], run_id: int, held: int, exits_held: int) -> str:
     parts = []
     if counts["rejected_rows"]:
         held_note = (
@@ -620,7 +621,10 @@ def _partial_reason(counts: dict[str, int], held: int, exits_held: int = 0) -> s
         parts.append(f"{counts['skipped']} users skipped")
     if counts["pending"]:
         parts.append(f"{counts['pending']} changes pending")
-    return "; ".join(parts) + "; see `audience-sync history --failed`"
+    see = [f"`audience-sync history {run_id}`"] if counts["rejected_rows"] else []
+    if counts["failed"] or counts["skipped"]:
+        see.append("`audience-sync history --failed`")
+    return "; ".join(parts) + (f"; see {' and '.join(see)}" if see else "")
 
 
 def sync(

@@ -16,8 +16,8 @@ from audience_sync.config import AudienceConfig, Config
 from audience_sync.model import DeliveryStatus, RunStatus
 from audience_sync.schedule import describe, due_after, trigger
 from audience_sync.state.lock import RunLock
-from audience_sync.state.schema import sync_changes, sync_pending, sync_runs
-from audience_sync.state.store import StateStore, as_utc
+from audience_sync.state.schema import sync_changes, sync_pending, sync_rejected_rows, sync_runs
+from audience_sync.state.store import MAX_STORED_ROWS, StateStore, as_utc
 
 __all__ = [
     "UNHEALTHY_EXIT_CODE",
@@ -36,12 +36,14 @@ UNHEALTHY_EXIT_CODE = 8
 
 @dataclass(slots=True)
 class RunDetail:
-    """One ``sync_runs`` row, its change-log totals and samples of what did not go through."""
+    """One ``sync_runs`` row, its change-log totals, samples of what did not go through and the
+    snapshot rows it rejected (as stored: the first ``MAX_STORED_ROWS``)."""
 
     run: dict[str, Any]
     outcomes: dict[str, int]
     reasons: list[dict[str, Any]]
     samples: list[dict[str, Any]]
+    rejected: list[dict[str, Any]] = field(default_factory=list)
 
 
 def run_detail(store: StateStore, run_id: int, *, samples: int = 10) -> RunDetail | None:
@@ -79,7 +81,8 @@ def run_detail(store: StateStore, run_id: int, *, samples: int = 10) -> RunDetai
                 .limit(samples)
             ).mappings()
         ]
-    return RunDetail(run, outcomes, reasons, sample_rows)
+    rejected = store.rejected_rows(run_id=run_id, limit=MAX_STORED_ROWS)
+    return RunDetail(run, outcomes, reasons, sample_rows, rejected)
 
 
 @dataclass(slots=True)
@@ -194,7 +197,8 @@ class Pruned:
 def prune(
     engine: sa.Engine, *, older_than: timedelta, now: datetime, dry_run: bool = False
 ) -> Pruned:
-    """Delete change-log rows and runs older than ``older_than``.
+    """Delete change-log rows and runs older than ``older_than`` (and the deleted runs'
+    rejected rows).
 
     Kept whatever their age: runs still ``running``, each audience's latest run and its latest
     ``succeeded`` one (``status`` and the run mode read them), and runs with change-log rows
@@ -231,4 +235,10 @@ def prune(
             return Pruned(cutoff, int(n_changes), int(n_runs))
         n_changes = conn.execute(sync_changes.delete().where(old_changes)).rowcount
         n_runs = conn.execute(sync_runs.delete().where(old_runs)).rowcount
+        rejected = sync_rejected_rows.c
+        conn.execute(
+            sync_rejected_rows.delete().where(
+                ~sa.exists(sa.select(runs.id).where(runs.id == rejected.run_id))
+            )
+        )
     return Pruned(cutoff, n_changes, n_runs)

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 __all__ = [
     "IDENTITY_TRAITS",
+    "MAX_REJECTED_ROWS",
     "RESERVED_TRAIT_KEYS",
     "Change",
     "ChangeBatch",
@@ -30,6 +31,9 @@ __all__ = [
 
 #: Optional snapshot columns that describe who a user is (Crisp needs ``email`` to create one).
 IDENTITY_TRAITS: tuple[str, ...] = ("email", "name", "phone", "avatar")
+#: Rejected snapshot rows kept with their details per audience and run (all are counted); the
+#: run stores these in ``sync_rejected_rows``.
+MAX_REJECTED_ROWS = 1000
 #: Trait keys an audience may not use: they would overwrite who the user is in a destination
 #: (the identity traits, the user's id, and the name parts Crisp reads as the name).
 RESERVED_TRAIT_KEYS: frozenset[str] = frozenset(

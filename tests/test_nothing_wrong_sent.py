@@ -12,14 +12,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import sqlalchemy as sa
 from conftest import write_config
 
 from audience_sync import load_config, sync
 from audience_sync.config import AudienceConfig
 from audience_sync.errors import ConfigError, SnapshotError
 from audience_sync.model import RunStatus
+from audience_sync.pushdown import applies, plan_in_database, wrappable
 from audience_sync.sources import load_snapshot
-from audience_sync.state import StateStore, connect
+from audience_sync.state import StateStore, connect, upgrade
 
 HEADER = "user_id,email,name\n"
 
@@ -257,3 +259,43 @@ def test_a_nul_in_an_id_neither_enters_a_twin_nor_exits_the_user(
     assert (rejected.row, rejected.user_id) == (2, "u1\\x00")
     assert sent(config.parent / "out.jsonl", "vip") == {f"u{i}": True for i in range(100)}
     assert state_members(state_url) == {f"u{i}" for i in range(100)}
+
+
+# --- 8. a pushed-down query ending in a comment or a semicolon -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT user_id FROM src -- the members",
+        "SELECT user_id FROM src;",
+        "SELECT user_id FROM src ; ;\n\n",
+        "SELECT user_id FROM src; -- trailing; comment",
+        "SELECT user_id FROM src /* a; block */ ;",
+        "WITH m AS (SELECT user_id FROM src) SELECT user_id FROM m -- a CTE",
+        "-- leading comment\nSELECT user_id FROM src WHERE user_id <> 'x;--y'",
+    ],
+)
+def test_a_pushed_down_query_may_end_in_a_comment_or_semicolons(state_url: str, query: str) -> None:
+    engine = connect(state_url)
+    try:
+        upgrade(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE src (user_id TEXT)"))
+            conn.execute(sa.text("INSERT INTO src VALUES ('u1'), ('u2'), ('x;--y')"))
+        store = StateStore(engine)
+        ref = store.audience("jsonl", "vip", "VIP")
+        audience = AudienceConfig(name="VIP", query=query, source_url=state_url)
+        assert applies(audience, engine)
+        _, the_plan = plan_in_database(engine, audience, ref.id, full=False)
+    finally:
+        engine.dispose()
+    expected = {"u1", "u2"} if "<>" in query else {"u1", "u2", "x;--y"}
+    assert set(the_plan.entered) == expected
+
+
+def test_wrappable_removes_only_trailing_semicolons_outside_quotes_and_comments() -> None:
+    assert wrappable("SELECT ';' AS s; ; -- x; y\n") == "SELECT ';' AS s  -- x; y"
+    assert wrappable("SELECT 1 /* ; */") == "SELECT 1 /* ; */"
+    assert wrappable("SELECT 'it''s;'") == "SELECT 'it''s;'"
+    assert wrappable('SELECT ";" FROM t;') == 'SELECT ";" FROM t'

@@ -18,12 +18,12 @@ import pyarrow.compute as pc
 from audience_sync.arrowtext import arrow_text, text_buffers
 from audience_sync.diff import has_repeated
 from audience_sync.errors import SnapshotError
-from audience_sync.model import IDENTITY_TRAITS, RejectedRow, Snapshot
+from audience_sync.model import IDENTITY_TRAITS, MAX_REJECTED_ROWS, RejectedRow, Snapshot
 
 __all__ = ["CONTROL_REASON", "MAX_REPORTED_ROWS", "has_control", "printable", "validate"]
 
 #: How many rejected rows are kept with their details (all are counted).
-MAX_REPORTED_ROWS = 50
+MAX_REPORTED_ROWS = MAX_REJECTED_ROWS
 #: Control characters (Unicode category Cc): C0, DEL and C1.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _CONTROL_RE2 = r"[\x{00}-\x{1f}\x{7f}-\x{9f}]"  # the same, for Arrow's RE2
@@ -80,16 +80,15 @@ def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) ->
         repeated = data["user_id"].isin(held)
         conflicts = data[repeated]
         rejected_count += len(conflicts)
-        for row, user_id in conflicts["user_id"].items():
-            if len(rejected) < MAX_REPORTED_ROWS:
-                rejected.append(
-                    RejectedRow(
-                        int(str(row)),
-                        str(user_id),
-                        "conflicting duplicate: the same user_id appears with different "
-                        f"{', '.join(traits)}; fix the export so each user has one row",
-                    )
+        for row, user_id in conflicts["user_id"][:MAX_REPORTED_ROWS].items():
+            rejected.append(
+                RejectedRow(
+                    int(str(row)),
+                    str(user_id),
+                    "conflicting duplicate: the same user_id appears with different "
+                    f"{', '.join(traits)}; fix the export so each user has one row",
                 )
+            )
         data = data[~repeated]
     if repeats:
         data = data.drop_duplicates()
@@ -100,7 +99,7 @@ def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) ->
         source=source,
         members=members,
         rows=rows,
-        rejected=tuple(sorted(rejected, key=lambda r: r.row)),
+        rejected=tuple(sorted(rejected, key=lambda r: r.row)[:MAX_REPORTED_ROWS]),
         held=held,
         rejected_count=rejected_count,
     )

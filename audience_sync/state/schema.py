@@ -18,6 +18,7 @@ __all__ = [
     "sync_locks",
     "sync_members",
     "sync_pending",
+    "sync_rejected_rows",
     "sync_runs",
 ]
 
@@ -105,6 +106,20 @@ sync_changes = sa.Table(
     sa.Column("at", _ts, nullable=False),
     sa.Index("ix_sync_changes_user", "user_id"),
     sa.Index("ix_sync_changes_run", "run_id"),
+)
+
+# Snapshot rows a run rejected (the first ``MAX_STORED_ROWS`` per audience and run; the
+# run's ``rejected_rows`` counts them all). No foreign key, as ``sync_changes``.
+sync_rejected_rows = sa.Table(
+    "sync_rejected_rows",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Integer, nullable=False, index=True),
+    sa.Column("audience_key", sa.String(200), nullable=False),
+    sa.Column("row_number", sa.Integer),
+    sa.Column("user_id", sa.String(255)),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", _ts, nullable=False),
 )
 
 sync_locks = sa.Table(

@@ -24,18 +24,20 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from audience_sync.errors import StateError
-from audience_sync.model import RunStatus
+from audience_sync.model import MAX_REJECTED_ROWS, RejectedRow, RunStatus
 from audience_sync.state import bulk
 from audience_sync.state.schema import (
     destination_requests,
     sync_audiences,
     sync_changes,
     sync_pending,
+    sync_rejected_rows,
     sync_runs,
 )
 
 __all__ = [
     "COUNTERS",
+    "MAX_STORED_ROWS",
     "Applied",
     "AudienceRef",
     "Clock",
@@ -61,6 +63,9 @@ COUNTERS = (
     "skipped",
     "pending",
 )
+
+#: Rejected snapshot rows stored per audience and run (``sync_runs.rejected_rows`` counts all).
+MAX_STORED_ROWS = MAX_REJECTED_ROWS
 
 # Keeps each IN (...) list well under SQLite's and PostgreSQL's parameter limits.
 _CHUNK = 900
@@ -340,6 +345,59 @@ class StateStore:
         )
         with self.engine.begin() as conn:
             return conn.execute(query).rowcount
+
+    def add_rejected(self, run_id: int, audience_key: str, rows: Sequence[RejectedRow]) -> None:
+        """Keep a run's rejected snapshot rows (the first ``MAX_STORED_ROWS``)."""
+        if not rows:
+            return
+        at = self.clock()
+        width = sync_rejected_rows.c.user_id.type.length or 255  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            conn.execute(
+                sync_rejected_rows.insert(),
+                [
+                    {
+                        "run_id": run_id,
+                        "audience_key": audience_key,
+                        "row_number": r.row,
+                        "user_id": None if r.user_id is None else r.user_id[:width],
+                        "reason": r.reason,
+                        "at": at,
+                    }
+                    for r in rows[:MAX_STORED_ROWS]
+                ],
+            )
+
+    def rejected_rows(
+        self,
+        *,
+        run_id: int | None = None,
+        audience_keys: Iterable[str] = (),
+        destination: str | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Stored rejected snapshot rows, newest run first, in row order within a run.
+
+        Each row: ``run_id``, ``audience_key``, ``row_number``, ``user_id``, ``reason``, ``at``
+        and the run's ``destination``, ``audience_name`` and ``rejected_rows`` (all it counted).
+        """
+        r = sync_rejected_rows.c
+        query = (
+            sa.select(
+                sync_rejected_rows,
+                sync_runs.c.destination,
+                sync_runs.c.audience_name,
+                sync_runs.c.rejected_rows,
+            )
+            .join(sync_runs, sync_runs.c.id == r.run_id)
+            .order_by(r.run_id.desc(), r.row_number, r.id)
+            .limit(limit)
+        )
+        if run_id is not None:
+            query = query.where(r.run_id == run_id)
+        query = _scoped(query, sync_runs.c, destination, audience_keys)
+        with self.engine.connect() as conn:
+            return [_row(row) for row in conn.execute(query).mappings()]
 
     # -- applying confirmed outcomes --------------------------------------------------------
 
