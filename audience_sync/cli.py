@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -748,7 +749,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except AudienceSyncError as exc:
         if "-v" in sys.argv or "--verbose" in sys.argv:
-            raise
+            traceback.print_exc()  # and still the documented exit code
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

@@ -63,7 +63,7 @@ from audience_sync.safeguards import limits_for
 from audience_sync.state import Applied, AudienceRef, Lease, RunLock, StateStore, connect, upgrade
 from audience_sync.state.store import Clock, holder_id, schema_is_current, utc_now
 
-__all__ = ["AudienceResult", "SyncResult", "open_destination", "sync"]
+__all__ = ["AudienceResult", "SyncResult", "open_destination", "prepare_schema", "sync"]
 
 log = logging.getLogger("audience_sync")
 
@@ -559,6 +559,10 @@ class _Run:
             counts["failed"] += run.held_failed
             status = ended or RunStatus.SUCCEEDED
             message = error
+            if ended is RunStatus.PARTIAL and not counts["pending"]:
+                # A quota stop ends the run for the audiences with changes left; one with
+                # nothing left to send is as done as it would be without the stop.
+                status, message = RunStatus.SUCCEEDED, None
             if status is RunStatus.SUCCEEDED and (
                 counts["failed"]
                 or counts["skipped"]
@@ -627,6 +631,17 @@ def _partial_reason(counts: dict[str, int], run_id: int, held: int, exits_held: 
     return "; ".join(parts) + (f"; see {' and '.join(see)}" if see else "")
 
 
+def prepare_schema(config: Config, engine: sa.Engine) -> None:
+    """Migrate the state schema (``auto_migrate``) or make sure it is current."""
+    if config.state.auto_migrate:
+        upgrade(engine)
+    elif not schema_is_current(engine):
+        raise StateError(
+            "the state database is not at the current schema version; "
+            "run `audience-sync db upgrade` (or set [state] auto_migrate = true)"
+        )
+
+
 def sync(
     config: Config,
     *,
@@ -641,6 +656,7 @@ def sync(
     destination: Destination | None = None,
     force: bool = False,
     wait: float = 0.0,
+    schema_checked: bool = False,
 ) -> SyncResult:
     """Sync the selected audiences (all by default) to the configured destination.
 
@@ -648,7 +664,9 @@ def sync(
     configured one (tests inject a fault-injecting destination this way). ``force`` skips the
     safeguards; ``wait`` is how long to wait for another process's run of an audience to end.
     Once ``should_stop()`` is true no new change is sent, and in-flight ones get
-    ``[service] stop_timeout`` to finish.
+    ``[service] stop_timeout`` to finish. ``schema_checked``: the caller has already brought
+    the state schema up to date (``serve`` does, once at start and on reload), so the run does
+    not check it again.
     """
     selected = config.select(audiences)
     engine = connect(config.state.url)
@@ -665,13 +683,8 @@ def sync(
             cost = dest.describe_plan(updates) if updates else {}
             return SyncResult(dest.name, True, planned, cost)
         dest.preflight()  # e.g. missing credentials: one clear error, before any state change
-        if config.state.auto_migrate:
-            upgrade(engine)
-        elif not schema_is_current(engine):
-            raise StateError(
-                "the state database is not at the current schema version; "
-                "run `audience-sync db upgrade` (or set [state] auto_migrate = true)"
-            )
+        if not schema_checked:
+            prepare_schema(config, engine)
         store = StateStore(engine, clock)
         run = _Run(
             config,

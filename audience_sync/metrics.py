@@ -17,6 +17,7 @@ from prometheus_client import (
 from prometheus_client import write_to_textfile as _write_textfile
 
 from audience_sync.config import ServiceConfig
+from audience_sync.model import RunStatus
 from audience_sync.result import SyncResult
 
 __all__ = ["RunMetrics"]
@@ -77,8 +78,22 @@ class RunMetrics:
             self.runs.labels(*labels, r.status.value).inc()
             self.delivered.labels(*labels).inc(r.counts.get("delivered", 0))
             self.failed.labels(*labels).inc(r.counts.get("failed", 0) + r.counts.get("skipped", 0))
-            self.duration.labels(*labels).set(duration)
-            self.finished.labels(*labels).set(finished)
+            self._timed(labels, duration, finished)
+        self._write()
+
+    def observe_crash(
+        self, destination: str, audience: str, duration: float, finished: float
+    ) -> None:
+        """Count a run that raised instead of returning a result (e.g. an unusable database)."""
+        self.runs.labels(destination, audience, RunStatus.FAILED.value).inc()
+        self._timed((destination, audience), duration, finished)
+        self._write()
+
+    def _timed(self, labels: tuple[str, str], duration: float, finished: float) -> None:
+        self.duration.labels(*labels).set(duration)
+        self.finished.labels(*labels).set(finished)
+
+    def _write(self) -> None:
         if self.textfile is not None:
             self.textfile.parent.mkdir(parents=True, exist_ok=True)
             _write_textfile(str(self.textfile), self.registry)

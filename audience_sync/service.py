@@ -25,12 +25,13 @@ from types import FrameType
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from audience_sync.config import AudienceConfig, Config, load_config
-from audience_sync.engine import sync
+from audience_sync.engine import prepare_schema, sync
 from audience_sync.errors import AudienceSyncError
 from audience_sync.metrics import RunMetrics
 from audience_sync.model import Trigger
+from audience_sync.result import SyncResult
 from audience_sync.schedule import describe, missed_run, trigger
-from audience_sync.state import StateStore, connect, upgrade
+from audience_sync.state import StateStore, connect
 from audience_sync.state.store import Clock, utc_now
 
 __all__ = ["Service"]
@@ -64,8 +65,9 @@ class Service:
     def _last_starts(self, config: Config) -> dict[str, datetime]:
         engine = connect(config.state.url)
         try:
-            if config.state.auto_migrate:
-                upgrade(engine)
+            # The one schema check of this config: its runs, which may start at the same
+            # moment, skip theirs.
+            prepare_schema(config, engine)
             store = StateStore(engine)
             keys = [a.trait_key for a in config.audiences]
             starts: dict[str, datetime] = {}
@@ -146,23 +148,33 @@ class Service:
             self._running.discard(key)
             return
         started = time.monotonic()
+        result: SyncResult | None = None
         try:
             result = sync(
-                config, audiences=[key], trigger=Trigger.SCHEDULE, should_stop=self.stopping.is_set
+                config,
+                audiences=[key],
+                trigger=Trigger.SCHEDULE,
+                should_stop=self.stopping.is_set,
+                schema_checked=True,
             )
         except AudienceSyncError as exc:
             log.error("audience=%s run failed: %s", key, exc)
-            return
         except Exception:
             log.exception("audience=%s run failed with an unexpected error", key)
-            return
         finally:
             self._running.discard(key)
         if self.metrics.enabled:
             try:
-                self.metrics.observe(result, time.monotonic() - started, time.time())
+                if result is None:  # the run crashed: it still counts, as failed
+                    self.metrics.observe_crash(
+                        config.destination.name, key, time.monotonic() - started, time.time()
+                    )
+                else:
+                    self.metrics.observe(result, time.monotonic() - started, time.time())
             except OSError as exc:
                 log.error("cannot write metrics to %s: %s", self.metrics.textfile, exc)
+        if result is None:
+            return
         job = None if self.stopping.is_set() else self.scheduler.get_job(key)
         if job is not None and job.next_run_time is not None:
             log.info("audience=%s next_run=%s", key, job.next_run_time.isoformat())

@@ -7,21 +7,27 @@ audience key cannot overwrite an identity trait; an id with a control character 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
-from conftest import write_config
+from conftest import cli, write_config
+from recording_destination import RecordingDestination
 
 from audience_sync import load_config, sync
 from audience_sync.config import AudienceConfig
-from audience_sync.errors import ConfigError, SnapshotError
+from audience_sync.errors import ConfigError, QuotaExhausted, SnapshotError
 from audience_sync.model import RunStatus
 from audience_sync.pushdown import applies, plan_in_database, wrappable
+from audience_sync.service import Service
 from audience_sync.sources import load_snapshot
-from audience_sync.state import StateStore, connect, upgrade
+from audience_sync.state import StateStore, connect, schema_is_current, upgrade
 
 HEADER = "user_id,email,name\n"
 
@@ -299,3 +305,144 @@ def test_wrappable_removes_only_trailing_semicolons_outside_quotes_and_comments(
     assert wrappable("SELECT 1 /* ; */") == "SELECT 1 /* ; */"
     assert wrappable("SELECT 'it''s;'") == "SELECT 'it''s;'"
     assert wrappable('SELECT ";" FROM t;') == 'SELECT ";" FROM t'
+
+
+# --- 6 and 7: a broken state database; -v keeps the exit codes -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "content", [b"this is not a database\n" * 100, b"SQLite format 3\x00" + b"\xff" * 4000]
+)
+def test_a_state_file_that_is_not_sqlite_is_exit_6_naming_the_file(
+    tmp_path: Path, content: bytes
+) -> None:
+    state = tmp_path / "state.db"
+    state.write_bytes(content)
+    (tmp_path / "vip.csv").write_text("user_id\nu1\n")
+    config = write_config(
+        tmp_path / "audience-sync.toml",
+        state_url=f"sqlite:///{state}",
+        audiences=[{"name": "VIP", "source": "vip.csv"}],
+    )
+    for command in (["run"], ["-v", "run"], ["history"], ["status"], ["db", "upgrade"]):
+        result = cli(*command, "--config", str(config))
+        assert result.returncode == 6, (command, result.stderr)
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: the state database ") and str(state) in last
+        assert ("Traceback" in result.stderr) is (command[0] == "-v")
+    assert state.read_bytes() == content
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_verbose_keeps_the_exit_codes(tmp_path: Path, verbose: bool) -> None:
+    flag = ["-v"] if verbose else []
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[state\n")
+    result = cli(*flag, "run", "--config", str(bad))
+    assert result.returncode == 3, result.stderr
+    assert ("Traceback" in result.stderr) is verbose
+    (tmp_path / "vip.csv").write_text("user_id\nu1\n")
+    down = write_config(
+        tmp_path / "down.toml",
+        state_url="postgresql+psycopg://nobody:secret@127.0.0.1:9/nothing?connect_timeout=5",
+        audiences=[{"name": "VIP", "source": "vip.csv"}],
+    )
+    result = cli(*flag, "run", "--config", str(down))
+    assert result.returncode == 6, result.stderr
+    assert ("Traceback" in result.stderr) is verbose
+    assert "secret" not in result.stderr
+
+
+# --- 5. runs that start at the same moment on a database not yet migrated -----------------------
+
+
+def test_runs_starting_together_on_an_unmigrated_database_all_succeed(
+    tmp_path: Path, state_url: str
+) -> None:
+    keys = [f"a{i}" for i in range(6)]
+    for key in keys:
+        (tmp_path / f"{key}.csv").write_text(f"user_id\n{key}-u1\n{key}-u2\n")
+    config = load_config(
+        write_config(
+            tmp_path / "audience-sync.toml",
+            state_url=state_url,
+            audiences=[{"name": k, "source": f"{k}.csv"} for k in keys],
+        )
+    )
+    start = threading.Barrier(len(keys))
+
+    def run(key: str) -> int:
+        start.wait()
+        return sync(config, audiences=[key]).exit_code
+
+    with ThreadPoolExecutor(len(keys)) as pool:
+        assert list(pool.map(run, keys)) == [0] * len(keys)
+
+
+def test_upgrades_in_processes_started_together_take_turns(state_url: str) -> None:
+    procs = [
+        subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "audience-sync"),
+                "db",
+                "upgrade",
+                "--url",
+                state_url,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    engine = connect(state_url)
+    try:
+        assert schema_is_current(engine)
+    finally:
+        engine.dispose()
+
+
+def test_a_scheduled_run_that_crashes_is_counted_in_the_metrics(tmp_path: Path) -> None:
+    state = tmp_path / "state.db"
+    (tmp_path / "vip.csv").write_text("user_id\nu1\n")
+    config = write_config(
+        tmp_path / "audience-sync.toml",
+        state_url=f"sqlite:///{state}",
+        audiences=[{"name": "VIP", "source": "vip.csv", "interval": "1h"}],
+        extra='\n[service]\nmetrics_textfile = "metrics/audience_sync.prom"\n',
+    )
+    service = Service(config)
+    state.write_bytes(b"not a database\n" * 100)  # breaks after the service started
+    service._run_audience("vip")
+    text = (tmp_path / "metrics/audience_sync.prom").read_text()
+    assert (
+        'audience_sync_runs_total{audience="vip",destination="jsonl",status="failed"} 1.0' in text
+    )
+
+
+# --- 9. a quota stop leaves audiences with nothing left to send succeeded ------------------------
+
+
+@pytest.mark.parametrize("stop_after", [1, 2, 3, 4, 5])
+def test_a_quota_stop_fails_only_the_audiences_with_changes_left(
+    tmp_path: Path, state_url: str, stop_after: int
+) -> None:
+    (tmp_path / "a.csv").write_text("user_id\nu1\n")
+    (tmp_path / "b.csv").write_text("user_id\nu2\nu3\nu4\n")
+    config = write_config(
+        tmp_path / "audience-sync.toml",
+        state_url=state_url,
+        audiences=[{"name": "A", "source": "a.csv"}, {"name": "B", "source": "b.csv"}],
+    )
+    quota = QuotaExhausted("quota: 5,000 of 5,000 requests used today")
+    dest = RecordingDestination(stop_after=stop_after, stop_with=quota, batch=1)
+    result = sync(load_config(config), destination=dest)
+    for audience in result.audiences:
+        done = audience.counts["pending"] == 0
+        assert audience.status is (RunStatus.SUCCEEDED if done else RunStatus.PARTIAL)
+        assert (audience.error is None) is done
+    statuses = [a.status for a in result.audiences]
+    assert result.exit_code == (0 if statuses == [RunStatus.SUCCEEDED] * 2 else 5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -112,7 +113,27 @@ def connect(url: str) -> sa.Engine:
         def _sqlite_begin(conn: sa.Connection) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
+        _check_sqlite_file(engine)
     return engine
+
+
+def _check_sqlite_file(engine: sa.Engine) -> None:
+    """A ``StateError`` naming the file when an existing file is not a SQLite database.
+
+    Checked once up front: SQLite only finds out at the first statement, deep in a run.
+    """
+    path = engine.url.database
+    if not path or path == ":memory:" or not os.path.exists(path):
+        return
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA schema_version")
+    except sa.exc.DBAPIError as exc:
+        engine.dispose()
+        raise StateError(
+            f"the state database {path} cannot be used: {exc.orig} (is it a SQLite database "
+            "written by audience-sync? restore it from a backup or point [state] url elsewhere)"
+        ) from None
 
 
 def describe(engine: sa.Engine) -> str:
@@ -130,11 +151,26 @@ def _alembic_config() -> AlembicConfig:
     return cfg
 
 
+#: Alembic's ``context`` is one module-level object: two migrations at once in one process
+#: corrupt it (``KeyError: 'config'``), so they take turns.
+_MIGRATING = threading.Lock()
+#: The PostgreSQL advisory lock key that serialises migrations across processes ("audsync").
+_MIGRATION_LOCK_KEY = 0x61756473796E63
+
+
 def upgrade(engine: sa.Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision`` (Alembic); safe to run on a current database."""
+    """Bring the schema to ``revision`` (Alembic); safe to run on a current database.
+
+    Safe to call from several threads and processes at once: one migrates while the others
+    wait (a PostgreSQL advisory lock, SQLite's write lock taken by ``BEGIN IMMEDIATE``), then
+    find the schema current.
+    """
     cfg = _alembic_config()
     try:
-        with engine.begin() as conn:
+        with _MIGRATING, engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Held until the transaction ends, so until this migration is committed.
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
     except sa.exc.OperationalError as exc:
