@@ -27,12 +27,12 @@ from rich.table import Table
 from audience_sync.config import DEFAULT_CONFIG_PATH, STATE_URL_ENV, Config, load_config
 from audience_sync.destinations import Call, TrackEvent
 from audience_sync.durations import format_duration, parse_duration
-from audience_sync.engine import sync
-from audience_sync.errors import AudienceSyncError
+from audience_sync.engine import retire, sync
+from audience_sync.errors import AudienceSyncError, NotFound, SafeguardError, StateMissing
 from audience_sync.history import prune, run_detail
 from audience_sync.history import status as audience_status
 from audience_sync.naming import dropped_non_ascii, trait_key
-from audience_sync.result import SyncResult
+from audience_sync.result import AudienceResult, SyncResult
 from audience_sync.service import Service
 from audience_sync.state import StateStore, connect, upgrade
 from audience_sync.state.store import COUNTERS, utc_now
@@ -130,6 +130,11 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     "--force", is_flag=True, help="Skip the safeguards (empty, mass-exit, stale snapshot)."
 )
 @click.option(
+    "--initial",
+    is_flag=True,
+    help="Allow a large initial sync from an empty state to a destination synced before.",
+)
+@click.option(
     "--wait",
     type=click.FloatRange(min=0),
     default=0,
@@ -145,6 +150,7 @@ def run(
     retry_failed: bool,
     as_json: bool,
     force: bool,
+    initial: bool,
     wait: float,
 ) -> None:
     """Sync audiences once, now."""
@@ -165,6 +171,39 @@ def run(
             should_stop=should_stop,
             force=force,
             wait=wait,
+            initial=initial,
+        )
+    for warning in result.warnings:
+        err.print(f"warning: {warning}", markup=False, highlight=False)
+    if as_json:
+        click.echo(json.dumps(_result_json(result), indent=2, default=str))
+    else:
+        _print_result(result)
+    sys.exit(result.exit_code)
+
+
+@cli.command("retire")
+@click.argument("name")
+@config_option
+@click.option("--dry-run", is_flag=True, help="Show who would be sent false; send nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0,
+    metavar="SECONDS",
+    help="If another process is running the audience, wait up to this long instead of exit 7.",
+)
+def retire_command(name: str, config_path: Path, dry_run: bool, as_json: bool, wait: float) -> None:
+    """Set audience NAME's trait to false for every member the state holds, then drop its
+    state (for an audience removed from the config; re-run it to finish after a stop)."""
+    config = load_config(config_path)
+    with (
+        _progress(err.is_terminal and not dry_run and not as_json) as progress,
+        _stop_on_signals() as should_stop,
+    ):
+        result = retire(
+            config, name, dry_run=dry_run, progress=progress, should_stop=should_stop, wait=wait
         )
     if as_json:
         click.echo(json.dumps(_result_json(result), indent=2, default=str))
@@ -173,19 +212,29 @@ def run(
     sys.exit(result.exit_code)
 
 
+def _status(result: SyncResult, r: AudienceResult) -> str:
+    """An audience's status as the table and the JSON show it: a dry run plans or refuses."""
+    if not result.dry_run:
+        return r.status.value
+    if r.error is None:
+        return "planned"
+    return "refused" if r.error_type in (SafeguardError, StateMissing) else "failed"
+
+
 def _result_json(result: SyncResult) -> dict[str, Any]:
     return {
         "destination": result.destination,
         "dry_run": result.dry_run,
         "exit_code": result.exit_code,
         **({"cost": result.cost} if result.cost else {}),
+        **({"warnings": result.warnings} if result.warnings else {}),
         "audiences": [
             {
                 "audience": r.audience.name,
                 "key": r.audience.trait_key,
                 "run_id": r.run_id,
                 "mode": r.mode.value,
-                "status": r.status.value,
+                "status": _status(result, r),
                 **r.counts,
                 "error": r.error,
                 "rejected": [
@@ -232,12 +281,11 @@ def _print_result(result: SyncResult) -> None:
                 "to send" if result.dry_run and column == "pending" else header, justify="right"
             )
     for r in result.audiences:
-        status = "planned" if result.dry_run and r.error is None else r.status.value
         table.add_row(
             r.audience.name,
             str(r.run_id or "-"),
             r.mode.value,
-            status,
+            _status(result, r),
             *(str(r.counts.get(c, "-")) for c in columns),
         )
     out.print(table)
@@ -369,6 +417,10 @@ class _HistoryGroup(click.Group):
 @click.option("--failed", is_flag=True, help="List users waiting for retry, with the reason.")
 @click.option("--user", "user_id", help="Show every change the runs attempted for this user.")
 @click.option("--url", help=f"State database URL (default: from the config, or ${STATE_URL_ENV}).")
+@click.option(
+    "--destination",
+    help="Only this destination's runs (default: the config's; every one with --url).",
+)
 @click.pass_context
 def history(
     ctx: click.Context,
@@ -379,6 +431,7 @@ def history(
     failed: bool,
     user_id: str | None,
     url: str | None,
+    destination: str | None,
 ) -> None:
     """Show recent sync runs (newest first) from the state database.
 
@@ -391,12 +444,14 @@ def history(
     keys = (
         [a.trait_key for a in config.select(audiences)] if config and audiences else list(audiences)
     )
+    if destination is None and config is not None:
+        destination = config.destination.name
     engine = connect(state_url)
     try:
         store = StateStore(engine)
         columns: tuple[str, ...]
         if user_id is not None:
-            rows = store.user_changes(user_id, limit=limit)
+            rows = store.user_changes(user_id, destination=destination, limit=limit)
             columns = (
                 "at",
                 "run_id",
@@ -409,7 +464,7 @@ def history(
             )
             title = f"Changes for user {user_id}"
         elif failed:
-            rows = store.retry_rows(audience_keys=keys, limit=limit)
+            rows = store.retry_rows(destination=destination, audience_keys=keys, limit=limit)
             columns = (
                 "audience_key",
                 "user_id",
@@ -423,7 +478,7 @@ def history(
             )
             title = "Users waiting for retry"
         else:
-            rows = store.runs(audience_keys=keys, limit=limit)
+            rows = store.runs(destination=destination, audience_keys=keys, limit=limit)
             columns = (
                 "id",
                 "started_at",
@@ -508,8 +563,9 @@ def history_show(
     finally:
         engine.dispose()
     if detail is None:
-        raise AudienceSyncError(
-            f"no run {run_id} in the state database ({state_url.split('@')[-1]})"
+        raise NotFound(
+            f"no run {run_id} in the state database ({state_url.split('@')[-1]}); "
+            "`audience-sync history` lists the recent runs"
         )
     if as_json:
         payload = {

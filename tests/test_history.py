@@ -60,8 +60,9 @@ def test_history_run_id_shows_one_run_with_error_samples(tmp_path: Path, state_u
     assert as_json["reasons"] == [{"outcome": "failed", "reason": "invalid email", "users": 2}]
     assert as_json["run"]["delivered"] == 3
     missing = cli("history", "--config", str(config), "99")
-    assert missing.returncode == 1
+    assert missing.returncode == 2  # what the command line names does not exist; 1 is for bugs
     assert "no run 99" in missing.stderr
+    assert "`audience-sync history` lists the recent runs" in missing.stderr
 
 
 def test_prune_deletes_old_runs_and_changes_but_keeps_the_latest(
