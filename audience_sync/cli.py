@@ -36,7 +36,7 @@ from audience_sync.result import AudienceResult, SyncResult
 from audience_sync.service import Service
 from audience_sync.state import StateStore, connect, upgrade
 from audience_sync.state.store import COUNTERS, utc_now
-from audience_sync.track import read_calls
+from audience_sync.track import CallFile, read_calls
 from audience_sync.track import track as send_calls
 
 # Wide enough for the history table when the output is a file or a pipe.
@@ -332,11 +332,15 @@ def track_command(
 ) -> None:
     """Add events to users' event streams (Track); a --file may also hold Identify calls.
 
-    A Track for a user with no known Crisp profile is dropped and reported with the reason.
+    A Track for a user with no known Crisp profile is dropped and reported with the reason. A
+    file's unusable lines are skipped and reported (exit 5); messages whose `integrations`
+    turn Crisp off are counted and left out.
     """
     calls: list[Call] = []
+    read = CallFile([])
     if calls_file is not None:
-        calls += read_calls(calls_file)
+        read = read_calls(calls_file)
+        calls += read.calls
     if user_id is not None or event is not None:
         if not user_id or not event:
             raise click.UsageError("--user-id and --event go together")
@@ -347,9 +351,14 @@ def track_command(
         if not isinstance(props, dict):
             raise click.UsageError("--properties must be a JSON object, e.g. '{\"revenue\": 1}'")
         calls.append(TrackEvent(user_id=user_id, event=event, properties=props))
-    if not calls:
+    if calls_file is None and not calls:
         raise click.UsageError("nothing to send: give --user-id and --event, or --file")
-    result = send_calls(load_config(config_path), calls)
+    result = send_calls(
+        load_config(config_path),
+        calls,
+        skipped_lines=read.skipped,
+        integrations_off=read.integrations_off,
+    )
     if as_json:
         click.echo(
             json.dumps(
@@ -357,6 +366,10 @@ def track_command(
                     "destination": result.destination,
                     "calls": len(result.calls),
                     **result.counts,
+                    "integrations_off": result.integrations_off,
+                    "skipped_lines": [
+                        {"line": x.line, "reason": x.reason} for x in result.skipped_lines
+                    ],
                     "exit_code": result.exit_code,
                     "outcomes": [
                         {"user_id": o.user_id, "status": o.status.value, "reason": o.reason}
@@ -371,6 +384,13 @@ def track_command(
         out.print(f"Track -> {result.destination}: {len(result.calls)} calls: {counts}")
         for reason, n in result.reasons.most_common():
             out.print(f"  {n} x {reason}", markup=False)
+        if result.integrations_off:
+            out.print(
+                f"  {result.integrations_off} x left out: its `integrations` turn Crisp off",
+                markup=False,
+            )
+        for x in result.skipped_lines:
+            out.print(f"  {calls_file}:{x.line}: skipped: {x.reason}", markup=False)
     sys.exit(result.exit_code)
 
 

@@ -562,7 +562,8 @@ class _Delivery:
             update.user_id, update.identity, found, dict(update.traits)
         )
         if outcome.status.value == "delivered" and self.settings.audience_events:
-            events = [audience_event(c) for c in update.changes]
+            named = (self.settings.entered_event, self.settings.exited_event)
+            events = [audience_event(c, *named) for c in update.changes]
             outcome = await self.profiles.add_events(update.user_id, found, events)
         self._emit(outcome)
 
