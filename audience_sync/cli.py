@@ -173,8 +173,6 @@ def run(
             wait=wait,
             initial=initial,
         )
-    for warning in result.warnings:
-        err.print(f"warning: {warning}", markup=False, highlight=False)
     if as_json:
         click.echo(json.dumps(_result_json(result), indent=2, default=str))
     else:

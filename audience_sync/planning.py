@@ -168,6 +168,7 @@ def plan_all(
                 str(exc),
                 SafeguardError,
             )
+            result.sample = []  # a refused audience would send nothing
         else:
             if changed is not None:
                 collect_changed(changed, p, snapshot.members)
@@ -183,6 +184,7 @@ def plan_all(
     except StateMissing as exc:
         for r in planned:
             r.status, r.error, r.error_type = RunStatus.FAILED, str(exc), StateMissing
+            r.sample = []
         if changed is not None:
             changed.clear()
     return results

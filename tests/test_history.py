@@ -161,3 +161,37 @@ def test_status_library_counts_the_retry_queue_and_a_run_in_progress(
     assert entry.running_holder == "otherhost:42"
     assert entry.healthy
     assert entry.next_run is not None and entry.next_run.minute == 0
+
+
+def test_history_shows_the_configs_destination_unless_told_otherwise(
+    tmp_path: Path, state_url: str
+) -> None:
+    """13.11: two destinations share a state database; `history` no longer mixes them."""
+    write_csv(tmp_path / "a.csv", "user_id\nu1\nu2\n")
+    configs = {
+        name: write_config(
+            tmp_path / f"{name}.toml",
+            state_url=state_url,
+            destination={"type": "jsonl", "name": name, "path": f"{name}.jsonl"},
+            audiences=[{"name": "A", "source": "a.csv"}],
+        )
+        for name in ("first", "second")
+    }
+    assert cli("run", "--config", str(configs["first"])).returncode == 0
+    assert cli("run", "--config", str(configs["second"])).returncode == 0
+    assert cli("run", "--config", str(configs["second"])).returncode == 0
+
+    def destinations(*args: str) -> list[str]:
+        shown = cli("history", *args, "--json")
+        assert shown.returncode == 0, shown.stderr
+        return [r["destination"] for r in json.loads(shown.stdout)]
+
+    assert destinations("--config", str(configs["first"])) == ["first"]
+    assert destinations("--config", str(configs["second"])) == ["second", "second"]
+    assert destinations("--config", str(configs["first"]), "--destination", "second") == [
+        "second",
+        "second",
+    ]
+    assert sorted(destinations("--url", state_url)) == ["first", "second", "second"]
+    changes = cli("history", "--config", str(configs["first"]), "--user", "u1", "--json")
+    assert [r["destination"] for r in json.loads(changes.stdout)] == ["first"]

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 import alembic.util
@@ -119,10 +120,14 @@ def describe(engine: sa.Engine) -> str:
 def _alembic_config() -> AlembicConfig:
     # The scripts ship as the audience_sync.migrations package (from the top-level migrations/
     # folder), so ask the import system where it is rather than assuming a folder layout.
+    try:
+        scripts = str(importlib.resources.files("audience_sync.migrations"))
+    except ModuleNotFoundError:
+        # Imported from a source checkout (Python started in the repository's root puts its
+        # audience_sync/ folder ahead of the installed package), where they are not mapped in.
+        scripts = str(Path(__file__).resolve().parents[2] / "migrations")
     cfg = AlembicConfig()
-    cfg.set_main_option(
-        "script_location", str(importlib.resources.files("audience_sync.migrations"))
-    )
+    cfg.set_main_option("script_location", scripts)
     return cfg
 
 
