@@ -464,11 +464,13 @@ def history(
     )
     if destination is None and config is not None:
         destination = config.destination.name
-    engine = connect(state_url)
+    engine = connect(state_url, create=False)
     try:
         store = StateStore(engine)
         columns: tuple[str, ...]
-        if user_id is not None:
+        if not store.has_history():  # no run yet: nothing to list, and nothing to create
+            rows, columns, title = [], ("id",), "Sync runs"
+        elif user_id is not None:
             rows = store.user_changes(user_id, destination=destination, limit=limit)
             columns = (
                 "at",
@@ -575,9 +577,10 @@ def history_show(
 ) -> None:
     """Show run RUN_ID in detail, with samples of the changes that did not go through."""
     state_url, _ = _parent_state(ctx, config_path, url)
-    engine = connect(state_url)
+    engine = connect(state_url, create=False)
     try:
-        detail = run_detail(StateStore(engine), run_id, samples=samples)
+        store = StateStore(engine)
+        detail = run_detail(store, run_id, samples=samples) if store.has_history() else None
     finally:
         engine.dispose()
     if detail is None:
@@ -672,7 +675,7 @@ def _age(now: datetime, then: datetime | None) -> str:
 def status(config_path: Path, as_json: bool) -> None:
     """Each audience's schedule, last and next run, retry queue; exit 8 if any is unhealthy."""
     config = load_config(config_path)
-    engine = connect(config.state.url)
+    engine = connect(config.state.url, create=False)
     try:
         report = audience_status(config, engine, now=utc_now())
     finally:

@@ -711,11 +711,7 @@ def sync(
     get ``[service] stop_timeout`` to finish.
     """
     selected = config.select(audiences)
-    database = sqlite_path(config.state.url)
-    if dry_run and database is not None and not database.exists():
-        engine = sa.create_engine("sqlite://")  # an empty state, and no file left behind
-    else:
-        engine = connect(config.state.url)
+    engine = connect(config.state.url, create=not dry_run)
     try:
         dest = destination or open_destination(config, engine)
         if dry_run:

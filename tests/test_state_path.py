@@ -107,6 +107,11 @@ def test_dry_run_creates_no_database(tmp_path: Path):
         ("initial", "planned", 5),
         ("initial", "planned", 3),
     ]
+    # Reading commands on a state that does not exist yet: nothing to show, nothing created.
+    history = cli("history", "--config", str(config), "--json", cwd=tmp_path)
+    assert (history.returncode, json.loads(history.stdout)) == (0, [])
+    assert cli("history", "1", "--config", str(config)).returncode == 2
+    assert cli("status", "--config", str(config)).returncode == 0
     assert sorted(p.name for p in (tmp_path / "etc").iterdir()) == [
         "churn.csv",
         "prod.toml",

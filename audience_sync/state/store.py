@@ -84,12 +84,20 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
-def connect(url: str) -> sa.Engine:
+def connect(url: str, *, create: bool = True) -> sa.Engine:
     """An engine for the state database; SQLite gets WAL and write-intent transactions.
 
     ``BEGIN IMMEDIATE`` makes a SQLite transaction take the write lock up front, so two
     processes serialise cleanly (waiting up to 30 s) instead of failing mid-transaction.
+    Without ``create``, a SQLite file that does not exist is not created: an empty in-memory
+    database stands in for it (for commands that only read: a dry run, ``history``).
     """
+    if not create:
+        from audience_sync.config import sqlite_path  # where the config resolves the path
+
+        database = sqlite_path(url)
+        if database is not None and not database.exists():
+            return sa.create_engine("sqlite://")
     try:
         engine = sa.create_engine(url, pool_pre_ping=True)
     except (sa.exc.ArgumentError, ImportError, ValueError) as exc:
@@ -274,6 +282,10 @@ class StateStore:
                 AudienceRef(r.id, r.destination, r.audience_key, r.audience_name)
                 for r in conn.execute(query)
             ]
+
+    def has_history(self) -> bool:
+        """Whether the database has the run history's table (a run or ``db upgrade`` made it)."""
+        return sa.inspect(self.engine).has_table("sync_runs")
 
     def holds_nothing(self, destination: str) -> bool:
         """Whether the state holds no member and no delivered change for ``destination``."""
