@@ -617,6 +617,24 @@ class _Run:
                 log.error("lock heartbeat: %s", exc)
                 return
 
+    def complete(self) -> list[AudienceResult]:
+        """Deliver every planned change and record how each audience's run ended."""
+        try:
+            ended, error, error_type = asyncio.run(self.deliver())
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+        return self.finish(ended, error, error_type)
+
+    def abort(self, exc: BaseException) -> None:
+        """Leave no run marked running and no lock held for an error we can see."""
+        message = str(exc) if isinstance(exc, AudienceSyncError) else f"unexpected error: {exc!r}"
+        status = RunStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
+        with contextlib.suppress(Exception):
+            self.commit()  # what the destination confirmed is kept
+        with contextlib.suppress(Exception):
+            self.finish(status, message, type(exc) if isinstance(exc, AudienceSyncError) else None)
+
     def finish(
         self, ended: RunStatus | None, error: str | None, error_type: type[AudienceSyncError] | None
     ) -> list[AudienceResult]:
@@ -734,14 +752,7 @@ def sync(
             updates = [UserUpdate(u, identity, ()) for u, identity in (changed or {}).items()]
             cost = dest.describe_plan(updates) if updates else {}
             return SyncResult(dest.name, True, planned, cost, _orphans(config, store, dest.name))
-        dest.preflight()  # e.g. missing credentials: one clear error, before any state change
-        if config.state.auto_migrate:
-            upgrade(engine)
-        elif not schema_is_current(engine):
-            raise StateError(
-                "the state database is not at the current schema version; "
-                "run `audience-sync db upgrade` (or set [state] auto_migrate = true)"
-            )
+        _ready(config, engine, dest)
         store = StateStore(engine, clock)
         run = _Run(
             config,
@@ -767,23 +778,10 @@ def sync(
                 if early is not None:
                     results.append(early)
             results.extend(run.guard_initial_sync(evidence))
-            ended, error, error_type = asyncio.run(run.deliver())
         except BaseException as exc:
-            # Leave no run marked running and no lock held for an error we can see.
-            message = (
-                str(exc) if isinstance(exc, AudienceSyncError) else f"unexpected error: {exc!r}"
-            )
-            status = (
-                RunStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
-            )
-            with contextlib.suppress(Exception):
-                run.commit()  # what the destination confirmed is kept
-            with contextlib.suppress(Exception):
-                run.finish(
-                    status, message, type(exc) if isinstance(exc, AudienceSyncError) else None
-                )
+            run.abort(exc)
             raise
-        results.extend(run.finish(ended, error, error_type))
+        results.extend(run.complete())
         order = {a.trait_key: i for i, a in enumerate(selected)}
         results.sort(key=lambda r: order[r.audience.trait_key])
         return SyncResult(dest.name, False, results, warnings=orphans)
@@ -817,7 +815,7 @@ def retire(
     try:
         dest = destination or open_destination(config, engine)
         store = StateStore(engine, clock)
-        ref = store.find_audience(dest.name, name, by_name=True)
+        ref = store.find_audience(dest.name, name, by_name=True) if store.has_history() else None
         if ref is None:
             raise NotFound(
                 f"no audience {name!r} (by name or key) in the state for destination "
@@ -848,11 +846,7 @@ def retire(
                 sample=sample,
             )
             return SyncResult(dest.name, True, [planned])
-        dest.preflight()
-        if config.state.auto_migrate:
-            upgrade(engine)
-        elif not schema_is_current(engine):
-            raise StateError("the state database needs `audience-sync db upgrade` first")
+        _ready(config, engine, dest)
         run = _Run(
             config,
             store,
@@ -868,21 +862,25 @@ def retire(
         early = run.prepare_retire(audience, ref)
         if early is not None:
             return SyncResult(dest.name, False, [early])
-        try:
-            ended, error, error_type = asyncio.run(run.deliver())
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                run.commit()  # what the destination confirmed is kept
-            with contextlib.suppress(Exception):
-                run.finish(RunStatus.FAILED, f"unexpected error: {exc!r}", None)
-            raise
-        results = run.finish(ended, error, error_type)
+        results = run.complete()
         if results[0].status is RunStatus.SUCCEEDED:
             store.drop_audience_state(ref.id)
             log.info("audience=%s retired: its state is dropped", ref.key)
         return SyncResult(dest.name, False, results)
     finally:
         engine.dispose()
+
+
+def _ready(config: Config, engine: sa.Engine, dest: Destination) -> None:
+    """Check the destination can run, then bring the state's schema up to date (or check it)."""
+    dest.preflight()  # e.g. missing credentials: one clear error, before any state change
+    if config.state.auto_migrate:
+        upgrade(engine)
+    elif not schema_is_current(engine):
+        raise StateError(
+            "the state database is not at the current schema version; "
+            "run `audience-sync db upgrade` (or set [state] auto_migrate = true)"
+        )
 
 
 def _previous_sync(config: Config, store: StateStore, dest: Destination) -> str | None:
