@@ -1,7 +1,8 @@
 """audience-sync: keep Crisp in step with audiences computed in a warehouse or exported as files.
 
 The library API: ``load_config`` -> ``sync`` -> ``SyncResult``; ``trait_key`` names a trait;
-``track`` sends Track (and Identify) calls outside an audience sync.
+``retire`` sets a dropped audience's trait to false; ``track`` sends Track (and Identify) calls
+outside an audience sync.
 The ``audience-sync`` command is a thin shell over these.
 """
 
@@ -10,17 +11,19 @@ from __future__ import annotations
 from audience_sync.config import AudienceConfig, Config, load_config
 from audience_sync.destinations import IdentifyCall, TrackEvent
 from audience_sync.diff import Plan, plan
-from audience_sync.engine import sync
+from audience_sync.engine import retire, sync
 from audience_sync.errors import (
     AlreadyRunning,
     AudienceSyncError,
     ConfigError,
     CredentialsError,
     DestinationError,
+    NotFound,
     QuotaExhausted,
     SafeguardError,
     SnapshotError,
     StateError,
+    StateMissing,
 )
 from audience_sync.model import (
     Change,
@@ -37,13 +40,14 @@ from audience_sync.model import (
 from audience_sync.naming import trait_key
 from audience_sync.result import AudienceResult, SyncResult
 from audience_sync.sources import load_snapshot
-from audience_sync.track import CallResult, read_calls, track
+from audience_sync.track import CallFile, CallResult, read_calls, track
 
 __all__ = [
     "AlreadyRunning",
     "AudienceConfig",
     "AudienceResult",
     "AudienceSyncError",
+    "CallFile",
     "CallResult",
     "Change",
     "ChangeBatch",
@@ -54,6 +58,7 @@ __all__ = [
     "DestinationError",
     "IdentifyCall",
     "Identity",
+    "NotFound",
     "Outcome",
     "Plan",
     "QuotaExhausted",
@@ -63,6 +68,7 @@ __all__ = [
     "Snapshot",
     "SnapshotError",
     "StateError",
+    "StateMissing",
     "SyncResult",
     "TrackEvent",
     "Trigger",
@@ -71,6 +77,7 @@ __all__ = [
     "load_snapshot",
     "plan",
     "read_calls",
+    "retire",
     "sync",
     "track",
     "trait_key",

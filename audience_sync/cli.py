@@ -28,16 +28,16 @@ from rich.table import Table
 from audience_sync.config import DEFAULT_CONFIG_PATH, STATE_URL_ENV, Config, load_config
 from audience_sync.destinations import Call, TrackEvent
 from audience_sync.durations import format_duration, parse_duration
-from audience_sync.engine import sync
-from audience_sync.errors import AudienceSyncError
+from audience_sync.engine import retire, sync
+from audience_sync.errors import AudienceSyncError, NotFound, SafeguardError, StateMissing
 from audience_sync.history import prune, run_detail
 from audience_sync.history import status as audience_status
 from audience_sync.naming import dropped_non_ascii, trait_key
-from audience_sync.result import SyncResult
+from audience_sync.result import AudienceResult, SyncResult
 from audience_sync.service import Service
 from audience_sync.state import StateStore, connect, upgrade
 from audience_sync.state.store import COUNTERS, utc_now
-from audience_sync.track import read_calls
+from audience_sync.track import CallFile, read_calls
 from audience_sync.track import track as send_calls
 
 # Wide enough for the history table when the output is a file or a pipe.
@@ -131,6 +131,11 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     "--force", is_flag=True, help="Skip the safeguards (empty, mass-exit, stale snapshot)."
 )
 @click.option(
+    "--initial",
+    is_flag=True,
+    help="Allow a large initial sync from an empty state to a destination synced before.",
+)
+@click.option(
     "--wait",
     type=click.FloatRange(min=0),
     default=0,
@@ -146,6 +151,7 @@ def run(
     retry_failed: bool,
     as_json: bool,
     force: bool,
+    initial: bool,
     wait: float,
 ) -> None:
     """Sync audiences once, now."""
@@ -166,6 +172,7 @@ def run(
             should_stop=should_stop,
             force=force,
             wait=wait,
+            initial=initial,
         )
     if as_json:
         click.echo(json.dumps(_result_json(result), indent=2, default=str))
@@ -174,19 +181,59 @@ def run(
     sys.exit(result.exit_code)
 
 
+@cli.command("retire")
+@click.argument("name")
+@config_option
+@click.option("--dry-run", is_flag=True, help="Show who would be sent false; send nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0,
+    metavar="SECONDS",
+    help="If another process is running the audience, wait up to this long instead of exit 7.",
+)
+def retire_command(name: str, config_path: Path, dry_run: bool, as_json: bool, wait: float) -> None:
+    """Set audience NAME's trait to false for every member the state holds, then drop its
+    state (for an audience removed from the config; re-run it to finish after a stop)."""
+    config = load_config(config_path)
+    with (
+        _progress(err.is_terminal and not dry_run and not as_json) as progress,
+        _stop_on_signals() as should_stop,
+    ):
+        result = retire(
+            config, name, dry_run=dry_run, progress=progress, should_stop=should_stop, wait=wait
+        )
+    if as_json:
+        click.echo(json.dumps(_result_json(result), indent=2, default=str))
+    else:
+        _print_result(result)
+    sys.exit(result.exit_code)
+
+
+def _status(result: SyncResult, r: AudienceResult) -> str:
+    """An audience's status as the table and the JSON show it: a dry run plans or refuses."""
+    if not result.dry_run:
+        return r.status.value
+    if r.error is None:
+        return "planned"
+    return "refused" if r.error_type in (SafeguardError, StateMissing) else "failed"
+
+
 def _result_json(result: SyncResult) -> dict[str, Any]:
     return {
         "destination": result.destination,
         "dry_run": result.dry_run,
         "exit_code": result.exit_code,
         **({"cost": result.cost} if result.cost else {}),
+        **({"warnings": result.warnings} if result.warnings else {}),
         "audiences": [
             {
                 "audience": r.audience.name,
                 "key": r.audience.trait_key,
                 "run_id": r.run_id,
                 "mode": r.mode.value,
-                "status": r.status.value,
+                "status": _status(result, r),
                 **r.counts,
                 "error": r.error,
                 "rejected": [
@@ -236,12 +283,11 @@ def _print_result(result: SyncResult) -> None:
                 "to send" if result.dry_run and column == "pending" else header, justify="right"
             )
     for r in result.audiences:
-        status = "planned" if result.dry_run and r.error is None else r.status.value
         table.add_row(
             r.audience.name,
             str(r.run_id or "-"),
             r.mode.value,
-            status,
+            _status(result, r),
             *(str(r.counts.get(c, "-")) for c in columns),
         )
     out.print(table)
@@ -303,11 +349,15 @@ def track_command(
 ) -> None:
     """Add events to users' event streams (Track); a --file may also hold Identify calls.
 
-    A Track for a user with no known Crisp profile is dropped and reported with the reason.
+    A Track for a user with no known Crisp profile is dropped and reported with the reason. A
+    file's unusable lines are skipped and reported (exit 5); messages whose `integrations`
+    turn Crisp off are counted and left out.
     """
     calls: list[Call] = []
+    read = CallFile([])
     if calls_file is not None:
-        calls += read_calls(calls_file)
+        read = read_calls(calls_file)
+        calls += read.calls
     if user_id is not None or event is not None:
         if not user_id or not event:
             raise click.UsageError("--user-id and --event go together")
@@ -318,9 +368,14 @@ def track_command(
         if not isinstance(props, dict):
             raise click.UsageError("--properties must be a JSON object, e.g. '{\"revenue\": 1}'")
         calls.append(TrackEvent(user_id=user_id, event=event, properties=props))
-    if not calls:
+    if calls_file is None and not calls:
         raise click.UsageError("nothing to send: give --user-id and --event, or --file")
-    result = send_calls(load_config(config_path), calls)
+    result = send_calls(
+        load_config(config_path),
+        calls,
+        skipped_lines=read.skipped,
+        integrations_off=read.integrations_off,
+    )
     if as_json:
         click.echo(
             json.dumps(
@@ -328,6 +383,10 @@ def track_command(
                     "destination": result.destination,
                     "calls": len(result.calls),
                     **result.counts,
+                    "integrations_off": result.integrations_off,
+                    "skipped_lines": [
+                        {"line": x.line, "reason": x.reason} for x in result.skipped_lines
+                    ],
                     "exit_code": result.exit_code,
                     "outcomes": [
                         {"user_id": o.user_id, "status": o.status.value, "reason": o.reason}
@@ -342,6 +401,13 @@ def track_command(
         out.print(f"Track -> {result.destination}: {len(result.calls)} calls: {counts}")
         for reason, n in result.reasons.most_common():
             out.print(f"  {n} x {reason}", markup=False)
+        if result.integrations_off:
+            out.print(
+                f"  {result.integrations_off} x left out: its `integrations` turn Crisp off",
+                markup=False,
+            )
+        for x in result.skipped_lines:
+            out.print(f"  {calls_file}:{x.line}: skipped: {x.reason}", markup=False)
     sys.exit(result.exit_code)
 
 
@@ -391,6 +457,10 @@ class _HistoryGroup(click.Group):
 )
 @click.option("--user", "user_id", help="Show every change the runs attempted for this user.")
 @click.option("--url", help=f"State database URL (default: from the config, or ${STATE_URL_ENV}).")
+@click.option(
+    "--destination",
+    help="Only this destination's runs (default: the config's; every one with --url).",
+)
 @click.pass_context
 def history(
     ctx: click.Context,
@@ -402,6 +472,7 @@ def history(
     rejected: bool,
     user_id: str | None,
     url: str | None,
+    destination: str | None,
 ) -> None:
     """Show recent sync runs (newest first) from the state database.
 
@@ -414,12 +485,16 @@ def history(
     keys = (
         [a.trait_key for a in config.select(audiences)] if config and audiences else list(audiences)
     )
-    engine = connect(state_url)
+    if destination is None and config is not None:
+        destination = config.destination.name
+    engine = connect(state_url, create=False)
     try:
         store = StateStore(engine)
         columns: tuple[str, ...]
-        if user_id is not None:
-            rows = store.user_changes(user_id, limit=limit)
+        if not store.has_history():  # no run yet: nothing to list, and nothing to create
+            rows, columns, title = [], ("id",), "Sync runs"
+        elif user_id is not None:
+            rows = store.user_changes(user_id, destination=destination, limit=limit)
             columns = (
                 "at",
                 "run_id",
@@ -436,7 +511,7 @@ def history(
             columns = _REJECTED_COLUMNS
             title = "Rejected snapshot rows (newest run first)"
         elif failed:
-            rows = store.retry_rows(audience_keys=keys, limit=limit)
+            rows = store.retry_rows(destination=destination, audience_keys=keys, limit=limit)
             columns = (
                 "audience_key",
                 "user_id",
@@ -450,7 +525,7 @@ def history(
             )
             title = "Users waiting for retry"
         else:
-            rows = store.runs(audience_keys=keys, limit=limit)
+            rows = store.runs(destination=destination, audience_keys=keys, limit=limit)
             columns = (
                 "id",
                 "started_at",
@@ -530,14 +605,16 @@ def history_show(
 ) -> None:
     """Show run RUN_ID in detail, with samples of the changes that did not go through."""
     state_url, _ = _parent_state(ctx, config_path, url)
-    engine = connect(state_url)
+    engine = connect(state_url, create=False)
     try:
-        detail = run_detail(StateStore(engine), run_id, samples=samples)
+        store = StateStore(engine)
+        detail = run_detail(store, run_id, samples=samples) if store.has_history() else None
     finally:
         engine.dispose()
     if detail is None:
-        raise AudienceSyncError(
-            f"no run {run_id} in the state database ({state_url.split('@')[-1]})"
+        raise NotFound(
+            f"no run {run_id} in the state database ({state_url.split('@')[-1]}); "
+            "`audience-sync history` lists the recent runs"
         )
     if as_json:
         payload = {
@@ -637,7 +714,7 @@ def _age(now: datetime, then: datetime | None) -> str:
 def status(config_path: Path, as_json: bool) -> None:
     """Each audience's schedule, last and next run, retry queue; exit 8 if any is unhealthy."""
     config = load_config(config_path)
-    engine = connect(config.state.url)
+    engine = connect(config.state.url, create=False)
     try:
         report = audience_status(config, engine, now=utc_now())
     finally:

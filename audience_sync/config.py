@@ -29,7 +29,7 @@ from pydantic import (
 
 from audience_sync.destinations import DestinationSettings, destination_class, kinds
 from audience_sync.durations import parse_duration
-from audience_sync.errors import ConfigError
+from audience_sync.errors import ConfigError, StateMissing
 from audience_sync.model import RESERVED_TRAIT_KEYS
 from audience_sync.naming import TRAIT_KEY_PATTERN, trait_key
 
@@ -43,6 +43,7 @@ __all__ = [
     "ServiceConfig",
     "StateConfig",
     "load_config",
+    "sqlite_path",
 ]
 
 DEFAULT_CONFIG_PATH = Path("config/audience-sync.toml")
@@ -185,6 +186,11 @@ class SafeguardConfig(_Strict):
     """Accept an empty snapshot for an audience that has members (it would remove them all)."""
     max_snapshot_age: Duration | None = None
     """Refuse a snapshot older than this (file mtime, or a ``snapshot_at`` column)."""
+    max_initial_sync: int = Field(1000, ge=0)
+    """Refuse an initial sync of more than this many memberships from a state that holds
+    nothing for a destination that was synced before (``--initial`` overrides)."""
+    destination_synced_before: bool = False
+    """The operator's word that the destination was synced before, whatever it shows."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +328,9 @@ def _check_audiences(path: Path, audiences: list[AudienceConfig]) -> tuple[Audie
                     f"{path}: audiences[{i}].source (audience {audience.name!r}): {source} {why}"
                 )
             audience = audience.model_copy(update={"source": source})
+        elif audience.source_url is not None:
+            url = _resolve_sqlite(path, audience.source_url)
+            audience = audience.model_copy(update={"source_url": url})
         resolved.append(audience)
     return tuple(resolved)
 
@@ -331,8 +340,10 @@ def load_config(
 ) -> Config:
     """Read, validate and resolve the config at ``path``.
 
-    ``[state] url`` is overridden by ``$AUDIENCE_SYNC_STATE_URL``; relative ``source`` paths are
-    resolved against the config file's folder.
+    ``[state] url`` is overridden by ``$AUDIENCE_SYNC_STATE_URL``; relative ``source`` paths and
+    relative SQLite paths in ``[state] url`` and ``source_url`` are resolved against the config
+    file's folder (a relative path in the environment variable stays relative to the working
+    directory).
     """
     env = os.environ if env is None else env
     path = Path(path)
@@ -355,6 +366,8 @@ def load_config(
     state = doc.state
     if env.get(STATE_URL_ENV):
         state = state.model_copy(update={"url": env[STATE_URL_ENV]})
+    else:
+        state = state.model_copy(update={"url": _resolve_state_url(path, state.url)})
     return Config(
         path=path,
         state=state,
@@ -363,6 +376,58 @@ def load_config(
         service=_resolve_service(path, doc.service),
         safeguards=doc.safeguards,
     )
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (as written: maybe relative); None for any other database,
+    an in-memory one, or a URI filename."""
+    from sqlalchemy.engine import make_url  # only here: the config module loads fast without it
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None  # reported when the state database is opened
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:") or parsed.query.get("uri"):
+        return None
+    return Path(database)
+
+
+def _resolve_sqlite(path: Path, url: str) -> str:
+    """A relative SQLite path in ``url`` made relative to the config file's folder."""
+    from sqlalchemy.engine import make_url
+
+    database = sqlite_path(url)
+    if database is None or database.is_absolute():
+        return url
+    resolved = (path.parent / database).absolute()
+    return make_url(url).set(database=str(resolved)).render_as_string(hide_password=False)
+
+
+def _resolve_state_url(path: Path, url: str) -> str:
+    """``[state] url`` with a relative SQLite path resolved against the config file's folder.
+
+    Before 0.2 it was relative to the working directory, so a run from another folder made
+    (and fully synced) a new empty database: when only that old location exists, stop.
+    """
+    resolved = _resolve_sqlite(path, url)
+    database, new = sqlite_path(url), sqlite_path(resolved)
+    if database is None or new is None or database.is_absolute():
+        return resolved
+    old = Path.cwd() / database
+    if old.exists() and not new.exists():
+        raise StateMissing(
+            f"{path}: [state] url {url!r} is relative to the config file's folder since "
+            f"audience-sync 0.2, so it means {new}, which does not exist; but {old} "
+            "(the same path relative to the working directory, as before 0.2) does. Nothing "
+            f"was run. Move the database next to the config (`mv {old} {new}`, with any "
+            "-wal and -shm files beside it), or point url at it with an absolute path: "
+            f'url = "sqlite:///{old}"'
+        )
+    return resolved
 
 
 def _resolve_service(path: Path, service: ServiceConfig) -> ServiceConfig:

@@ -24,18 +24,21 @@ import pandas as pd
 import sqlalchemy as sa
 
 from audience_sync.changes import AudienceChanges, RunChanges, input_hash
-from audience_sync.config import AudienceConfig, Config
+from audience_sync.config import AudienceConfig, Config, sqlite_path
 from audience_sync.destinations import Destination, destination_class
 from audience_sync.diff import Plan
 from audience_sync.errors import (
     AlreadyRunning,
     AudienceSyncError,
+    ConfigError,
     CredentialsError,
     DestinationError,
+    NotFound,
     QuotaExhausted,
     SafeguardError,
     SnapshotError,
     StateError,
+    StateMissing,
 )
 from audience_sync.model import (
     ChangeBatch,
@@ -58,12 +61,18 @@ from audience_sync.planning import (
     run_mode,
 )
 from audience_sync.result import AudienceResult, SyncResult
-from audience_sync.safeguards import check as check_safeguards
-from audience_sync.safeguards import limits_for
+from audience_sync.safeguards import check_initial_sync, check_snapshot
 from audience_sync.state import Applied, AudienceRef, Lease, RunLock, StateStore, connect, upgrade
-from audience_sync.state.store import Clock, holder_id, schema_is_current, utc_now
+from audience_sync.state.store import COUNTERS, Clock, holder_id, schema_is_current, utc_now
 
-__all__ = ["AudienceResult", "SyncResult", "open_destination", "prepare_schema", "sync"]
+__all__ = [
+    "AudienceResult",
+    "SyncResult",
+    "open_destination",
+    "prepare_schema",
+    "retire",
+    "sync",
+]
 
 log = logging.getLogger("audience_sync")
 
@@ -74,6 +83,8 @@ COMMITS_IN_FLIGHT = 2
 UPDATE_BATCH = 10_000
 
 Progress = Callable[[int, int], None]
+
+_NO_USERS = pd.Index([], dtype="string[pyarrow]", name="user_id")
 
 
 def open_destination(config: Config, state: sa.Engine) -> Destination:
@@ -157,23 +168,10 @@ class _Run:
         dest = self.destination.name
         ref = self.store.audience(dest, audience.trait_key, audience.name)
         mode = run_mode(self.store, ref.id, full=self.full)
-        try:
-            lease = self._acquire(ref)
-        except AlreadyRunning as exc:
-            log.warning("audience=%s status=locked %s", audience.trait_key, exc)
-            return AudienceResult(
-                audience, RunStatus.FAILED, mode, error=str(exc), error_type=AlreadyRunning
-            )
-        # We hold the lock, so any run still marked running died without finishing.
-        if self.store.mark_interrupted(
-            ref.id, reason="the process running it stopped (crash or kill)"
-        ):
-            log.warning(
-                "audience=%s marked an earlier unfinished run interrupted", audience.trait_key
-            )
-        run_id = self.store.start_run(ref, mode=mode.value, trigger=self.trigger.value)
-        self.lock.attach_run(lease, run_id)
-        log.info("audience=%s run=%d mode=%s started", audience.trait_key, run_id, mode.value)
+        begun = self._begin(audience, ref, mode)
+        if isinstance(begun, AudienceResult):
+            return begun
+        lease, run_id = begun
         started = time.perf_counter()
         try:
             snapshot, the_plan = load_and_plan(audience, self.store, ref.id, full=self.full)
@@ -195,17 +193,9 @@ class _Run:
             len(the_plan.resend),
             the_plan.unchanged,
         )
-        synced = the_plan.unchanged + len(the_plan.exited)  # the state's members
-        refused = self._guard(audience, mode, run_id, lease, snapshot, synced, the_plan)
+        refused = self._guard(audience, mode, run_id, lease, snapshot, the_plan)
         if refused is not None:
             return refused
-        counts = plan_counts(snapshot, the_plan) | {
-            "delivered": 0,
-            "failed": 0,
-            "skipped": 0,
-            "pending": the_plan.sends,
-        }
-        self.store.update_run(run_id, **counts)
         run = _AudienceRun(
             audience,
             ref,
@@ -215,13 +205,11 @@ class _Run:
             identity_rows(snapshot.members, the_plan),
             the_plan,
             self.store.retry_queue(ref.id),
-            counts,
+            plan_counts(snapshot, the_plan),
             snapshot.rejected,
             resend=set(the_plan.resend) if len(the_plan.resend) else set(),
         )
-        self._settle_retry_queue(run)
-        self.runs.append(run)
-        self.by_key[run.ref.key] = run
+        self._enlist(run)
         for r in snapshot.rejected[:SAMPLE_SIZE]:
             log.warning(
                 "audience=%s source=%s row=%d user_id=%s rejected: %s",
@@ -232,6 +220,63 @@ class _Run:
                 r.reason,
             )
         return None
+
+    def prepare_retire(self, audience: AudienceConfig, ref: AudienceRef) -> AudienceResult | None:
+        """Lock and start a retire run: ``false`` for every member the state holds."""
+        begun = self._begin(audience, ref, RunMode.RETIRE)
+        if isinstance(begun, AudienceResult):
+            return begun
+        lease, run_id = begun
+        members = self.store.members(ref.id)
+        the_plan = Plan(entered=_NO_USERS, exited=members, resend=_NO_USERS, unchanged=0)
+        counts = dict.fromkeys(COUNTERS[:5], 0) | {"exited": len(members)}
+        no_identities = pd.DataFrame(index=_NO_USERS)
+        self._enlist(
+            _AudienceRun(
+                audience,
+                ref,
+                lease,
+                run_id,
+                RunMode.RETIRE,
+                no_identities,
+                the_plan,
+                self.store.retry_queue(ref.id),
+                counts,
+                (),
+            )
+        )
+        return None
+
+    def _begin(
+        self, audience: AudienceConfig, ref: AudienceRef, mode: RunMode
+    ) -> tuple[Lease, int] | AudienceResult:
+        """Take the audience's lock and write its run row; a result when it is locked."""
+        try:
+            lease = self._acquire(ref)
+        except AlreadyRunning as exc:
+            log.warning("audience=%s status=locked %s", audience.trait_key, exc)
+            return AudienceResult(
+                audience, RunStatus.FAILED, mode, error=str(exc), error_type=AlreadyRunning
+            )
+        # We hold the lock, so any run still marked running died without finishing.
+        if self.store.mark_interrupted(
+            ref.id, reason="the process running it stopped (crash or kill)"
+        ):
+            log.warning(
+                "audience=%s marked an earlier unfinished run interrupted", audience.trait_key
+            )
+        run_id = self.store.start_run(ref, mode=mode.value, trigger=self.trigger.value)
+        self.lock.attach_run(lease, run_id)
+        log.info("audience=%s run=%d mode=%s started", audience.trait_key, run_id, mode.value)
+        return lease, run_id
+
+    def _enlist(self, run: _AudienceRun) -> None:
+        """Add a planned audience to the run: its counters start with every change pending."""
+        run.counts |= {"delivered": 0, "failed": 0, "skipped": 0, "pending": run.plan.sends}
+        self.store.update_run(run.run_id, **run.counts)
+        self._settle_retry_queue(run)
+        self.runs.append(run)
+        self.by_key[run.ref.key] = run
 
     def _acquire(self, ref: AudienceRef) -> Lease:
         """Take the audience's run lock, waiting up to ``wait`` seconds for another run."""
@@ -258,24 +303,13 @@ class _Run:
         run_id: int,
         lease: Lease,
         snapshot: Snapshot,
-        synced: int,
         the_plan: Plan,
     ) -> AudienceResult | None:
         """Apply the safeguards; a refused audience's run is recorded failed and sends nothing."""
         if self.force:
             return None
         try:
-            check_safeguards(
-                audience,
-                the_plan,
-                source=snapshot.source,
-                # Counted from the plan: a pushed-down diff loads only the entered members' rows.
-                members=len(the_plan.entered) + the_plan.unchanged,
-                synced=synced,
-                taken_at=snapshot.taken_at,
-                now=self.store.clock(),
-                limits=limits_for(audience, self.config.safeguards),
-            )
+            check_snapshot(audience, the_plan, snapshot, self.config.safeguards, self.store.clock())
         except SafeguardError as exc:
             counts = plan_counts(snapshot, the_plan)
             self.store.finish_run(run_id, RunStatus.FAILED, str(exc), **counts)
@@ -285,6 +319,42 @@ class _Run:
                 audience, RunStatus.FAILED, mode, run_id, counts, str(exc), SafeguardError
             )
         return None
+
+    def guard_initial_sync(self, evidence: str | None) -> list[AudienceResult]:
+        """Refuse every planned audience when the run looks like a lost state: an initial sync
+        of more than ``max_initial_sync`` memberships to a destination synced before."""
+        try:
+            check_initial_sync(
+                destination=self.destination.name,
+                evidence=evidence,
+                memberships=sum(
+                    len(r.plan.entered) for r in self.runs if r.mode is RunMode.INITIAL
+                ),
+                limit=self.config.safeguards.max_initial_sync,
+            )
+        except StateMissing as exc:
+            log.error("destination=%s refused: %s", self.destination.name, exc)
+            results = []
+            for run in self.runs:
+                counts = {k: v for k, v in run.counts.items() if k in COUNTERS[:5]}
+                self.store.finish_run(run.run_id, RunStatus.FAILED, str(exc), pending=0)
+                results.append(
+                    AudienceResult(
+                        run.config,
+                        RunStatus.FAILED,
+                        run.mode,
+                        run.run_id,
+                        counts,
+                        str(exc),
+                        StateMissing,
+                        run.rejected,
+                    )
+                )
+            self.lock.release([r.lease for r in self.runs])
+            self.runs.clear()
+            self.by_key.clear()
+            return results
+        return []
 
     def _settle_retry_queue(self, run: _AudienceRun) -> None:
         """Drop retry rows the plan no longer needs; note the ones a permanent error holds."""
@@ -322,7 +392,12 @@ class _Run:
         )
         for run, held in zip(self.runs, changes.held, strict=True):
             run.held_failed = held
-            run.counts["pending"] -= held
+            if held:  # counted failed now, so a killed run's row adds up too
+                run.counts["pending"] -= held
+                run.counts["failed"] += held
+                self.store.update_run(
+                    run.run_id, pending=run.counts["pending"], failed=run.counts["failed"]
+                )
             run.identities = run.identities.iloc[:0]  # in the changes now; free the memory
         return changes
 
@@ -550,13 +625,30 @@ class _Run:
                 log.error("lock heartbeat: %s", exc)
                 return
 
+    def complete(self) -> list[AudienceResult]:
+        """Deliver every planned change and record how each audience's run ended."""
+        try:
+            ended, error, error_type = asyncio.run(self.deliver())
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+        return self.finish(ended, error, error_type)
+
+    def abort(self, exc: BaseException) -> None:
+        """Leave no run marked running and no lock held for an error we can see."""
+        message = str(exc) if isinstance(exc, AudienceSyncError) else f"unexpected error: {exc!r}"
+        status = RunStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
+        with contextlib.suppress(Exception):
+            self.commit()  # what the destination confirmed is kept
+        with contextlib.suppress(Exception):
+            self.finish(status, message, type(exc) if isinstance(exc, AudienceSyncError) else None)
+
     def finish(
         self, ended: RunStatus | None, error: str | None, error_type: type[AudienceSyncError] | None
     ) -> list[AudienceResult]:
         results = []
         for run in self.runs:
             counts = run.counts
-            counts["failed"] += run.held_failed
             status = ended or RunStatus.SUCCEEDED
             message = error
             if ended is RunStatus.PARTIAL and not counts["pending"]:
@@ -656,20 +748,22 @@ def sync(
     destination: Destination | None = None,
     force: bool = False,
     wait: float = 0.0,
+    initial: bool = False,
     schema_checked: bool = False,
 ) -> SyncResult:
     """Sync the selected audiences (all by default) to the configured destination.
 
-    ``dry_run`` plans and reports without changing anything. ``destination`` replaces the
-    configured one (tests inject a fault-injecting destination this way). ``force`` skips the
-    safeguards; ``wait`` is how long to wait for another process's run of an audience to end.
-    Once ``should_stop()`` is true no new change is sent, and in-flight ones get
-    ``[service] stop_timeout`` to finish. ``schema_checked``: the caller has already brought
+    ``dry_run`` plans and reports without changing anything (not even creating a missing
+    SQLite file). ``destination`` replaces the configured one (tests inject a fault-injecting
+    destination this way). ``force`` skips the safeguards; ``initial`` only the one against an
+    initial sync from a lost state; ``wait`` is how long to wait for another process's run of
+    an audience to end. Once ``should_stop()`` is true no new change is sent, and in-flight ones
+    get ``[service] stop_timeout`` to finish. ``schema_checked``: the caller has already brought
     the state schema up to date (``serve`` does, once at start and on reload), so the run does
     not check it again.
     """
     selected = config.select(audiences)
-    engine = connect(config.state.url)
+    engine = connect(config.state.url, create=not dry_run)
     try:
         dest = destination or open_destination(config, engine)
         if dry_run:
@@ -678,13 +772,21 @@ def sync(
             # Only a destination that prices a plan (Crisp: requests) pays for collecting it.
             prices = type(dest).describe_plan is not Destination.describe_plan
             changed: dict[str, Identity] | None = {} if prices else None
-            planned = plan_all(config, engine, dest.name, selected, full, changed)
+            store = StateStore(engine, clock)
+            planned = plan_all(
+                config,
+                store,
+                dest.name,
+                selected,
+                full=full,
+                changed=changed,
+                force=force,
+                evidence=None if force or initial else _previous_sync(config, store, dest),
+            )
             updates = [UserUpdate(u, identity, ()) for u, identity in (changed or {}).items()]
             cost = dest.describe_plan(updates) if updates else {}
-            return SyncResult(dest.name, True, planned, cost)
-        dest.preflight()  # e.g. missing credentials: one clear error, before any state change
-        if not schema_checked:
-            prepare_schema(config, engine)
+            return SyncResult(dest.name, True, planned, cost, _orphans(config, store, dest.name))
+        _ready(config, engine, dest, schema_checked=schema_checked)
         store = StateStore(engine, clock)
         run = _Run(
             config,
@@ -699,31 +801,135 @@ def sync(
             force=force,
             wait=wait,
         )
+        evidence = None if force or initial else _previous_sync(config, store, dest)
+        orphans = _orphans(config, store, dest.name)
+        for warning in orphans:
+            log.warning("%s", warning)
         results: list[AudienceResult] = []
         try:
             for audience in selected:
                 early = run.prepare(audience)
                 if early is not None:
                     results.append(early)
-            ended, error, error_type = asyncio.run(run.deliver())
+            results.extend(run.guard_initial_sync(evidence))
         except BaseException as exc:
-            # Leave no run marked running and no lock held for an error we can see.
-            message = (
-                str(exc) if isinstance(exc, AudienceSyncError) else f"unexpected error: {exc!r}"
-            )
-            status = (
-                RunStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
-            )
-            with contextlib.suppress(Exception):
-                run.commit()  # what the destination confirmed is kept
-            with contextlib.suppress(Exception):
-                run.finish(
-                    status, message, type(exc) if isinstance(exc, AudienceSyncError) else None
-                )
+            run.abort(exc)
             raise
-        results.extend(run.finish(ended, error, error_type))
+        results.extend(run.complete())
         order = {a.trait_key: i for i, a in enumerate(selected)}
         results.sort(key=lambda r: order[r.audience.trait_key])
+        return SyncResult(dest.name, False, results, warnings=orphans)
+    finally:
+        engine.dispose()
+
+
+def retire(
+    config: Config,
+    name: str,
+    *,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    clock: Clock = utc_now,
+    destination: Destination | None = None,
+    wait: float = 0.0,
+) -> SyncResult:
+    """Send ``false`` to every user the state holds as a member of audience ``name`` (its name
+    or key in the state, for the configured destination), then drop the audience's state.
+
+    For an audience removed from the config, whose trait would otherwise stay ``true`` for
+    good. Like a run it is recorded in ``sync_runs`` (mode ``retire``), spends the destination's
+    quota and stops on ``should_stop``; re-running it finishes the job, sending only to the
+    members not yet confirmed. Users held after a permanent error are tried again.
+    """
+    database = sqlite_path(config.state.url)
+    if database is not None and not database.exists():
+        raise NotFound(f"no state database at {database}, so no audience {name!r} to retire")
+    engine = connect(config.state.url)
+    try:
+        dest = destination or open_destination(config, engine)
+        store = StateStore(engine, clock)
+        ref = store.find_audience(dest.name, name, by_name=True) if store.has_history() else None
+        if ref is None:
+            raise NotFound(
+                f"no audience {name!r} (by name or key) in the state for destination "
+                f"{dest.name!r}; `audience-sync history` lists the audiences it has run"
+            )
+        if any(a.trait_key == ref.key for a in config.audiences):
+            raise ConfigError(
+                f"{config.path}: audience {ref.name!r} ({ref.key}) is still configured; remove "
+                "it from the config first, or the next run would sync it again"
+            )
+        if store.retire_done(ref.id):
+            raise NotFound(
+                f"audience {ref.name!r} ({ref.key}) has no members in the state for destination "
+                f"{dest.name!r}: it was retired already, or never had any; nothing to send"
+            )
+        # The audience is no longer configured: it is known by its state's name and key only.
+        audience = AudienceConfig.model_construct(name=ref.name, key=ref.key)
+        if dry_run:
+            members = store.members(ref.id)
+            counts = dict.fromkeys(COUNTERS[:5], 0) | {"exited": len(members)}
+            sample = [{"user_id": str(u), ref.key: False} for u in members[:SAMPLE_SIZE]]
+            planned = AudienceResult(
+                audience,
+                RunStatus.SUCCEEDED,
+                RunMode.RETIRE,
+                None,
+                counts | {"pending": len(members)},
+                sample=sample,
+            )
+            return SyncResult(dest.name, True, [planned])
+        _ready(config, engine, dest)
+        run = _Run(
+            config,
+            store,
+            RunLock(engine, ttl=config.service.lock_ttl, clock=clock),
+            dest,
+            full=False,
+            retry_failed=True,
+            trigger=Trigger.MANUAL,
+            progress=progress,
+            should_stop=should_stop,
+            wait=wait,
+        )
+        early = run.prepare_retire(audience, ref)
+        if early is not None:
+            return SyncResult(dest.name, False, [early])
+        results = run.complete()
+        if results[0].status is RunStatus.SUCCEEDED:
+            store.drop_audience_state(ref.id)
+            log.info("audience=%s retired: its state is dropped", ref.key)
         return SyncResult(dest.name, False, results)
     finally:
         engine.dispose()
+
+
+def _ready(
+    config: Config, engine: sa.Engine, dest: Destination, *, schema_checked: bool = False
+) -> None:
+    """Check the destination can run, then bring the state's schema up to date (or check it)."""
+    dest.preflight()  # e.g. missing credentials: one clear error, before any state change
+    if not schema_checked:
+        prepare_schema(config, engine)
+
+
+def _previous_sync(config: Config, store: StateStore, dest: Destination) -> str | None:
+    """Why the destination counts as synced before, when the state holds nothing for it."""
+    if not store.holds_nothing(dest.name):
+        return None
+    if config.safeguards.destination_synced_before:
+        return "[safeguards] destination_synced_before = true"
+    return dest.previous_sync()
+
+
+def _orphans(config: Config, store: StateStore, destination: str) -> list[str]:
+    """A warning per audience the state holds members of but the config no longer lists."""
+    configured = {a.trait_key for a in config.audiences}
+    return [
+        f"audience {ref.name!r} ({ref.key}) has members in the state but is no longer in "
+        f"{config.path}: its trait stays true on their profiles. `audience-sync retire "
+        f"{ref.key}` sets it to false for them and drops its state."
+        for ref in store.with_members(destination)
+        if ref.key not in configured
+    ]

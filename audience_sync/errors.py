@@ -5,6 +5,8 @@ problems that stop a whole run or a whole audience. Each class carries the CLI e
 maps to, so the CLI needs no table of its own::
 
     AudienceSyncError                 exit 1  unexpected failure
+    ├── NotFound                      exit 2  the run or audience named on the command line
+    │                                         does not exist
     ├── ConfigError                   exit 3  bad config file, key or environment value
     ├── SnapshotError                 exit 4  a snapshot is missing, unreadable or malformed
     ├── SafeguardError                exit 4  a snapshot looks broken (empty, wipes an audience)
@@ -12,6 +14,8 @@ maps to, so the CLI needs no table of its own::
     │   ├── CredentialsError                  missing or rejected API credentials
     │   └── QuotaExhausted                    daily request budget spent (run ends partial)
     ├── StateError                    exit 6  the state database is unusable or not migrated
+    ├── StateMissing                  exit 9  the state looks lost: moved, or empty for a
+    │                                         destination that was synced before
     └── AlreadyRunning                exit 7  another process holds the audience's run lock
 """
 
@@ -25,10 +29,12 @@ __all__ = [
     "ConfigError",
     "CredentialsError",
     "DestinationError",
+    "NotFound",
     "QuotaExhausted",
     "SafeguardError",
     "SnapshotError",
     "StateError",
+    "StateMissing",
 ]
 
 
@@ -36,6 +42,12 @@ class AudienceSyncError(Exception):
     """Root of every error audience-sync raises on purpose."""
 
     exit_code = 1
+
+
+class NotFound(AudienceSyncError):
+    """What the command line names (a run id, an audience) is not in the state database."""
+
+    exit_code = 2
 
 
 class ConfigError(AudienceSyncError):
@@ -101,6 +113,14 @@ class StateError(AudienceSyncError):
     """The state database cannot be used."""
 
     exit_code = 6
+
+
+class StateMissing(AudienceSyncError):
+    """The state the destination was synced from is not where the config points: the
+    database moved, or it holds nothing for a destination that shows earlier syncs. Nothing
+    was sent (a run from an empty state would re-send every member)."""
+
+    exit_code = 9
 
 
 class AlreadyRunning(AudienceSyncError):

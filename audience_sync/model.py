@@ -45,6 +45,8 @@ class RunMode(enum.StrEnum):
     INITIAL = "initial"
     INCREMENTAL = "incremental"
     FULL = "full"
+    RETIRE = "retire"
+    """``false`` to every member of an audience no longer configured, then its state dropped."""
 
 
 class Trigger(enum.StrEnum):

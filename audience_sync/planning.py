@@ -17,9 +17,10 @@ from audience_sync import pushdown
 from audience_sync.arrowtext import large_text
 from audience_sync.config import AudienceConfig, Config
 from audience_sync.diff import Plan, members_repeat, plan
-from audience_sync.errors import SnapshotError
+from audience_sync.errors import SafeguardError, SnapshotError, StateMissing
 from audience_sync.model import Identity, RunMode, RunStatus, Snapshot
 from audience_sync.result import AudienceResult
+from audience_sync.safeguards import check_initial_sync, check_snapshot
 from audience_sync.sources import load_snapshot
 from audience_sync.state import StateStore
 
@@ -146,16 +147,23 @@ def collect_changed(changed: dict[str, Identity], p: Plan, members: pd.DataFrame
 
 def plan_all(
     config: Config,
-    engine: sa.Engine,
+    store: StateStore,
     dest_name: str,
     audiences: Sequence[AudienceConfig],
+    *,
     full: bool,
     changed: dict[str, Identity] | None,
+    force: bool = False,
+    evidence: str | None = None,
 ) -> list[AudienceResult]:
     """The dry run: plan every audience, send nothing, write nothing; ``changed`` (if given)
-    collects the users the plans send to."""
-    store = StateStore(engine)
-    has_state = sa.inspect(engine).has_table("sync_audiences")
+    collects the users the plans send to.
+
+    The safeguards are applied as a run would (unless ``force``): a refused audience is
+    ``failed`` with the reason, and ``evidence`` that the destination was synced before arms
+    the guard against an initial sync from a lost state (``check_initial_sync``).
+    """
+    has_state = sa.inspect(store.engine).has_table("sync_audiences")
     results = []
     for audience in audiences:
         ref = store.find_audience(dest_name, audience.trait_key) if has_state else None
@@ -171,25 +179,41 @@ def plan_all(
                 )
             )
             continue
-        if changed is not None:
-            collect_changed(changed, p, snapshot.members)
         sample = [
             {"user_id": str(u), audience.trait_key: value}
             for ids, value in ((p.entered, True), (p.resend, True), (p.exited, False))
             for u in ids[:SAMPLE_SIZE]
         ][: SAMPLE_SIZE * 2]
         counts = plan_counts(snapshot, p) | {"pending": p.sends}
-        results.append(
-            AudienceResult(
-                audience,
-                RunStatus.SUCCEEDED,
-                mode,
-                None,
-                counts,
-                None,
-                None,
-                snapshot.rejected,
-                sample,
-            )
+        result = AudienceResult(
+            audience, RunStatus.SUCCEEDED, mode, None, counts, None, None, snapshot.rejected, sample
         )
+        try:
+            if not force:
+                check_snapshot(audience, p, snapshot, config.safeguards, store.clock())
+        except SafeguardError as exc:
+            result.status, result.error, result.error_type = (
+                RunStatus.FAILED,
+                str(exc),
+                SafeguardError,
+            )
+            result.sample = []  # a refused audience would send nothing
+        else:
+            if changed is not None:
+                collect_changed(changed, p, snapshot.members)
+        results.append(result)
+    planned = [r for r in results if r.error is None]
+    try:
+        check_initial_sync(
+            destination=dest_name,
+            evidence=evidence,
+            memberships=sum(r.counts["entered"] for r in planned if r.mode is RunMode.INITIAL),
+            limit=config.safeguards.max_initial_sync,
+        )
+    except StateMissing as exc:
+        for r in planned:
+            r.status, r.error, r.error_type = RunStatus.FAILED, str(exc), StateMissing
+            r.sample = []
+        if changed is not None:
+            changed.clear()
     return results

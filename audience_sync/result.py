@@ -39,6 +39,8 @@ class SyncResult:
     dry_run: bool
     audiences: list[AudienceResult]
     cost: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    """Things the operator should act on that did not stop the run (e.g. audiences to retire)."""
 
     @property
     def exit_code(self) -> int:
@@ -53,5 +55,5 @@ class SyncResult:
                 codes.append(SnapshotError.exit_code)
             elif r.status in (RunStatus.PARTIAL, RunStatus.INTERRUPTED):
                 codes.append(PARTIAL_EXIT_CODE)
-        severity = [0, PARTIAL_EXIT_CODE, 4, 1, 6, 7, 3]
+        severity = [0, PARTIAL_EXIT_CODE, 4, 1, 6, 9, 7, 3]
         return max(codes, key=severity.index)

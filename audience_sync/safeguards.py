@@ -14,9 +14,10 @@ from datetime import datetime, timedelta
 from audience_sync.config import AudienceConfig, SafeguardConfig
 from audience_sync.diff import Plan
 from audience_sync.durations import format_duration
-from audience_sync.errors import SafeguardError
+from audience_sync.errors import SafeguardError, StateMissing
+from audience_sync.model import Snapshot
 
-__all__ = ["Limits", "check", "limits_for"]
+__all__ = ["Limits", "check", "check_initial_sync", "check_snapshot", "limits_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +88,45 @@ def check(
             f"max_snapshot_age {format_duration(limits.max_snapshot_age)}, so nothing was sent. "
             f"Check that the export still runs, or run {force}."
         )
+
+
+def check_snapshot(
+    audience: AudienceConfig,
+    the_plan: Plan,
+    snapshot: Snapshot,
+    defaults: SafeguardConfig,
+    now: datetime,
+) -> None:
+    """``check`` for one planned audience, as both a run and a dry run apply it."""
+    check(
+        audience,
+        the_plan,
+        source=snapshot.source,
+        # Counted from the plan: a pushed-down diff loads only the entered members' rows.
+        members=len(the_plan.entered) + the_plan.unchanged,
+        synced=the_plan.unchanged + len(the_plan.exited),  # the state's members
+        taken_at=snapshot.taken_at,
+        now=now,
+        limits=limits_for(audience, defaults),
+    )
+
+
+def check_initial_sync(
+    *, destination: str, evidence: str | None, memberships: int, limit: int
+) -> None:
+    """Raise ``StateMissing`` when a run from a state that holds nothing for ``destination``
+    would send more than ``limit`` memberships to a destination that shows earlier syncs.
+
+    ``evidence`` says what shows them (None: nothing does). That is what a state database
+    that moved or was lost looks like, and re-sending every member can cost days of quota.
+    """
+    if evidence is None or memberships <= limit:
+        return
+    raise StateMissing(
+        f"the state database holds nothing for destination {destination!r}, but it was synced "
+        f"before ({evidence}); this run would be an initial sync of {memberships:,} "
+        f"memberships, more than [safeguards] max_initial_sync = {limit:,}, so nothing was sent. "
+        "If the state database moved or was lost, point [state] url at it (a relative SQLite "
+        "path is relative to the config file's folder). If this really is a first sync, run "
+        "`audience-sync run --initial`."
+    )

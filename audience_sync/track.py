@@ -21,21 +21,45 @@ from audience_sync.destinations import Call, Destination, IdentifyCall, TrackEve
 from audience_sync.engine import open_destination
 from audience_sync.errors import SnapshotError, StateError
 from audience_sync.model import DeliveryStatus, Outcome
+from audience_sync.planning import SAMPLE_SIZE
 from audience_sync.result import PARTIAL_EXIT_CODE
 from audience_sync.state import connect, schema_is_current, upgrade
 
-__all__ = ["CallResult", "read_calls", "track"]
+__all__ = ["CallFile", "CallResult", "SkippedLine", "read_calls", "sends_here", "track"]
 
 log = logging.getLogger("audience_sync")
+
+#: This destination's name in a Segment message's Integrations object.
+INTEGRATION = "Crisp"
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedLine:
+    """A line of a calls file that is not a call audience-sync can send, and why."""
+
+    line: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallFile:
+    """The calls of a file, the lines skipped as unusable, and how many calls the messages'
+    Integrations objects turned off for this destination (``"Crisp": false``...)."""
+
+    calls: list[Call]
+    skipped: tuple[SkippedLine, ...] = ()
+    integrations_off: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class CallResult:
-    """The outcome of each call, in the order given."""
+    """The outcome of each call, in the order given, and what was left out before sending."""
 
     destination: str
     calls: tuple[Call, ...]
     outcomes: tuple[Outcome, ...]
+    skipped_lines: tuple[SkippedLine, ...] = ()
+    integrations_off: int = 0
 
     def count(self, status: DeliveryStatus) -> int:
         return sum(o.status is status for o in self.outcomes)
@@ -51,33 +75,39 @@ class CallResult:
 
     @property
     def exit_code(self) -> int:
+        """5 when a call was not delivered or a line was skipped (a turned-off call is fine)."""
         delivered = self.count(DeliveryStatus.DELIVERED)
-        return 0 if delivered == len(self.outcomes) else PARTIAL_EXIT_CODE
+        complete = delivered == len(self.outcomes) and not self.skipped_lines
+        return 0 if complete else PARTIAL_EXIT_CODE
 
 
-def _call(message: Any, where: str) -> Call:
+class _BadLine(ValueError):
+    """A line that is not a call audience-sync can send; the message says why."""
+
+
+def _call(message: Any) -> Call:
     if not isinstance(message, dict):
-        raise SnapshotError(f"{where}: expected a JSON object (a Segment message)")
+        raise _BadLine("expected a JSON object (a Segment message)")
     kind = message.get("type")
     user_id = message.get("userId")
     if kind not in ("track", "identify"):
-        raise SnapshotError(f"{where}: `type` is {kind!r}; only 'track' and 'identify' are sent")
+        raise _BadLine(f"`type` is {kind!r}; only 'track' and 'identify' are sent")
     if user_id is None or (isinstance(user_id, str) and not user_id.strip()):
-        raise SnapshotError(f"{where}: `userId` is missing (anonymous calls cannot reach Crisp)")
+        raise _BadLine("`userId` is missing (anonymous calls cannot reach Crisp)")
     if not isinstance(user_id, str | int) or isinstance(user_id, bool):
-        raise SnapshotError(f"{where}: `userId` must be a string")
+        raise _BadLine("`userId` must be a string")
     user = str(user_id).strip()
     if kind == "identify":
         traits = message.get("traits", {})
         if not isinstance(traits, dict):
-            raise SnapshotError(f"{where}: `traits` must be an object")
+            raise _BadLine("`traits` must be an object")
         return IdentifyCall(user_id=user, traits=traits)
     event = message.get("event")
     if not isinstance(event, str) or not event.strip():
-        raise SnapshotError(f"{where}: a track message needs a non-empty `event`")
+        raise _BadLine("a track message needs a non-empty `event`")
     properties = message.get("properties", {})
     if not isinstance(properties, dict):
-        raise SnapshotError(f"{where}: `properties` must be an object")
+        raise _BadLine("`properties` must be an object")
     context = message.get("context") or {}
     traits = context.get("traits") if isinstance(context, dict) else None
     email = traits.get("email") if isinstance(traits, dict) else None
@@ -89,31 +119,69 @@ def _call(message: Any, where: str) -> Call:
     )
 
 
-def read_calls(path: Path) -> list[Call]:
-    """The Track/Identify messages of a JSONL file; an error names the file and line."""
+def sends_here(message: dict[str, Any]) -> bool:
+    """Whether a message's Integrations object lets it reach this destination, as Segment
+    reads it: ``"Crisp"`` decides when present (anything but ``false``, e.g. an options
+    object, turns it on), else ``"All"`` (on by default)."""
+    integrations = message.get("integrations")
+    if not isinstance(integrations, dict):
+        return True
+    own = integrations.get(INTEGRATION)
+    if own is None:
+        return integrations.get("All", True) is not False
+    return own is not False
+
+
+def read_calls(path: Path) -> CallFile:
+    """The Track/Identify messages of a JSONL file.
+
+    A line that is not one (invalid JSON, a ``page`` call, an anonymous call...) is skipped and
+    reported with its number; a message whose Integrations object turns this destination off is
+    counted and left out. Only an unreadable file is an error.
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SnapshotError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SnapshotError(f"{path}: cannot read: {exc}") from None
-    calls = []
+    calls: list[Call] = []
+    skipped: list[SkippedLine] = []
+    off = 0
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         try:
             message = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise SnapshotError(f"{where}: not valid JSON ({exc.msg})") from None
-        calls.append(_call(message, where))
-    return calls
+            skipped.append(SkippedLine(number, f"not valid JSON ({exc.msg})"))
+            continue
+        try:
+            call = _call(message)
+        except _BadLine as exc:
+            skipped.append(SkippedLine(number, str(exc)))
+            continue
+        if sends_here(message):
+            calls.append(call)
+        else:
+            off += 1
+    for s in skipped[:SAMPLE_SIZE]:
+        log.warning("track file=%s line=%d skipped: %s", path, s.line, s.reason)
+    return CallFile(calls, tuple(skipped), off)
 
 
 def track(
-    config: Config, calls: Sequence[Call], *, destination: Destination | None = None
+    config: Config,
+    calls: Sequence[Call],
+    *,
+    destination: Destination | None = None,
+    skipped_lines: Sequence[SkippedLine] = (),
+    integrations_off: int = 0,
 ) -> CallResult:
-    """Send ``calls`` to the configured destination; one outcome per call, in order."""
+    """Send ``calls`` to the configured destination; one outcome per call, in order.
+
+    ``skipped_lines`` and ``integrations_off`` (from ``read_calls``) are reported with them.
+    """
     engine = connect(config.state.url)
     try:
         dest = destination or open_destination(config, engine)
@@ -128,7 +196,9 @@ def track(
                 return await dest.send_calls(calls)
 
         outcomes = asyncio.run(send()) if calls else []
-        result = CallResult(dest.name, tuple(calls), tuple(outcomes))
+        result = CallResult(
+            dest.name, tuple(calls), tuple(outcomes), tuple(skipped_lines), integrations_off
+        )
         log.info(
             "track destination=%s calls=%d %s",
             dest.name,

@@ -25,7 +25,9 @@ def example(tmp_path: Path, state_url: str) -> Path:
     for f in (tmp_path / "config/examples/day1").iterdir():
         shutil.copy(f, tmp_path / "config/examples/current" / f.name)
     config = tmp_path / "config/audience-sync.toml"
-    text = config.read_text().replace('url = "sqlite:///audience_sync.db"', f'url = "{state_url}"')
+    example_url = 'url = "sqlite:///../audience_sync.db"'
+    text = config.read_text().replace(example_url, f'url = "{state_url}"')
+    assert state_url in text
     config.write_text(text)
     return config
 
@@ -170,8 +172,13 @@ def test_kill_9_mid_run_loses_nothing(tmp_path: Path, state_url: str):
     # The kill may cut the last line short; the next run drops that unconfirmed fragment.
     killed_at = out.read_text().count("\n")
     assert 0 < killed_at < len(users), "the kill should land mid-run"
+    killed = json.loads(cli("history", "--config", str(path), "--json").stdout)[0]
+    assert killed["status"] == "running"
+    # The row of a killed run adds up (issue 15.5): committed outcomes moved out of pending.
+    assert killed["delivered"] > 0
+    assert sum(killed[c] for c in ("delivered", "failed", "skipped", "pending")) == len(users)
 
-    finish = cli("run", "--config", str(path), "--json")
+    finish = cli("run", "--config", str(path), "--json", timeout=900)  # 3,000 commits
     assert finish.returncode == 0, finish.stderr
     sent = [m["userId"] for m in lines(out)]
     assert set(sent) == set(users)
@@ -181,3 +188,10 @@ def test_kill_9_mid_run_loses_nothing(tmp_path: Path, state_url: str):
     assert report["entered"] == len(users) - (killed_at - duplicates)
     history = json.loads(cli("history", "--config", str(path), "--json").stdout)
     assert [r["status"] for r in history] == ["succeeded", "interrupted"]
+    interrupted = history[1]
+    assert (
+        sum(interrupted[c] for c in ("delivered", "failed", "skipped", "pending"))
+        == (interrupted["entered"])
+    )
+    # What the interrupted run left pending is exactly what the next run had to send.
+    assert interrupted["pending"] == report["entered"] == report["delivered"]

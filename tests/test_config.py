@@ -63,7 +63,7 @@ def test_valid_file_loads_into_typed_objects(tmp_path: Path, snapshot: Path) -> 
     assert isinstance(config, Config)
     assert config.path == path
     assert config.config_dir == tmp_path
-    assert config.state.url == STATE
+    assert config.state.url == f"sqlite:///{tmp_path / 'state.db'}"  # beside the config file
     assert config.destination.type == "jsonl"
     assert config.destination.name == "jsonl"
     assert isinstance(config.destination.settings, JsonlSettings)
@@ -81,7 +81,7 @@ def test_valid_file_loads_into_typed_objects(tmp_path: Path, snapshot: Path) -> 
     assert spenders.source == sub / "buyers.parquet"
     assert sql.source is None
     assert sql.query == "select user_id from users"
-    assert sql.source_url == "sqlite:///warehouse.db"
+    assert sql.source_url == f"sqlite:///{tmp_path / 'warehouse.db'}"
     assert sql.source_label == "SQL query"
 
 
@@ -120,7 +120,7 @@ def test_defaults_when_state_table_is_absent(tmp_path: Path, snapshot: Path) -> 
         encoding="utf-8",
     )
     config = load_config(path, env={})
-    assert config.state.url == "sqlite:///audience_sync.db"
+    assert config.state.url == f"sqlite:///{tmp_path / 'audience_sync.db'}"
     assert config.state.change_log is True
 
 
@@ -128,8 +128,9 @@ def test_env_overrides_state_url(tmp_path: Path, snapshot: Path) -> None:
     path = config_file(tmp_path)
     other = "postgresql+psycopg://sync@db.internal/audiences"
     assert load_config(path, env={STATE_URL_ENV: other}).state.url == other
-    assert load_config(path, env={}).state.url == STATE
-    assert load_config(path, env={STATE_URL_ENV: ""}).state.url == STATE  # empty = unset
+    beside = f"sqlite:///{tmp_path / 'state.db'}"
+    assert load_config(path, env={}).state.url == beside
+    assert load_config(path, env={STATE_URL_ENV: ""}).state.url == beside  # empty = unset
 
 
 def test_env_is_read_from_os_environ_by_default(
@@ -469,7 +470,11 @@ def test_state_table_values_are_typed(tmp_path: Path, snapshot: Path) -> None:
         encoding="utf-8",
     )
     state = load_config(path, env={}).state
-    assert (state.url, state.change_log, state.auto_migrate) == ("sqlite:///s.db", False, False)
+    assert (state.url, state.change_log, state.auto_migrate) == (
+        f"sqlite:///{tmp_path / 's.db'}",
+        False,
+        False,
+    )
 
     path.write_text(path.read_text(encoding="utf-8").replace("false", '"maybe"', 1), "utf-8")
     assert "state.change_log:" in config_error(path)

@@ -230,8 +230,13 @@ def test_killed_mid_run_then_the_next_run_completes_with_no_loss(
     assert sum(per_target.values()) - len(per_target) <= concurrency
     resent = [r for r in crisp.requests[before:] if r.status == 409]
     assert len(resent) <= concurrency
-    history = rows(state_url, "SELECT status FROM sync_runs ORDER BY id")
+    history = rows(state_url, "SELECT * FROM sync_runs ORDER BY id")
     assert [h["status"] for h in history] == ["interrupted"] * 2 + ["succeeded"] * 2
+    # 15.5: the stopped runs' counters add up, and their pending is what the next run sent.
+    for stopped, next_run in zip(history[:2], history[2:], strict=True):
+        outcomes = ("delivered", "failed", "skipped", "pending")
+        assert sum(stopped[c] for c in outcomes) == stopped["entered"]
+        assert stopped["pending"] == next_run["entered"] == next_run["delivered"]
 
 
 @pytest.mark.parametrize("problem", ["rejected", "missing"])

@@ -532,12 +532,18 @@ def test_audience_events(s: Setup) -> None:
     kept = s.server.profile_by_email("u000@example.com")
     left = s.server.profile_by_email("u001@example.com")
     assert kept is not None and left is not None
-    assert [e["text"] for e in kept["events"]] == ["Audience Entered: VIP Users"]
-    assert [e["text"] for e in left["events"]] == [
-        "Audience Entered: VIP Users",
-        "Audience Exited: VIP Users",
-    ]
-    assert left["events"][1]["data"] == {"audience_key": "vip_users", "vip_users": False}
+    assert [e["text"] for e in kept["events"]] == ["Audience Entered"]  # Engage's names
+    assert [e["text"] for e in left["events"]] == ["Audience Entered", "Audience Exited"]
+    assert left["events"][1]["data"] == {
+        "audience_key": "vip_users",
+        "audience_name": "VIP Users",
+        "vip_users": False,
+    }
+    s.options |= {"entered_event": "Audience Entered: {audience}"}  # the 0.1 naming
+    s.snapshot("VIP Users", users(3))
+    s.sync("VIP Users")
+    back = s.server.profile_by_email("u001@example.com")
+    assert back is not None and back["events"][-1]["text"] == "Audience Entered: VIP Users"
 
 
 def test_track_to_known_users_and_dropped_for_unknown(s: Setup) -> None:

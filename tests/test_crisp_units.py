@@ -16,6 +16,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from conftest import CRISP_IDENTIFIER, CRISP_KEY, crisp_env
+from pydantic import ValidationError
 
 from audience_sync.config import load_config
 from audience_sync.destinations.crisp import (
@@ -107,15 +108,26 @@ def test_data_is_always_wrapped() -> None:
 
 
 def test_audience_event_body() -> None:
+    """Engage's event names by default, its properties plus the audience's name as data."""
     entered = audience_event(Change("vip_users", "VIP Users", True, "m1"))
     assert entered == {
-        "text": "Audience Entered: VIP Users",
-        "data": {"audience_key": "vip_users", "vip_users": True},
+        "text": "Audience Entered",
+        "data": {"audience_key": "vip_users", "audience_name": "VIP Users", "vip_users": True},
         "color": "green",
     }
-    assert audience_event(Change("vip_users", "VIP Users", False, "m2"))["text"] == (
-        "Audience Exited: VIP Users"
+    exited = audience_event(Change("vip_users", "VIP Users", False, "m2"))
+    assert (exited["text"], exited["data"]["vip_users"]) == ("Audience Exited", False)
+    # The 0.1 naming, kept as an option: the audience in the event's name.
+    legacy = ("Audience Entered: {audience}", "Audience Exited: {audience} ({key})")
+    assert audience_event(Change("vip_users", "VIP Users", False, "m3"), *legacy)["text"] == (
+        "Audience Exited: VIP Users (vip_users)"
     )
+
+
+@pytest.mark.parametrize("name", ["", "Entered {audiance}", "Entered {", "{0}"])
+def test_event_names_take_only_the_audience_and_its_key(name: str) -> None:
+    with pytest.raises(ValidationError, match="event name"):
+        CrispSettings.model_validate({"website_id": "w", "entered_event": name})
 
 
 def test_identify_parts_splits_identity_and_data() -> None:

@@ -218,6 +218,17 @@ def test_permanent_failure_is_held_until_input_changes_or_retry_failed(setup, st
     assert [u.user_id for u in held.updates] == []
     assert result.audiences[0].counts["failed"] == 1
     assert "--retry-failed" in (result.audiences[0].error or "")
+    # The held change is counted failed in the stored row as soon as it is held (15.5).
+    engine = connect(state_url)
+    stored = StateStore(engine).run(result.audiences[0].run_id or 0)
+    engine.dispose()
+    assert stored is not None
+    assert (stored["entered"], stored["failed"], stored["pending"], stored["delivered"]) == (
+        1,
+        1,
+        0,
+        0,
+    )
 
     forced = RecordingDestination()
     sync(load_config(path), destination=forced, retry_failed=True)

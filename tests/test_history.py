@@ -60,8 +60,9 @@ def test_history_run_id_shows_one_run_with_error_samples(tmp_path: Path, state_u
     assert as_json["reasons"] == [{"outcome": "failed", "reason": "invalid email", "users": 2}]
     assert as_json["run"]["delivered"] == 3
     missing = cli("history", "--config", str(config), "99")
-    assert missing.returncode == 1
+    assert missing.returncode == 2  # what the command line names does not exist; 1 is for bugs
     assert "no run 99" in missing.stderr
+    assert "`audience-sync history` lists the recent runs" in missing.stderr
 
 
 def test_prune_deletes_old_runs_and_changes_but_keeps_the_latest(
@@ -160,3 +161,37 @@ def test_status_library_counts_the_retry_queue_and_a_run_in_progress(
     assert entry.running_holder == "otherhost:42"
     assert entry.healthy
     assert entry.next_run is not None and entry.next_run.minute == 0
+
+
+def test_history_shows_the_configs_destination_unless_told_otherwise(
+    tmp_path: Path, state_url: str
+) -> None:
+    """13.11: two destinations share a state database; `history` no longer mixes them."""
+    write_csv(tmp_path / "a.csv", "user_id\nu1\nu2\n")
+    configs = {
+        name: write_config(
+            tmp_path / f"{name}.toml",
+            state_url=state_url,
+            destination={"type": "jsonl", "name": name, "path": f"{name}.jsonl"},
+            audiences=[{"name": "A", "source": "a.csv"}],
+        )
+        for name in ("first", "second")
+    }
+    assert cli("run", "--config", str(configs["first"])).returncode == 0
+    assert cli("run", "--config", str(configs["second"])).returncode == 0
+    assert cli("run", "--config", str(configs["second"])).returncode == 0
+
+    def destinations(*args: str) -> list[str]:
+        shown = cli("history", *args, "--json")
+        assert shown.returncode == 0, shown.stderr
+        return [r["destination"] for r in json.loads(shown.stdout)]
+
+    assert destinations("--config", str(configs["first"])) == ["first"]
+    assert destinations("--config", str(configs["second"])) == ["second", "second"]
+    assert destinations("--config", str(configs["first"]), "--destination", "second") == [
+        "second",
+        "second",
+    ]
+    assert sorted(destinations("--url", state_url)) == ["first", "second", "second"]
+    changes = cli("history", "--config", str(configs["first"]), "--user", "u1", "--json")
+    assert [r["destination"] for r in json.loads(changes.stdout)] == ["first"]

@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_config, write_csv
+from conftest import cli, write_config, write_csv
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from audience_sync import IdentifyCall, SnapshotError, TrackEvent, load_config, read_calls, track
+from audience_sync.track import sends_here
 
 
 def test_read_calls_and_track_to_jsonl(tmp_path: Path, state_url: str) -> None:
@@ -31,7 +34,7 @@ def test_read_calls_and_track_to_jsonl(tmp_path: Path, state_url: str) -> None:
         )
         + "\n"
     )
-    calls = read_calls(source)
+    calls = read_calls(source).calls
     assert calls == [
         IdentifyCall(user_id="u1", traits={"email": "a@x.com"}),
         TrackEvent(
@@ -62,11 +65,79 @@ def test_read_calls_and_track_to_jsonl(tmp_path: Path, state_url: str) -> None:
         ('{"type": "identify", "userId": "u", "traits": []}', "`traits` must be an object"),
     ],
 )
-def test_read_calls_errors_name_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+def test_a_bad_line_is_skipped_with_its_number(tmp_path: Path, line: str, message: str) -> None:
+    """15.6: a bad line is reported and skipped; the rest of the file is still read."""
     source = tmp_path / "calls.jsonl"
-    source.write_text('{"type": "track", "userId": "u", "event": "ok"}\n' + line + "\n")
-    with pytest.raises(SnapshotError) as info:
-        read_calls(source)
-    assert f"{source}:2: " in str(info.value) and message in str(info.value)
+    ok = '{"type": "track", "userId": "u", "event": "ok"}\n'
+    source.write_text(ok + line + "\n" + ok)
+    read = read_calls(source)
+    assert [c.user_id for c in read.calls] == ["u", "u"]
+    [skipped] = read.skipped
+    assert skipped.line == 2 and message in skipped.reason
     with pytest.raises(SnapshotError, match="file not found"):
         read_calls(tmp_path / "missing.jsonl")
+
+
+def message(user: str, integrations: object = None) -> str:
+    body: dict[str, object] = {"type": "track", "userId": user, "event": "Paid"}
+    if integrations is not None:
+        body["integrations"] = integrations
+    return json.dumps(body)
+
+
+@given(
+    st.one_of(
+        st.none(),
+        st.dictionaries(
+            st.sampled_from(["All", "Crisp", "Intercom"]),
+            st.one_of(st.booleans(), st.just({"option": 1})),
+        ),
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_integrations_decide_as_segment_does(integrations: dict[str, object] | None) -> None:
+    """The destination's own key decides when present (anything but false turns it on), else
+    "All" (on by default); other destinations' keys do not matter."""
+    own = (integrations or {}).get("Crisp")
+    expected = own is not False if own is not None else (integrations or {}).get("All") is not False
+    assert sends_here(json.loads(message("u", integrations))) is expected
+
+
+def test_track_file_honours_integrations_and_skips_bad_lines(
+    tmp_path: Path, state_url: str
+) -> None:
+    write_csv(tmp_path / "a.csv", "user_id\n1\n")
+    config = write_config(
+        tmp_path / "c.toml", state_url=state_url, audiences=[{"name": "A", "source": "a.csv"}]
+    )
+    source = tmp_path / "calls.jsonl"
+    source.write_text(
+        "\n".join(
+            [
+                message("u1"),
+                message("u2", {"Crisp": False}),
+                '{"type": "page", "userId": "u3", "name": "Home"}',
+                message("u4", {"All": False}),
+                message("u5", {"All": False, "Crisp": True}),
+                message("u6", {"All": False, "Crisp": {"note": "options turn it on"}}),
+                '{"type": "track", "anonymousId": "a7", "event": "Paid"}',
+                "{oops",
+            ]
+        )
+        + "\n"
+    )
+    done = cli("track", "--config", str(config), "--file", str(source), "--json")
+    assert done.returncode == 5, done.stdout + done.stderr  # some lines were skipped
+    report = json.loads(done.stdout)
+    assert (report["calls"], report["delivered"], report["integrations_off"]) == (3, 3, 2)
+    assert [x["line"] for x in report["skipped_lines"]] == [3, 7, 8]
+    assert "`userId` is missing" in report["skipped_lines"][1]["reason"]
+    sent = [json.loads(x)["userId"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sent == ["u1", "u5", "u6"]
+    table = cli("track", "--config", str(config), "--file", str(source))
+    assert f"{source}:3: skipped: `type` is 'page'" in table.stdout
+    assert "2 x left out: its `integrations` turn Crisp off" in table.stdout
+
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(message("u1") + "\n" + message("u2", {"Crisp": False}) + "\n")
+    assert cli("track", "--config", str(config), "--file", str(clean)).returncode == 0

@@ -174,6 +174,14 @@ class Destination(abc.ABC):
         """
         raise DestinationError(f"the {self.kind} destination does not accept Track calls")
 
+    def previous_sync(self) -> str | None:
+        """What shows that this destination was synced before, or None (nothing does).
+
+        The engine refuses a large initial sync from a state that holds nothing for a
+        destination that says yes (``[safeguards] max_initial_sync``): the state was lost.
+        """
+        return None
+
     def describe_plan(self, updates: Sequence[UserUpdate]) -> dict[str, int]:
         """Estimated cost of sending ``updates`` (e.g. ``{"requests": n}``), for ``--dry-run``."""
         return {}

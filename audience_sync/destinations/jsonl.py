@@ -205,6 +205,13 @@ class JsonlDestination(Destination):
     def batch_users(self) -> int:
         return self.settings.flush_every
 
+    def previous_sync(self) -> str | None:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return None
+        return f"{self.path} holds {size:,} bytes of earlier messages" if size else None
+
     async def pace(self, n: int) -> None:
         """Called before the ``n``-th user (from 0) when a subclass overrides it (tests slow
         delivery down this way); the plain destination skips the call."""

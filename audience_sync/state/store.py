@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 import alembic.util
@@ -31,6 +32,7 @@ from audience_sync.state.schema import (
     destination_requests,
     sync_audiences,
     sync_changes,
+    sync_members,
     sync_pending,
     sync_rejected_rows,
     sync_runs,
@@ -88,12 +90,20 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
-def connect(url: str) -> sa.Engine:
+def connect(url: str, *, create: bool = True) -> sa.Engine:
     """An engine for the state database; SQLite gets WAL and write-intent transactions.
 
     ``BEGIN IMMEDIATE`` makes a SQLite transaction take the write lock up front, so two
     processes serialise cleanly (waiting up to 30 s) instead of failing mid-transaction.
+    Without ``create``, a SQLite file that does not exist is not created: an empty in-memory
+    database stands in for it (for commands that only read: a dry run, ``history``).
     """
+    if not create:
+        from audience_sync.config import sqlite_path  # where the config resolves the path
+
+        database = sqlite_path(url)
+        if database is not None and not database.exists():
+            return sa.create_engine("sqlite://")
     try:
         engine = sa.create_engine(url, pool_pre_ping=True)
     except (sa.exc.ArgumentError, ImportError, ValueError) as exc:
@@ -144,10 +154,14 @@ def describe(engine: sa.Engine) -> str:
 def _alembic_config() -> AlembicConfig:
     # The scripts ship as the audience_sync.migrations package (from the top-level migrations/
     # folder), so ask the import system where it is rather than assuming a folder layout.
+    try:
+        scripts = str(importlib.resources.files("audience_sync.migrations"))
+    except ModuleNotFoundError:
+        # Imported from a source checkout (Python started in the repository's root puts its
+        # audience_sync/ folder ahead of the installed package), where they are not mapped in.
+        scripts = str(Path(__file__).resolve().parents[2] / "migrations")
     cfg = AlembicConfig()
-    cfg.set_main_option(
-        "script_location", str(importlib.resources.files("audience_sync.migrations"))
-    )
+    cfg.set_main_option("script_location", scripts)
     return cfg
 
 
@@ -268,13 +282,18 @@ class StateStore:
                     )
         return AudienceRef(int(audience_id), destination, key, name)
 
-    def find_audience(self, destination: str, key: str) -> AudienceRef | None:
+    def find_audience(
+        self, destination: str, key: str, *, by_name: bool = False
+    ) -> AudienceRef | None:
+        """The audience with trait key ``key`` (or, ``by_name``, that display name too)."""
+        matches = sync_audiences.c.audience_key == key
+        if by_name:
+            matches = matches | (sync_audiences.c.audience_name == key)
         with self.engine.connect() as conn:
             row = conn.execute(
-                sa.select(sync_audiences).where(
-                    sync_audiences.c.destination == destination,
-                    sync_audiences.c.audience_key == key,
-                )
+                sa.select(sync_audiences)
+                .where(sync_audiences.c.destination == destination, matches)
+                .order_by((sync_audiences.c.audience_key != key), sync_audiences.c.id)
             ).first()
         if row is None:
             return None
@@ -288,6 +307,46 @@ class StateStore:
                 ids = bulk.read_members(conn, audience_id)
         index: pd.Index = pd.Index(pd.array(ids, dtype="string[pyarrow]"), name="user_id")
         return index
+
+    def with_members(self, destination: str) -> list[AudienceRef]:
+        """The destination's audiences that have at least one member in the state."""
+        if not sa.inspect(self.engine).has_table("sync_audiences"):
+            return []
+        member = sa.exists().where(sync_members.c.audience_id == sync_audiences.c.id)
+        query = (
+            sa.select(sync_audiences)
+            .where(sync_audiences.c.destination == destination, member)
+            .order_by(sync_audiences.c.id)
+        )
+        with self.engine.connect() as conn:
+            return [
+                AudienceRef(r.id, r.destination, r.audience_key, r.audience_name)
+                for r in conn.execute(query)
+            ]
+
+    def has_history(self) -> bool:
+        """Whether the database has the run history's table (a run or ``db upgrade`` made it)."""
+        return sa.inspect(self.engine).has_table("sync_runs")
+
+    def holds_nothing(self, destination: str) -> bool:
+        """Whether the state holds no member and no delivered change for ``destination``."""
+        if not sa.inspect(self.engine).has_table("sync_audiences"):
+            return True
+        audiences = sa.select(sync_audiences.c.id).where(
+            sync_audiences.c.destination == destination
+        )
+        with self.engine.connect() as conn:
+            member = conn.execute(
+                sa.select(sync_members.c.user_id)
+                .where(sync_members.c.audience_id.in_(audiences))
+                .limit(1)
+            ).first()
+            delivered = conn.execute(
+                sa.select(sync_runs.c.id)
+                .where(sync_runs.c.destination == destination, sync_runs.c.delivered > 0)
+                .limit(1)
+            ).first()
+        return member is None and delivered is None
 
     def retry_queue(self, audience_id: int) -> pd.DataFrame:
         """Users whose last change was not delivered, indexed by user id."""
@@ -303,17 +362,45 @@ class StateStore:
         return frame.set_index("user_id")
 
     def has_succeeded(self, audience_id: int) -> bool:
-        """Whether a run of the audience has ``succeeded`` (so it is past its initial sync)."""
+        """Whether a run of the audience has ``succeeded`` since it was last retired (so it is
+        past its initial sync)."""
+        retired = (
+            sa.select(sa.func.coalesce(sa.func.max(sync_runs.c.id), 0))
+            .where(sync_runs.c.audience_id == audience_id, sync_runs.c.mode == "retire")
+            .scalar_subquery()
+        )
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(sync_runs.c.id)
                 .where(
                     sync_runs.c.audience_id == audience_id,
                     sync_runs.c.status == RunStatus.SUCCEEDED.value,
+                    sync_runs.c.id > retired,
                 )
                 .limit(1)
             ).first()
         return row is not None
+
+    def retire_done(self, audience_id: int) -> bool:
+        """Whether the audience holds no member and no retry row: nothing left to retire."""
+        with self.engine.connect() as conn:
+            left = conn.execute(
+                sa.select(sync_members.c.user_id)
+                .where(sync_members.c.audience_id == audience_id)
+                .union_all(
+                    sa.select(sync_pending.c.user_id).where(
+                        sync_pending.c.audience_id == audience_id
+                    )
+                )
+                .limit(1)
+            ).first()
+        return left is None
+
+    def drop_audience_state(self, audience_id: int) -> None:
+        """Forget a retired audience's members and retry queue (its history stays)."""
+        with self.engine.begin() as conn:
+            conn.execute(sync_members.delete().where(sync_members.c.audience_id == audience_id))
+            conn.execute(sync_pending.delete().where(sync_pending.c.audience_id == audience_id))
 
     # -- runs ----------------------------------------------------------------------------
 
@@ -473,9 +560,18 @@ class StateStore:
                         delivered=runs.delivered + sa.bindparam("d"),
                         failed=runs.failed + sa.bindparam("f"),
                         skipped=runs.skipped + sa.bindparam("s"),
+                        # In the same statement, so a killed run's row still adds up: pending,
+                        # delivered, failed and skipped always sum to what was planned.
+                        pending=runs.pending - sa.bindparam("n"),
                     ),
                     [
-                        {"run": b.run_id, "d": b.delivered, "f": b.failed, "s": b.skipped}
+                        {
+                            "run": b.run_id,
+                            "d": b.delivered,
+                            "f": b.failed,
+                            "s": b.skipped,
+                            "n": b.delivered + b.failed + b.skipped,
+                        }
                         for b in counted
                     ],
                 )
@@ -501,8 +597,10 @@ class StateStore:
         with self.engine.connect() as conn:
             return [_row(r) for r in conn.execute(query).mappings()]
 
-    def user_changes(self, user_id: str, *, limit: int = 100) -> list[dict[str, Any]]:
-        """The change log of one user, newest first."""
+    def user_changes(
+        self, user_id: str, *, destination: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """The change log of one user (for one destination, when given), newest first."""
         query = (
             sa.select(
                 sync_changes,
@@ -515,6 +613,7 @@ class StateStore:
             .order_by(sync_changes.c.id.desc())
             .limit(limit)
         )
+        query = _scoped(query, sync_runs.c, destination, ())
         with self.engine.connect() as conn:
             return [_row(r) for r in conn.execute(query).mappings()]
 

@@ -52,6 +52,7 @@ from audience_sync.destinations.crisp.ratelimit import AdaptiveRateLimiter
 from audience_sync.destinations.crisp.settings import CrispCredentials, CrispSettings
 from audience_sync.errors import DestinationError, QuotaExhausted
 from audience_sync.model import Outcome, UserUpdate
+from audience_sync.state.schema import crisp_people, destination_requests
 from audience_sync.state.store import Clock, utc_now
 
 __all__ = ["TRACK_DROPPED", "CrispDestination"]
@@ -195,6 +196,29 @@ class CrispDestination(Destination):
         beyond_today = max(cost["requests"] - left, 0)
         cost["days"] = 1 + math.ceil(beyond_today / self.budget.limit) if cost["requests"] else 0
         return cost
+
+    def previous_sync(self) -> str | None:
+        tables = sa.inspect(self.state)
+        # Asked before the connection below opens: SQLite would make them wait for each other.
+        people_table, requests_table = (
+            tables.has_table(t) for t in ("crisp_people", "destination_requests")
+        )
+        with self.state.connect() as conn:
+            if people_table:
+                people = conn.scalar(
+                    sa.select(sa.func.count()).where(crisp_people.c.destination == self.name)
+                )
+                if people:
+                    return f"crisp_people knows {people:,} of its profiles"
+            if requests_table:
+                used = conn.scalar(
+                    sa.select(sa.func.sum(destination_requests.c.used)).where(
+                        destination_requests.c.destination == self.name
+                    )
+                )
+                if used:
+                    return f"destination_requests counts {used:,} requests made to it"
+        return None
 
     # -- Track and Identify calls ---------------------------------------------------------------
 
@@ -538,7 +562,8 @@ class _Delivery:
             update.user_id, update.identity, found, dict(update.traits)
         )
         if outcome.status.value == "delivered" and self.settings.audience_events:
-            events = [audience_event(c) for c in update.changes]
+            named = (self.settings.entered_event, self.settings.exited_event)
+            events = [audience_event(c, *named) for c in update.changes]
             outcome = await self.profiles.add_events(update.user_id, found, events)
         self._emit(outcome)
 

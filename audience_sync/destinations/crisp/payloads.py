@@ -19,6 +19,9 @@ from audience_sync.naming import trait_key
 
 __all__ = [
     "DATA_KEY",
+    "ENTERED_EVENT",
+    "EVENT_NAME_FIELDS",
+    "EXITED_EVENT",
     "DataValue",
     "audience_event",
     "batch_body",
@@ -75,12 +78,29 @@ def event_body(
     return body
 
 
-def audience_event(change: Change) -> dict[str, Any]:
-    """The "Audience Entered: NAME" / "Audience Exited: NAME" event of one change."""
-    verb = "Entered" if change.value else "Exited"
+#: Engage's Track event names for audience changes (the ``entered_event`` defaults).
+ENTERED_EVENT = "Audience Entered"
+EXITED_EVENT = "Audience Exited"
+#: The fields an event name may use: ``{audience}`` (the name) and ``{key}`` (the trait key).
+EVENT_NAME_FIELDS = ("audience", "key")
+
+
+def audience_event(
+    change: Change, entered: str = ENTERED_EVENT, exited: str = EXITED_EVENT
+) -> dict[str, Any]:
+    """The event of one change, named as Engage names its Track calls (``entered`` /
+    ``exited``, with ``{audience}`` and ``{key}`` filled in), and Engage's properties plus the
+    audience's name as its data."""
+    name = (entered if change.value else exited).format(
+        audience=change.audience_name, key=change.audience_key
+    )
     return event_body(
-        f"Audience {verb}: {change.audience_name}",
-        {"audience_key": change.audience_key, change.audience_key: change.value},
+        name,
+        {
+            "audience_key": change.audience_key,
+            "audience_name": change.audience_name,
+            change.audience_key: change.value,
+        },
         "green" if change.value else "grey",
     )
 

@@ -8,6 +8,7 @@ Settings are validated with the rest of the config file (``CRISP_WEBSITE_ID`` ov
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Self
@@ -15,6 +16,11 @@ from typing import Any, Literal, Self
 from pydantic import Field, field_validator, model_validator
 
 from audience_sync.destinations.base import DestinationSettings
+from audience_sync.destinations.crisp.payloads import (
+    ENTERED_EVENT,
+    EVENT_NAME_FIELDS,
+    EXITED_EVENT,
+)
 from audience_sync.errors import CredentialsError
 
 __all__ = [
@@ -56,7 +62,13 @@ class CrispSettings(DestinationSettings):
     batch_linger: float = Field(2.0, ge=0, le=300)
     """Seconds a partly filled batch waits for more users with the same change."""
     audience_events: bool = False
-    """Also add an "Audience Entered: NAME" / "Audience Exited: NAME" event per change."""
+    """Also add an event per change to the profile's event stream (named below)."""
+    entered_event: str = ENTERED_EVENT
+    """Name of the event for a user who entered an audience (Engage's); ``{audience}`` and
+    ``{key}`` are replaced by the audience's name and key: ``"Audience Entered: {audience}"``
+    is the naming of audience-sync 0.1, which tells audiences apart in Crisp's event list."""
+    exited_event: str = EXITED_EVENT
+    """Name of the event for a user who left an audience (see ``entered_event``)."""
     update_profiles: bool = True
     """Send ``name``/``phone``/``avatar``/``email`` changes to the profile (one extra request
     for a user whose identity changed, or who already had a profile made elsewhere)."""
@@ -78,6 +90,21 @@ class CrispSettings(DestinationSettings):
                     f"only from the environment (${IDENTIFIER_ENV} and ${KEY_ENV})"
                 )
         return data
+
+    @field_validator("entered_event", "exited_event")
+    @classmethod
+    def _event_name(cls, v: str) -> str:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not a valid event name template ({exc})") from None
+        unknown = fields - set(EVENT_NAME_FIELDS)
+        if unknown or not v.strip():
+            raise ValueError(
+                f"{v!r}: an event name is text that may use {{audience}} and {{key}}, "
+                "e.g. 'Audience Entered' or 'Audience Entered: {audience}'"
+            )
+        return v
 
     @field_validator("api_url")
     @classmethod
