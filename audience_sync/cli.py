@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich import box
@@ -27,17 +27,14 @@ from rich.table import Table
 from audience_sync.config import DEFAULT_CONFIG_PATH, STATE_URL_ENV, Config, load_config
 from audience_sync.destinations import Call, TrackEvent
 from audience_sync.durations import format_duration, parse_duration
-from audience_sync.engine import sync
 from audience_sync.errors import AudienceSyncError
-from audience_sync.history import prune, run_detail
-from audience_sync.history import status as audience_status
 from audience_sync.naming import dropped_non_ascii, trait_key
-from audience_sync.result import SyncResult
-from audience_sync.service import Service
-from audience_sync.state import StateStore, connect, upgrade
-from audience_sync.state.store import COUNTERS, utc_now
-from audience_sync.track import read_calls
-from audience_sync.track import track as send_calls
+
+if TYPE_CHECKING:
+    from audience_sync.result import SyncResult
+
+# Commands import the engine, the state and the history in their bodies: SQLAlchemy, pandas,
+# pyarrow and DuckDB load only for the commands that use them (`--help` and `key` need none).
 
 # Wide enough for the history table when the output is a file or a pipe.
 out = Console(width=None if sys.stdout.isatty() else 240)
@@ -148,6 +145,8 @@ def run(
     wait: float,
 ) -> None:
     """Sync audiences once, now."""
+    from audience_sync.engine import sync
+
     if all_audiences and audiences:
         raise click.UsageError("--all and --audience cannot be combined")
     config = load_config(config_path)
@@ -217,6 +216,8 @@ def _table(title: str) -> Table:
 
 
 def _print_result(result: SyncResult) -> None:
+    from audience_sync.state.store import COUNTERS
+
     title = (
         f"{'Plan (dry run, nothing sent)' if result.dry_run else 'Sync'} -> {result.destination}"
     )
@@ -286,6 +287,9 @@ def track_command(
 
     A Track for a user with no known Crisp profile is dropped and reported with the reason.
     """
+    from audience_sync.track import read_calls
+    from audience_sync.track import track as send_calls
+
     calls: list[Call] = []
     if calls_file is not None:
         calls += read_calls(calls_file)
@@ -387,6 +391,9 @@ def history(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from audience_sync.state import StateStore, connect
+    from audience_sync.state.store import COUNTERS
+
     state_url, config = _state_url(config_path, url)
     keys = (
         [a.trait_key for a in config.select(audiences)] if config and audiences else list(audiences)
@@ -501,6 +508,9 @@ def history_show(
     as_json: bool,
 ) -> None:
     """Show run RUN_ID in detail, with samples of the changes that did not go through."""
+    from audience_sync.history import run_detail
+    from audience_sync.state import StateStore, connect
+
     state_url, _ = _parent_state(ctx, config_path, url)
     engine = connect(state_url)
     try:
@@ -569,6 +579,10 @@ def history_prune(
     ctx: click.Context, older_than: str, dry_run: bool, config_path: Path, url: str | None
 ) -> None:
     """Delete change-log rows and runs older than DURATION (the retry queue is kept)."""
+    from audience_sync.history import prune
+    from audience_sync.state import connect
+    from audience_sync.state.store import utc_now
+
     try:
         age = parse_duration(older_than)
     except ValueError as exc:
@@ -597,6 +611,10 @@ def _age(now: datetime, then: datetime | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(config_path: Path, as_json: bool) -> None:
     """Each audience's schedule, last and next run, retry queue; exit 8 if any is unhealthy."""
+    from audience_sync.history import status as audience_status
+    from audience_sync.state import connect
+    from audience_sync.state.store import utc_now
+
     config = load_config(config_path)
     engine = connect(config.state.url)
     try:
@@ -671,6 +689,8 @@ def status(config_path: Path, as_json: bool) -> None:
 @config_option
 def serve(config_path: Path) -> None:
     """Run every audience on its schedule until SIGTERM/SIGINT (SIGHUP reloads the config)."""
+    from audience_sync.service import Service
+
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)  # a service logs its runs
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
@@ -687,6 +707,8 @@ def db() -> None:
 @click.option("--url", help="State database URL (default: from the config).")
 def db_upgrade(config_path: Path, url: str | None) -> None:
     """Create or migrate the state tables to the current version (Alembic)."""
+    from audience_sync.state import connect, upgrade
+
     state_url, _ = _state_url(config_path, url)
     engine = connect(state_url)
     try:

@@ -16,7 +16,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -105,6 +104,8 @@ class AudienceConfig(_Strict):
     @classmethod
     def _schedule_is_cron(cls, v: str | None) -> str | None:
         if v is not None:
+            from apscheduler.triggers.cron import CronTrigger  # only when a schedule is given
+
             try:
                 CronTrigger.from_crontab(v, timezone="UTC")
             except ValueError as exc:

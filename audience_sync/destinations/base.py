@@ -22,13 +22,15 @@ import itertools
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
 from audience_sync.errors import DestinationError
 from audience_sync.model import ChangeBatch, Outcome, UserUpdate
+
+if TYPE_CHECKING:  # the config names a destination class without loading SQLAlchemy
+    import sqlalchemy as sa
 
 __all__ = ["Call", "Destination", "DestinationSettings", "IdentifyCall", "TrackEvent"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import sqlalchemy as sa
 
+from audience_sync.drivers import url_error
 from audience_sync.errors import SnapshotError
 
 __all__ = ["read_query"]
@@ -15,7 +16,7 @@ def read_query(url: str, query: str) -> pd.DataFrame:
     try:
         engine = sa.create_engine(url)
     except (sa.exc.ArgumentError, ImportError, ValueError) as exc:
-        raise SnapshotError(f"source_url is not a usable SQLAlchemy URL: {exc}") from None
+        raise SnapshotError(url_error("source_url", exc)) from None
     where = engine.url.render_as_string(hide_password=True)
     try:
         with engine.connect() as conn:

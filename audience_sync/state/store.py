@@ -13,19 +13,13 @@ import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import alembic.util
-import pandas as pd
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
+from audience_sync.drivers import url_error
 from audience_sync.errors import StateError
 from audience_sync.model import RunStatus
-from audience_sync.state import bulk
 from audience_sync.state.schema import (
     destination_requests,
     sync_audiences,
@@ -33,6 +27,12 @@ from audience_sync.state.schema import (
     sync_pending,
     sync_runs,
 )
+
+if TYPE_CHECKING:  # Alembic, pandas and the bulk paths load when used: `status` needs none
+    import pandas as pd
+    from alembic.config import Config as AlembicConfig
+
+    from audience_sync.state import bulk
 
 __all__ = [
     "COUNTERS",
@@ -91,7 +91,7 @@ def connect(url: str) -> sa.Engine:
     try:
         engine = sa.create_engine(url, pool_pre_ping=True)
     except (sa.exc.ArgumentError, ImportError, ValueError) as exc:
-        raise StateError(f"[state] url is not a usable SQLAlchemy URL: {exc}") from None
+        raise StateError(url_error("[state] url", exc)) from None
     if engine.dialect.name == "sqlite":
 
         @sa.event.listens_for(engine, "connect")
@@ -116,6 +116,8 @@ def describe(engine: sa.Engine) -> str:
 
 
 def _alembic_config() -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     # The scripts ship as the audience_sync.migrations package (from the top-level migrations/
     # folder), so ask the import system where it is rather than assuming a folder layout.
     cfg = AlembicConfig()
@@ -127,6 +129,9 @@ def _alembic_config() -> AlembicConfig:
 
 def upgrade(engine: sa.Engine, revision: str = "head") -> None:
     """Bring the schema to ``revision`` (Alembic); safe to run on a current database."""
+    import alembic.util
+    from alembic import command
+
     cfg = _alembic_config()
     try:
         with engine.begin() as conn:
@@ -145,6 +150,9 @@ def upgrade(engine: sa.Engine, revision: str = "head") -> None:
 
 def schema_is_current(engine: sa.Engine) -> bool:
     """Whether the database is at the newest migration."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
     try:
         with engine.connect() as conn:
@@ -182,6 +190,8 @@ class Applied:
     skipped: int = 0
 
     def __post_init__(self) -> None:
+        from audience_sync.state import bulk
+
         self.changes = bulk.ChangeRows(self.run_id, self.trait_key)
 
 
@@ -241,6 +251,10 @@ class StateStore:
 
     def members(self, audience_id: int) -> pd.Index:
         """The user ids the destination was last confirmed to hold as members."""
+        import pandas as pd
+
+        from audience_sync.state import bulk
+
         ids = bulk.read_members_arrow(self.engine.url, audience_id)
         if ids is None:
             with self.engine.connect() as conn:
@@ -250,6 +264,8 @@ class StateStore:
 
     def retry_queue(self, audience_id: int) -> pd.DataFrame:
         """Users whose last change was not delivered, indexed by user id."""
+        import pandas as pd
+
         with self.engine.connect() as conn:
             frame = pd.DataFrame(
                 conn.execute(
@@ -347,6 +363,8 @@ class StateStore:
         self, batches: Sequence[Applied], on_commit: Callable[[sa.Connection], None] | None = None
     ) -> None:
         """Write the confirmed outcomes of one delivery batch, for all audiences, atomically."""
+        from audience_sync.state import bulk
+
         now = self.clock()
         # One statement per table for all audiences: a commit's cost is its rows, not its
         # number of audiences (the engine commits every few hundred users).
