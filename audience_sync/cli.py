@@ -343,6 +343,38 @@ def key(name: str) -> None:
     click.echo(result)
 
 
+@cli.command("check")
+@config_option
+@click.option("--offline", is_flag=True, help="Do not contact the destination (no request).")
+def check_command(config_path: Path, offline: bool) -> None:
+    """Check the config, snapshots, state database and destination; show what would run.
+
+    Reads each snapshot's header and row count, opens the state read-only (creates and migrates
+    nothing) and makes one cheap destination request (Crisp: counted in the daily budget).
+    """
+    from audience_sync.check import check
+
+    report = check(load_config(config_path), offline=offline)
+    table = _table(f"Check -> {report.config.destination.name}")
+    for column in ("audience", "key", "schedule", "rows", "mode", "synced members"):
+        right = column in ("rows", "synced members")
+        table.add_column(column, justify="right" if right else "left")
+    for a in report.audiences:
+        table.add_row(
+            a.audience.name,
+            a.audience.trait_key,
+            a.schedule,
+            f"{a.header.rows:,}" if a.header else "-",
+            a.mode.value if a.mode else "-",
+            f"{a.synced_members:,}" if a.synced_members is not None else "-",
+        )
+    out.print(table)
+    for f in report.findings:
+        mark = "ok  " if f.ok else "FAIL"
+        out.print(f"  {mark} {f.part} {f.subject}: {f.detail}", markup=False, highlight=False)
+    sys.exit(report.exit_code)
+
+
 def _state_url(config_path: Path, url: str | None) -> tuple[str, Config | None]:
     if url:
         return url, None

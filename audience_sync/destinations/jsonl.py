@@ -186,6 +186,15 @@ class JsonlDestination(Destination):
             raise DestinationError(f"cannot open {self.path} for writing: {exc.strerror}") from None
         return self
 
+    async def probe(self) -> str:
+        # Nothing is created: the nearest folder that exists must let the run create the rest.
+        folder = next(p for p in (self.path.parent, *self.path.parents) if p.exists())
+        target = self.path if self.path.exists() else folder
+        if not os.access(target, os.W_OK) or not (target.is_dir() or target == self.path):
+            raise DestinationError(f"cannot write {self.path}: {target} is not writable")
+        later = "" if folder == self.path.parent else f" ({self.path.parent} will be created)"
+        return f"{self.path} is writable{later}"
+
     async def __aexit__(self, *exc_info: object) -> None:
         if self._file is not None:
             self._file.close()

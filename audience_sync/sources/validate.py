@@ -16,10 +16,20 @@ from audience_sync.diff import has_repeated
 from audience_sync.errors import SnapshotError
 from audience_sync.model import IDENTITY_TRAITS, RejectedRow, Snapshot
 
-__all__ = ["MAX_REPORTED_ROWS", "validate"]
+__all__ = ["MAX_REPORTED_ROWS", "require_user_id", "validate"]
 
 #: How many rejected rows are kept with their details (all are counted).
 MAX_REPORTED_ROWS = 50
+
+
+def require_user_id(columns: list[str], source: str) -> None:
+    """Raise the ``SnapshotError`` for a snapshot whose (stripped) columns lack ``user_id``."""
+    if "user_id" not in columns:
+        found = ", ".join(map(repr, columns)) or "none"
+        raise SnapshotError(
+            f"{source}: no `user_id` column (columns found: {found}); every snapshot needs one "
+            "row per member with its user_id"
+        )
 
 
 def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) -> Snapshot:
@@ -29,12 +39,7 @@ def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) ->
     the caller must find out otherwise (the engine does, from the diff: ``members_repeat``).
     """
     frame = frame.rename(columns=lambda c: str(c).strip())
-    if "user_id" not in frame.columns:
-        found = ", ".join(map(repr, frame.columns)) or "none"
-        raise SnapshotError(
-            f"{source}: no `user_id` column (columns found: {found}); every snapshot needs one "
-            "row per member with its user_id"
-        )
+    require_user_id(list(frame.columns), source)
     if frame.columns.duplicated().any():
         dupes = sorted(set(frame.columns[frame.columns.duplicated()]))
         raise SnapshotError(f"{source}: duplicate column names {dupes}")

@@ -24,6 +24,7 @@ from audience_sync.state.schema import (
     destination_requests,
     sync_audiences,
     sync_changes,
+    sync_members,
     sync_pending,
     sync_runs,
 )
@@ -261,6 +262,12 @@ class StateStore:
                 ids = bulk.read_members(conn, audience_id)
         index: pd.Index = pd.Index(pd.array(ids, dtype="string[pyarrow]"), name="user_id")
         return index
+
+    def member_count(self, audience_id: int) -> int:
+        """How many members the state holds for the audience (counted by the database)."""
+        query = sa.select(sa.func.count()).where(sync_members.c.audience_id == audience_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar() or 0)
 
     def retry_queue(self, audience_id: int) -> pd.DataFrame:
         """Users whose last change was not delivered, indexed by user id."""
