@@ -375,6 +375,28 @@ def check_command(config_path: Path, offline: bool) -> None:
     sys.exit(report.exit_code)
 
 
+@cli.command("init")
+@click.argument(
+    "directory", type=click.Path(path_type=Path, file_okay=False), default=".", required=False
+)
+@click.option("--force", is_flag=True, help="Overwrite starter files that already exist.")
+def init_command(directory: Path, force: bool) -> None:
+    """Write a starter project into DIRECTORY (default: here): a commented config, a sample
+    snapshot and a .gitignore. `audience-sync run` there works at once (JSONL output)."""
+    from audience_sync.starter import existing, write_starter
+
+    found = existing(directory)
+    if found and not force:
+        listed = ", ".join(str(p) for p in found)
+        raise click.UsageError(
+            f"{listed} already exist; pass --force to overwrite (nothing written)"
+        )
+    for path in write_starter(directory):
+        click.echo(f"wrote {path}")
+    where = "" if directory == Path(".") else f"cd {directory} && "
+    click.echo(f"next: {where}audience-sync check && audience-sync run")
+
+
 def _state_url(config_path: Path, url: str | None) -> tuple[str, Config | None]:
     if url:
         return url, None
