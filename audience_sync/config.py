@@ -161,6 +161,8 @@ class ServiceConfig(_Strict):
     """Write Prometheus metrics to this file after each run (node_exporter textfile)."""
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     """Serve Prometheus metrics over HTTP on this port (``serve`` only)."""
+    metrics_host: str = Field("127.0.0.1", min_length=1)
+    """The address ``metrics_port`` binds to: this host only unless set (``0.0.0.0``: all)."""
 
     @field_validator("timezone")
     @classmethod

@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
+import sqlalchemy as sa
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from audience_sync.config import AudienceConfig, Config, load_config
@@ -29,6 +30,7 @@ from audience_sync.engine import sync
 from audience_sync.errors import AudienceSyncError
 from audience_sync.metrics import RunMetrics
 from audience_sync.model import Trigger
+from audience_sync.result import SyncResult
 from audience_sync.schedule import describe, missed_run, trigger
 from audience_sync.state import StateStore, connect, upgrade
 from audience_sync.state.store import Clock, utc_now
@@ -159,13 +161,29 @@ class Service:
         finally:
             self._running.discard(key)
         if self.metrics.enabled:
-            try:
-                self.metrics.observe(result, time.monotonic() - started, time.time())
-            except OSError as exc:
-                log.error("cannot write metrics to %s: %s", self.metrics.textfile, exc)
+            self._observe(config, result, time.monotonic() - started)
         job = None if self.stopping.is_set() else self.scheduler.get_job(key)
         if job is not None and job.next_run_time is not None:
             log.info("audience=%s next_run=%s", key, job.next_run_time.isoformat())
+
+    def _observe(self, config: Config, result: SyncResult, duration: float) -> None:
+        """Update the metrics after a run; a metrics problem is logged, never fails the run."""
+        try:
+            engine = connect(config.state.url)
+            try:
+                store = StateStore(engine)
+                keys = [a.trait_key for a in config.audiences]
+                queue = store.retry_counts(config.destination.name, keys)
+                used = store.requests_used(self.clock().date())
+            finally:
+                engine.dispose()
+            self.metrics.observe(
+                result, duration, time.time(), retry_queue=queue, requests_today=used
+            )
+        except OSError as exc:
+            log.error("cannot write metrics to %s: %s", self.metrics.textfile, exc)
+        except (AudienceSyncError, sa.exc.SQLAlchemyError) as exc:
+            log.error("cannot read the state for the metrics: %s", exc)
 
     # -- signals and the main loop --------------------------------------------------------------
 

@@ -418,6 +418,17 @@ class StateStore:
         with self.engine.begin() as conn:
             _delete_retries(conn, audience_id, user_ids)
 
+    def retry_counts(self, destination: str, audience_keys: Sequence[str]) -> dict[str, int]:
+        """Users waiting in the retry queue, by audience key (audiences with none: absent)."""
+        query = (
+            sa.select(sync_audiences.c.audience_key, sa.func.count())
+            .join(sync_pending, sync_pending.c.audience_id == sync_audiences.c.id)
+            .group_by(sync_audiences.c.audience_key)
+        )
+        query = _scoped(query, sync_audiences.c, destination, audience_keys)
+        with self.engine.connect() as conn:
+            return {key: int(n) for key, n in conn.execute(query)}
+
     def retry_rows(
         self, *, destination: str | None = None, audience_keys: Iterable[str] = (), limit: int = 100
     ) -> list[dict[str, Any]]:
