@@ -28,9 +28,11 @@ from audience_sync.config import DEFAULT_CONFIG_PATH, STATE_URL_ENV, Config, loa
 from audience_sync.destinations import Call, TrackEvent
 from audience_sync.durations import format_duration, parse_duration
 from audience_sync.errors import AudienceSyncError
+from audience_sync.logs import TEXT_FORMAT, JsonFormatter
 from audience_sync.naming import dropped_non_ascii, trait_key
 
 if TYPE_CHECKING:
+    from audience_sync.progress import Progress as ProgressCallback
     from audience_sync.result import SyncResult
 
 # Commands import the engine, the state and the history in their bodies: SQLAlchemy, pandas,
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
 
 # Wide enough for the history table when the output is a file or a pipe.
 out = Console(width=None if sys.stdout.isatty() else 240)
-err = Console(stderr=True)
+# Off a terminal an error or warning stays on one line however long (no wrap at 80 columns).
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 config_option = click.option(
     "--config",
@@ -50,41 +53,70 @@ config_option = click.option(
 )
 
 
-def _setup_logging(verbose: bool) -> None:
-    """Structured ``key=value`` log lines on stderr; only warnings when a person is watching."""
+def _setup_logging(verbose: bool, log_format: str = "text") -> None:
+    """Structured ``key=value`` (or JSON) log lines on stderr; only warnings when a person is
+    watching."""
     level = logging.DEBUG if verbose else (logging.WARNING if err.is_terminal else logging.INFO)
     logging.basicConfig(
         level=level,
         stream=sys.stderr,
-        format="%(asctime)s level=%(levelname)s %(message)s",
+        format=TEXT_FORMAT,
         datefmt="%Y-%m-%dT%H:%M:%S%z",
         force=True,
     )
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Debug logs and full tracebacks.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines on stderr as key=value text or one JSON object per line.",
+)
 @click.version_option(package_name="audience-sync")
 @click.pass_context
-def cli(ctx: click.Context, verbose: bool) -> None:
+def cli(ctx: click.Context, verbose: bool, log_format: str) -> None:
     """Keep Crisp (or a JSONL file) in step with your audience snapshots."""
     ctx.obj = {"verbose": verbose}
-    _setup_logging(verbose)
+    _setup_logging(verbose, log_format)
 
 
 @contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    if not enabled:
+def _progress(config: Config, bar: bool) -> Iterator[ProgressCallback | None]:
+    """On a terminal a bar naming the phase and audience (when ``bar``); otherwise a progress
+    log line every ``[service] progress_every``."""
+    from audience_sync.progress import ProgressLog
+
+    if not err.is_terminal:
+        with ProgressLog(config.service.progress_every.total_seconds()).running() as lines:
+            yield lines
+        return
+    if not bar:
         yield None
         return
-    columns = (TextColumn("syncing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("sync", total=None)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as shown:
+        task = shown.add_task("preparing (state database, destination)", total=None)
+        phase = ["preparing"]
 
-        def advance(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def advance(step: str, audience: str | None, done: int, total: int | None) -> None:
+            if step != phase[0]:
+                phase[0] = step
+                shown.reset(task)  # the time left is estimated per phase
+            what = f"planning {audience} (audiences)" if step == "planning" else "delivering users"
+            shown.update(task, description=what, completed=done, total=total)
 
         yield advance
 
@@ -151,7 +183,7 @@ def run(
         raise click.UsageError("--all and --audience cannot be combined")
     config = load_config(config_path)
     with (
-        _progress(err.is_terminal and not dry_run and not as_json) as progress,
+        _progress(config, bar=not dry_run and not as_json) as progress,
         _stop_on_signals() as should_stop,
     ):
         result = sync(

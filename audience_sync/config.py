@@ -155,6 +155,8 @@ class ServiceConfig(_Strict):
     """Lease of the run lock; a killed process's lock is taken over this long after its death."""
     stop_timeout: Duration = timedelta(seconds=30)
     """On SIGTERM/SIGINT, how long in-flight requests may take to finish before we cancel."""
+    progress_every: Duration = timedelta(seconds=30)
+    """Off a terminal, ``run`` and ``serve`` log a progress line this often during a run."""
     overdue_after: Duration = timedelta(minutes=15)
     """``status`` calls an audience overdue when a scheduled run is this late."""
     metrics_textfile: Path | None = None

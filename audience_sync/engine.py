@@ -57,6 +57,7 @@ from audience_sync.planning import (
     plan_counts,
     run_mode,
 )
+from audience_sync.progress import Progress
 from audience_sync.result import AudienceResult, SyncResult
 from audience_sync.safeguards import check as check_safeguards
 from audience_sync.safeguards import limits_for
@@ -72,8 +73,6 @@ log = logging.getLogger("audience_sync")
 COMMITS_IN_FLIGHT = 2
 #: Users per batch of changes prepared for a destination that takes updates one user at a time.
 UPDATE_BATCH = 10_000
-
-Progress = Callable[[int, int], None]
 
 
 def open_destination(config: Config, state: sa.Engine) -> Destination:
@@ -447,6 +446,8 @@ class _Run:
         heartbeat = asyncio.create_task(self._heartbeat())
         watchdog = asyncio.create_task(self._stop_watchdog(asyncio.current_task()))
         committing: list[asyncio.Task[None]] = []
+        if self.progress is not None:
+            self.progress("delivering", None, 0, total)
         try:
             if total:
                 async with (
@@ -457,7 +458,7 @@ class _Run:
                         self.done += users
                         await self._commit_behind(committing)
                         if self.progress is not None:
-                            self.progress(self.done, total)
+                            self.progress("delivering", None, self.done, total)
         except QuotaExhausted as exc:
             pending = max(total - self.done, 0)
             message = exc.describe(pending)
@@ -679,7 +680,9 @@ def sync(
         )
         results: list[AudienceResult] = []
         try:
-            for audience in selected:
+            for i, audience in enumerate(selected):
+                if progress is not None:
+                    progress("planning", audience.trait_key, i, len(selected))
                 early = run.prepare(audience)
                 if early is not None:
                     results.append(early)

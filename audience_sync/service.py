@@ -30,6 +30,7 @@ from audience_sync.engine import sync
 from audience_sync.errors import AudienceSyncError
 from audience_sync.metrics import RunMetrics
 from audience_sync.model import Trigger
+from audience_sync.progress import ProgressLog
 from audience_sync.result import SyncResult
 from audience_sync.schedule import describe, missed_run, trigger
 from audience_sync.state import StateStore, connect, upgrade
@@ -149,9 +150,14 @@ class Service:
             return
         started = time.monotonic()
         try:
-            result = sync(
-                config, audiences=[key], trigger=Trigger.SCHEDULE, should_stop=self.stopping.is_set
-            )
+            with ProgressLog(config.service.progress_every.total_seconds()).running() as progress:
+                result = sync(
+                    config,
+                    audiences=[key],
+                    trigger=Trigger.SCHEDULE,
+                    should_stop=self.stopping.is_set,
+                    progress=progress,
+                )
         except AudienceSyncError as exc:
             log.error("audience=%s run failed: %s", key, exc)
             return
