@@ -75,16 +75,21 @@ def test_planning_names_the_audience() -> None:
     )
 
 
-def slow_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    rows = "\n".join(f"u{i:04d},u{i}@example.com" for i in range(250))
+def slow_setup(tmp_path: Path, users: int, extra: str = "") -> Path:
+    """A config whose one audience of ``users`` goes to the slowed-down JSONL destination."""
+    rows = "\n".join(f"u{i:04d},u{i}@example.com" for i in range(users))
     write_csv(tmp_path / "a.csv", "user_id,email\n" + rows + "\n")
-    config = write_config(
+    return write_config(
         tmp_path / "c.toml",
         state_url=f"sqlite:///{tmp_path / 'state.db'}",
         destination={"type": "slow_jsonl", "path": "out.jsonl", "delay": 0.02, "flush_every": 10},
         audiences=[{"name": "Aud A", "source": "a.csv"}],
-        extra='\n[service]\nprogress_every = "1s"\n',
+        extra=extra,
     )
+
+
+def slow_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    config = slow_setup(tmp_path, 250, extra='\n[service]\nprogress_every = "1s"\n')
     return subprocess.run(
         [sys.executable, str(LAUNCHER), *args, "run", "--config", str(config)],
         capture_output=True,
@@ -144,14 +149,7 @@ def test_stderr_off_a_terminal_is_not_wrapped_at_80_columns() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_on_a_terminal_the_bar_names_the_phase_and_the_audience(tmp_path: Path) -> None:
-    rows = "\n".join(f"u{i:04d},u{i}@example.com" for i in range(100))
-    write_csv(tmp_path / "a.csv", "user_id,email\n" + rows + "\n")
-    config = write_config(
-        tmp_path / "c.toml",
-        state_url=f"sqlite:///{tmp_path / 'state.db'}",
-        destination={"type": "slow_jsonl", "path": "out.jsonl", "delay": 0.02, "flush_every": 10},
-        audiences=[{"name": "Aud A", "source": "a.csv"}],
-    )
+    config = slow_setup(tmp_path, 100)
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, str(LAUNCHER), "run", "--config", str(config)],
