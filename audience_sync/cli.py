@@ -177,6 +177,7 @@ def run(
     wait: float,
 ) -> None:
     """Sync audiences once, now."""
+    from audience_sync.alerts import Alerter
     from audience_sync.engine import sync
 
     if all_audiences and audiences:
@@ -186,17 +187,23 @@ def run(
         _progress(config, bar=not dry_run and not as_json) as progress,
         _stop_on_signals() as should_stop,
     ):
-        result = sync(
-            config,
-            audiences=audiences,
-            full=full,
-            dry_run=dry_run,
-            retry_failed=retry_failed,
-            progress=progress,
-            should_stop=should_stop,
-            force=force,
-            wait=wait,
-        )
+        try:
+            result = sync(
+                config,
+                audiences=audiences,
+                full=full,
+                dry_run=dry_run,
+                retry_failed=retry_failed,
+                progress=progress,
+                should_stop=should_stop,
+                force=force,
+                wait=wait,
+            )
+        except AudienceSyncError as exc:
+            if not dry_run:
+                Alerter(config).failed(config.select(audiences), exc)
+            raise
+    Alerter(config).after_run(result)
     if as_json:
         click.echo(json.dumps(_result_json(result), indent=2, default=str))
     else:

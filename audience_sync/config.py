@@ -34,6 +34,8 @@ from audience_sync.naming import TRAIT_KEY_PATTERN, trait_key
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "STATE_URL_ENV",
+    "WEBHOOK_URL_ENV",
+    "AlertConfig",
     "AudienceConfig",
     "Config",
     "DestinationConfig",
@@ -45,6 +47,7 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = Path("config/audience-sync.toml")
 STATE_URL_ENV = "AUDIENCE_SYNC_STATE_URL"
+WEBHOOK_URL_ENV = "AUDIENCE_SYNC_WEBHOOK_URL"
 DEFAULT_STATE_URL = "sqlite:///audience_sync.db"
 
 
@@ -189,6 +192,24 @@ class SafeguardConfig(_Strict):
     """Refuse a snapshot older than this (file mtime, or a ``snapshot_at`` column)."""
 
 
+class AlertConfig(_Strict):
+    """``[alerts]``: who hears about a run that failed, went partial, was refused by a safeguard
+    or ran out of quota, and an audience overdue (``serve``)."""
+
+    webhook_url: str | None = Field(None, repr=False)  # a secret: prefer $AUDIENCE_SYNC_WEBHOOK_URL
+    """A Slack-compatible incoming webhook: POSTed ``{"text": ...}``."""
+    command: str | None = None
+    """A program (split like a shell would, not run by one) given the event as JSON on stdin."""
+    partial_failed_users: int = Field(1, ge=1)
+    """A partial run alerts when at least this many users failed or were skipped."""
+    timeout: Duration = timedelta(seconds=10)
+    """How long the webhook or the command may take."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.webhook_url is not None or self.command is not None
+
+
 @dataclass(frozen=True, slots=True)
 class DestinationConfig:
     """``[destination]``: the kind, its name in the state tables, and its own validated settings."""
@@ -208,6 +229,7 @@ class Config:
     audiences: tuple[AudienceConfig, ...]
     service: ServiceConfig = field(default_factory=ServiceConfig)
     safeguards: SafeguardConfig = field(default_factory=SafeguardConfig)
+    alerts: AlertConfig = field(default_factory=AlertConfig)
 
     @property
     def config_dir(self) -> Path:
@@ -263,6 +285,7 @@ class _Document(_Strict):
     audiences: list[AudienceConfig] = Field(min_length=1)
     service: ServiceConfig = ServiceConfig()
     safeguards: SafeguardConfig = SafeguardConfig()
+    alerts: AlertConfig = AlertConfig()
 
 
 def _destination(path: Path, table: Mapping[str, Any], env: Mapping[str, str]) -> DestinationConfig:
@@ -357,6 +380,11 @@ def load_config(
         audiences=_check_audiences(path, doc.audiences),
         service=_resolve_service(path, doc.service),
         safeguards=doc.safeguards,
+        alerts=(
+            doc.alerts.model_copy(update={"webhook_url": env[WEBHOOK_URL_ENV]})
+            if env.get(WEBHOOK_URL_ENV)
+            else doc.alerts
+        ),
     )
 
 

@@ -25,9 +25,11 @@ from types import FrameType
 import sqlalchemy as sa
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from audience_sync.alerts import Alerter
 from audience_sync.config import AudienceConfig, Config, load_config
 from audience_sync.engine import sync
 from audience_sync.errors import AudienceSyncError
+from audience_sync.history import status
 from audience_sync.metrics import RunMetrics
 from audience_sync.model import Trigger
 from audience_sync.progress import ProgressLog
@@ -39,6 +41,9 @@ from audience_sync.state.store import Clock, utc_now
 __all__ = ["Service"]
 
 log = logging.getLogger("audience_sync.service")
+
+#: Seconds between looks for overdue audiences (only with ``[alerts]`` configured).
+OVERDUE_CHECK_EVERY = 60.0
 
 
 def _timing(audience: AudienceConfig) -> tuple[str | None, float | None]:
@@ -160,12 +165,15 @@ class Service:
                 )
         except AudienceSyncError as exc:
             log.error("audience=%s run failed: %s", key, exc)
+            Alerter(config).failed(config.select([key]), exc)
             return
-        except Exception:
+        except Exception as exc:
             log.exception("audience=%s run failed with an unexpected error", key)
+            Alerter(config).failed(config.select([key]), exc)
             return
         finally:
             self._running.discard(key)
+        Alerter(config).after_run(result)
         if self.metrics.enabled:
             self._observe(config, result, time.monotonic() - started)
         job = None if self.stopping.is_set() else self.scheduler.get_job(key)
@@ -190,6 +198,19 @@ class Service:
             log.error("cannot write metrics to %s: %s", self.metrics.textfile, exc)
         except (AudienceSyncError, sa.exc.SQLAlchemyError) as exc:
             log.error("cannot read the state for the metrics: %s", exc)
+
+    def _alert_overdue(self) -> None:
+        config = self.config
+        try:
+            engine = connect(config.state.url)
+            try:
+                report = status(config, engine, now=self.clock())
+            finally:
+                engine.dispose()
+        except (AudienceSyncError, sa.exc.SQLAlchemyError) as exc:
+            log.error("cannot read the state to look for overdue audiences: %s", exc)
+            return
+        Alerter(config).overdue(report)
 
     # -- signals and the main loop --------------------------------------------------------------
 
@@ -241,9 +262,13 @@ class Service:
             self._log_next_runs()
             if ready is not None:
                 ready()
+            next_overdue_check = 0.0
             while not self.stopping.is_set():
                 self._wake.wait(1.0)
                 self._wake.clear()
+                if self.config.alerts.enabled and time.monotonic() >= next_overdue_check:
+                    next_overdue_check = time.monotonic() + OVERDUE_CHECK_EVERY
+                    self._alert_overdue()
                 if self._reload_requested and not self.stopping.is_set():
                     self._reload_requested = False
                     self.reload()
