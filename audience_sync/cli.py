@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from audience_sync.config import DEFAULT_CONFIG_PATH, STATE_URL_ENV, Config, load_config
@@ -92,6 +91,14 @@ def cli(ctx: click.Context, verbose: bool, log_format: str) -> None:
 def _progress(config: Config, bar: bool) -> Iterator[ProgressCallback | None]:
     """On a terminal a bar naming the phase and audience (when ``bar``); otherwise a progress
     log line every ``[service] progress_every``."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
     from audience_sync.progress import ProgressLog
 
     if not err.is_terminal:
