@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli, write_config, write_csv
+from conftest import cli, crisp_destination, crisp_env, write_config, write_csv
+from crisp_server import CrispServer
 
 from audience_sync.alerts import Alerter, Condition, condition_of
 from audience_sync.config import AlertConfig, AudienceConfig, load_config
@@ -189,3 +190,26 @@ def test_what_a_finished_run_raises(
     audience = AudienceConfig(name="VIP", source=Path("vip.csv"))
     result = AudienceResult(audience, status_, RunMode.INCREMENTAL, 7, counts, error, error_type)
     assert condition_of(result, AlertConfig(partial_failed_users=3)) is expected
+
+
+@pytest.mark.slow
+def test_a_quota_stop_alerts_with_the_pending_users_and_the_days_they_need(
+    tmp_path: Path, state_url: str, crisp: CrispServer
+) -> None:
+    events = tmp_path / "events.jsonl"
+    script = f"import sys; open({str(events)!r}, 'a').write(sys.stdin.read() + chr(10))"
+    members(tmp_path / "vip.csv", 20)
+    config = write_config(
+        tmp_path / "c.toml",
+        state_url=state_url,
+        destination=crisp_destination(crisp, daily_request_budget=11, max_concurrency=2),
+        audiences=[{"name": "VIP", "source": "vip.csv"}],
+        extra=f"\n[alerts]\ncommand = {json.dumps(shlex.join([sys.executable, '-c', script]))}\n",
+    )
+    for _ in range(2):  # the second run is stopped at once: no second alert
+        done = cli("run", "--config", str(config), env=crisp_env())
+        assert done.returncode == 5, done.stdout + done.stderr
+    (event,) = [json.loads(line) for line in events.read_text().splitlines()]
+    assert event["event"] == "quota_stopped" and event["destination"] == "crisp:website-1"
+    assert event["pending"] > 0 and f"{event['pending']:,} users pending" in event["message"]
+    assert "more day" in event["message"]
