@@ -26,7 +26,7 @@ from rich.table import Table
 from audience_sync.config import DEFAULT_CONFIG_PATH, STATE_URL_ENV, Config, load_config
 from audience_sync.destinations import Call, TrackEvent
 from audience_sync.durations import format_duration, parse_duration
-from audience_sync.errors import AudienceSyncError
+from audience_sync.errors import AudienceSyncError, ConfigError
 from audience_sync.logs import TEXT_FORMAT, JsonFormatter
 from audience_sync.naming import dropped_non_ascii, trait_key
 
@@ -207,7 +207,7 @@ def run(
                 wait=wait,
             )
         except AudienceSyncError as exc:
-            if not dry_run:
+            if not dry_run and not isinstance(exc, ConfigError):  # e.g. an unknown --audience
                 Alerter(config).failed(config.select(audiences), exc)
             raise
     Alerter(config).after_run(result)
