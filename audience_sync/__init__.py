@@ -8,10 +8,11 @@ The ``audience-sync`` command is a thin shell over these.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from audience_sync.config import AudienceConfig, Config, load_config
 from audience_sync.destinations import IdentifyCall, TrackEvent
-from audience_sync.diff import Plan, plan
-from audience_sync.engine import retire, sync
 from audience_sync.errors import (
     AlreadyRunning,
     AudienceSyncError,
@@ -39,8 +40,36 @@ from audience_sync.model import (
 )
 from audience_sync.naming import trait_key
 from audience_sync.result import AudienceResult, SyncResult
-from audience_sync.sources import load_snapshot
-from audience_sync.track import CallFile, CallResult, read_calls, track
+
+if TYPE_CHECKING:
+    from audience_sync.diff import Plan, plan
+    from audience_sync.engine import retire, sync
+    from audience_sync.sources import load_snapshot
+    from audience_sync.track import CallFile, CallResult, read_calls, track
+
+# The engine and the sources bring pandas, pyarrow and DuckDB (~1 s to import): they load on
+# first use, so `audience-sync --help`, `status` and `history` start without them.
+_LAZY = {
+    "Plan": "audience_sync.diff",
+    "plan": "audience_sync.diff",
+    "retire": "audience_sync.engine",
+    "sync": "audience_sync.engine",
+    "load_snapshot": "audience_sync.sources",
+    "CallFile": "audience_sync.track",
+    "CallResult": "audience_sync.track",
+    "read_calls": "audience_sync.track",
+    "track": "audience_sync.track",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
 
 __all__ = [
     "AlreadyRunning",

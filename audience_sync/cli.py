@@ -17,32 +17,37 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from audience_sync.config import DEFAULT_CONFIG_PATH, STATE_URL_ENV, Config, load_config
 from audience_sync.destinations import Call, TrackEvent
 from audience_sync.durations import format_duration, parse_duration
-from audience_sync.engine import retire, sync
-from audience_sync.errors import AudienceSyncError, NotFound, SafeguardError, StateMissing
-from audience_sync.history import prune, run_detail
-from audience_sync.history import status as audience_status
+from audience_sync.errors import (
+    AudienceSyncError,
+    ConfigError,
+    NotFound,
+    SafeguardError,
+    StateMissing,
+)
+from audience_sync.logs import TEXT_FORMAT, JsonFormatter
 from audience_sync.naming import dropped_non_ascii, trait_key
-from audience_sync.result import AudienceResult, SyncResult
-from audience_sync.service import Service
-from audience_sync.state import StateStore, connect, upgrade
-from audience_sync.state.store import COUNTERS, utc_now
-from audience_sync.track import CallFile, read_calls
-from audience_sync.track import track as send_calls
+
+if TYPE_CHECKING:
+    from audience_sync.progress import Progress as ProgressCallback
+    from audience_sync.result import AudienceResult, SyncResult
+
+# Commands import the engine, the state and the history in their bodies: SQLAlchemy, pandas,
+# pyarrow and DuckDB load only for the commands that use them (`--help` and `key` need none).
 
 # Wide enough for the history table when the output is a file or a pipe.
 out = Console(width=None if sys.stdout.isatty() else 240)
-err = Console(stderr=True)
+# Off a terminal an error or warning stays on one line however long (no wrap at 80 columns).
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 config_option = click.option(
     "--config",
@@ -54,41 +59,78 @@ config_option = click.option(
 )
 
 
-def _setup_logging(verbose: bool) -> None:
-    """Structured ``key=value`` log lines on stderr; only warnings when a person is watching."""
+def _setup_logging(verbose: bool, log_format: str = "text") -> None:
+    """Structured ``key=value`` (or JSON) log lines on stderr; only warnings when a person is
+    watching."""
     level = logging.DEBUG if verbose else (logging.WARNING if err.is_terminal else logging.INFO)
     logging.basicConfig(
         level=level,
         stream=sys.stderr,
-        format="%(asctime)s level=%(levelname)s %(message)s",
+        format=TEXT_FORMAT,
         datefmt="%Y-%m-%dT%H:%M:%S%z",
         force=True,
     )
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Debug logs and full tracebacks.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines on stderr as key=value text or one JSON object per line.",
+)
 @click.version_option(package_name="audience-sync")
 @click.pass_context
-def cli(ctx: click.Context, verbose: bool) -> None:
+def cli(ctx: click.Context, verbose: bool, log_format: str) -> None:
     """Keep Crisp (or a JSONL file) in step with your audience snapshots."""
     ctx.obj = {"verbose": verbose}
-    _setup_logging(verbose)
+    _setup_logging(verbose, log_format)
 
 
 @contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    if not enabled:
+def _progress(config: Config, bar: bool) -> Iterator[ProgressCallback | None]:
+    """On a terminal a bar naming the phase and audience (when ``bar``); otherwise a progress
+    log line every ``[service] progress_every``."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from audience_sync.progress import ProgressLog
+
+    if not err.is_terminal:
+        with ProgressLog(config.service.progress_every.total_seconds()).running() as lines:
+            yield lines
+        return
+    if not bar:
         yield None
         return
-    columns = (TextColumn("syncing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("sync", total=None)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, transient=True) as shown:
+        task = shown.add_task("preparing (state database, destination)", total=None)
+        phase = ["preparing"]
 
-        def advance(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def advance(step: str, audience: str | None, done: int, total: int | None) -> None:
+            if step != phase[0]:
+                phase[0] = step
+                shown.reset(task)  # the time left is estimated per phase
+            what = f"planning {audience} (audiences)" if step == "planning" else "delivering users"
+            shown.update(task, description=what, completed=done, total=total)
 
         yield advance
 
@@ -155,25 +197,34 @@ def run(
     wait: float,
 ) -> None:
     """Sync audiences once, now."""
+    from audience_sync.alerts import Alerter
+    from audience_sync.engine import sync
+
     if all_audiences and audiences:
         raise click.UsageError("--all and --audience cannot be combined")
     config = load_config(config_path)
     with (
-        _progress(err.is_terminal and not dry_run and not as_json) as progress,
+        _progress(config, bar=not dry_run and not as_json) as progress,
         _stop_on_signals() as should_stop,
     ):
-        result = sync(
-            config,
-            audiences=audiences,
-            full=full,
-            dry_run=dry_run,
-            retry_failed=retry_failed,
-            progress=progress,
-            should_stop=should_stop,
-            force=force,
-            wait=wait,
-            initial=initial,
-        )
+        try:
+            result = sync(
+                config,
+                audiences=audiences,
+                full=full,
+                dry_run=dry_run,
+                retry_failed=retry_failed,
+                progress=progress,
+                should_stop=should_stop,
+                force=force,
+                wait=wait,
+                initial=initial,
+            )
+        except AudienceSyncError as exc:
+            if not dry_run and not isinstance(exc, ConfigError):  # e.g. an unknown --audience
+                Alerter(config).failed(config.select(audiences), exc)
+            raise
+    Alerter(config).after_run(result)
     if as_json:
         click.echo(json.dumps(_result_json(result), indent=2, default=str))
     else:
@@ -196,9 +247,11 @@ def run(
 def retire_command(name: str, config_path: Path, dry_run: bool, as_json: bool, wait: float) -> None:
     """Set audience NAME's trait to false for every member the state holds, then drop its
     state (for an audience removed from the config; re-run it to finish after a stop)."""
+    from audience_sync.engine import retire
+
     config = load_config(config_path)
     with (
-        _progress(err.is_terminal and not dry_run and not as_json) as progress,
+        _progress(config, bar=not dry_run and not as_json) as progress,
         _stop_on_signals() as should_stop,
     ):
         result = retire(
@@ -268,6 +321,8 @@ def _table(title: str) -> Table:
 
 
 def _print_result(result: SyncResult) -> None:
+    from audience_sync.state.store import COUNTERS
+
     title = (
         f"{'Plan (dry run, nothing sent)' if result.dry_run else 'Sync'} -> {result.destination}"
     )
@@ -353,6 +408,9 @@ def track_command(
     file's unusable lines are skipped and reported (exit 5); messages whose `integrations`
     turn Crisp off are counted and left out.
     """
+    from audience_sync.track import CallFile, read_calls
+    from audience_sync.track import track as send_calls
+
     calls: list[Call] = []
     read = CallFile([])
     if calls_file is not None:
@@ -424,6 +482,60 @@ def key(name: str) -> None:
     click.echo(result)
 
 
+@cli.command("check")
+@config_option
+@click.option("--offline", is_flag=True, help="Do not contact the destination (no request).")
+def check_command(config_path: Path, offline: bool) -> None:
+    """Check the config, snapshots, state database and destination; show what would run.
+
+    Reads each snapshot's header and row count, opens the state read-only (creates and migrates
+    nothing) and makes one cheap destination request (Crisp: counted in the daily budget).
+    """
+    from audience_sync.check import check
+
+    report = check(load_config(config_path), offline=offline)
+    table = _table(f"Check -> {report.config.destination.name}")
+    for column in ("audience", "key", "schedule", "rows", "mode", "synced members"):
+        right = column in ("rows", "synced members")
+        table.add_column(column, justify="right" if right else "left")
+    for a in report.audiences:
+        table.add_row(
+            a.audience.name,
+            a.audience.trait_key,
+            a.schedule,
+            f"{a.header.rows:,}" if a.header else "-",
+            a.mode.value if a.mode else "-",
+            f"{a.synced_members:,}" if a.synced_members is not None else "-",
+        )
+    out.print(table)
+    for f in report.findings:
+        mark = "ok  " if f.ok else "FAIL"
+        out.print(f"  {mark} {f.part} {f.subject}: {f.detail}", markup=False, highlight=False)
+    sys.exit(report.exit_code)
+
+
+@cli.command("init")
+@click.argument(
+    "directory", type=click.Path(path_type=Path, file_okay=False), default=".", required=False
+)
+@click.option("--force", is_flag=True, help="Overwrite starter files that already exist.")
+def init_command(directory: Path, force: bool) -> None:
+    """Write a starter project into DIRECTORY (default: here): a commented config, a sample
+    snapshot and a .gitignore. `audience-sync run` there works at once (JSONL output)."""
+    from audience_sync.starter import existing, write_starter
+
+    found = existing(directory)
+    if found and not force:
+        listed = ", ".join(str(p) for p in found)
+        raise click.UsageError(
+            f"{listed} already exist; pass --force to overwrite (nothing written)"
+        )
+    for path in write_starter(directory):
+        click.echo(f"wrote {path}")
+    where = "" if directory == Path(".") else f"cd {directory} && "
+    click.echo(f"next: {where}audience-sync check && audience-sync run")
+
+
 def _state_url(config_path: Path, url: str | None) -> tuple[str, Config | None]:
     if url:
         return url, None
@@ -481,6 +593,9 @@ def history(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from audience_sync.state import StateStore, connect
+    from audience_sync.state.store import COUNTERS
+
     state_url, config = _state_url(config_path, url)
     keys = (
         [a.trait_key for a in config.select(audiences)] if config and audiences else list(audiences)
@@ -604,6 +719,9 @@ def history_show(
     as_json: bool,
 ) -> None:
     """Show run RUN_ID in detail, with samples of the changes that did not go through."""
+    from audience_sync.history import run_detail
+    from audience_sync.state import StateStore, connect
+
     state_url, _ = _parent_state(ctx, config_path, url)
     engine = connect(state_url, create=False)
     try:
@@ -685,6 +803,10 @@ def history_prune(
     ctx: click.Context, older_than: str, dry_run: bool, config_path: Path, url: str | None
 ) -> None:
     """Delete change-log rows and runs older than DURATION (the retry queue is kept)."""
+    from audience_sync.history import prune
+    from audience_sync.state import connect
+    from audience_sync.state.store import utc_now
+
     try:
         age = parse_duration(older_than)
     except ValueError as exc:
@@ -713,6 +835,10 @@ def _age(now: datetime, then: datetime | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(config_path: Path, as_json: bool) -> None:
     """Each audience's schedule, last and next run, retry queue; exit 8 if any is unhealthy."""
+    from audience_sync.history import status as audience_status
+    from audience_sync.state import connect
+    from audience_sync.state.store import utc_now
+
     config = load_config(config_path)
     engine = connect(config.state.url, create=False)
     try:
@@ -787,6 +913,8 @@ def status(config_path: Path, as_json: bool) -> None:
 @config_option
 def serve(config_path: Path) -> None:
     """Run every audience on its schedule until SIGTERM/SIGINT (SIGHUP reloads the config)."""
+    from audience_sync.service import Service
+
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)  # a service logs its runs
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
@@ -803,6 +931,8 @@ def db() -> None:
 @click.option("--url", help="State database URL (default: from the config).")
 def db_upgrade(config_path: Path, url: str | None) -> None:
     """Create or migrate the state tables to the current version (Alembic)."""
+    from audience_sync.state import connect, upgrade
+
     state_url, _ = _state_url(config_path, url)
     engine = connect(state_url)
     try:

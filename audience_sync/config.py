@@ -16,7 +16,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -36,6 +35,8 @@ from audience_sync.naming import TRAIT_KEY_PATTERN, trait_key
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "STATE_URL_ENV",
+    "WEBHOOK_URL_ENV",
+    "AlertConfig",
     "AudienceConfig",
     "Config",
     "DestinationConfig",
@@ -48,6 +49,7 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = Path("config/audience-sync.toml")
 STATE_URL_ENV = "AUDIENCE_SYNC_STATE_URL"
+WEBHOOK_URL_ENV = "AUDIENCE_SYNC_WEBHOOK_URL"
 DEFAULT_STATE_URL = "sqlite:///audience_sync.db"
 
 
@@ -109,6 +111,8 @@ class AudienceConfig(_Strict):
     @classmethod
     def _schedule_is_cron(cls, v: str | None) -> str | None:
         if v is not None:
+            from apscheduler.triggers.cron import CronTrigger  # only when a schedule is given
+
             try:
                 CronTrigger.from_crontab(v, timezone="UTC")
             except ValueError as exc:
@@ -158,12 +162,16 @@ class ServiceConfig(_Strict):
     """Lease of the run lock; a killed process's lock is taken over this long after its death."""
     stop_timeout: Duration = timedelta(seconds=30)
     """On SIGTERM/SIGINT, how long in-flight requests may take to finish before we cancel."""
+    progress_every: Duration = timedelta(seconds=30)
+    """Off a terminal, ``run`` and ``serve`` log a progress line this often during a run."""
     overdue_after: Duration = timedelta(minutes=15)
     """``status`` calls an audience overdue when a scheduled run is this late."""
     metrics_textfile: Path | None = None
     """Write Prometheus metrics to this file after each run (node_exporter textfile)."""
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     """Serve Prometheus metrics over HTTP on this port (``serve`` only)."""
+    metrics_host: str = Field("127.0.0.1", min_length=1)
+    """The address ``metrics_port`` binds to: this host only unless set (``0.0.0.0``: all)."""
 
     @field_validator("timezone")
     @classmethod
@@ -193,6 +201,24 @@ class SafeguardConfig(_Strict):
     """The operator's word that the destination was synced before, whatever it shows."""
 
 
+class AlertConfig(_Strict):
+    """``[alerts]``: who hears about a run that failed, went partial, was refused by a safeguard
+    or ran out of quota, and an audience overdue (``serve``)."""
+
+    webhook_url: str | None = Field(None, repr=False)  # a secret: prefer $AUDIENCE_SYNC_WEBHOOK_URL
+    """A Slack-compatible incoming webhook: POSTed ``{"text": ...}``."""
+    command: str | None = None
+    """A program (split like a shell would, not run by one) given the event as JSON on stdin."""
+    partial_failed_users: int = Field(1, ge=1)
+    """A partial run alerts when at least this many users failed or were skipped."""
+    timeout: Duration = timedelta(seconds=10)
+    """How long the webhook or the command may take."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.webhook_url is not None or self.command is not None
+
+
 @dataclass(frozen=True, slots=True)
 class DestinationConfig:
     """``[destination]``: the kind, its name in the state tables, and its own validated settings."""
@@ -212,6 +238,7 @@ class Config:
     audiences: tuple[AudienceConfig, ...]
     service: ServiceConfig = field(default_factory=ServiceConfig)
     safeguards: SafeguardConfig = field(default_factory=SafeguardConfig)
+    alerts: AlertConfig = field(default_factory=AlertConfig)
 
     @property
     def config_dir(self) -> Path:
@@ -267,6 +294,7 @@ class _Document(_Strict):
     audiences: list[AudienceConfig] = Field(min_length=1)
     service: ServiceConfig = ServiceConfig()
     safeguards: SafeguardConfig = SafeguardConfig()
+    alerts: AlertConfig = AlertConfig()
 
 
 def _destination(path: Path, table: Mapping[str, Any], env: Mapping[str, str]) -> DestinationConfig:
@@ -375,6 +403,11 @@ def load_config(
         audiences=_check_audiences(path, doc.audiences),
         service=_resolve_service(path, doc.service),
         safeguards=doc.safeguards,
+        alerts=(
+            doc.alerts.model_copy(update={"webhook_url": env[WEBHOOK_URL_ENV]})
+            if env.get(WEBHOOK_URL_ENV)
+            else doc.alerts
+        ),
     )
 
 

@@ -60,6 +60,7 @@ from audience_sync.planning import (
     plan_counts,
     run_mode,
 )
+from audience_sync.progress import Progress
 from audience_sync.result import AudienceResult, SyncResult
 from audience_sync.safeguards import check_initial_sync, check_snapshot
 from audience_sync.state import Applied, AudienceRef, Lease, RunLock, StateStore, connect, upgrade
@@ -81,8 +82,6 @@ log = logging.getLogger("audience_sync")
 COMMITS_IN_FLIGHT = 2
 #: Users per batch of changes prepared for a destination that takes updates one user at a time.
 UPDATE_BATCH = 10_000
-
-Progress = Callable[[int, int], None]
 
 _NO_USERS = pd.Index([], dtype="string[pyarrow]", name="user_id")
 
@@ -523,6 +522,8 @@ class _Run:
         heartbeat = asyncio.create_task(self._heartbeat())
         watchdog = asyncio.create_task(self._stop_watchdog(asyncio.current_task()))
         committing: list[asyncio.Task[None]] = []
+        if self.progress is not None:
+            self.progress("delivering", None, 0, total)
         try:
             if total:
                 async with (
@@ -533,7 +534,7 @@ class _Run:
                         self.done += users
                         await self._commit_behind(committing)
                         if self.progress is not None:
-                            self.progress(self.done, total)
+                            self.progress("delivering", None, self.done, total)
         except QuotaExhausted as exc:
             pending = max(total - self.done, 0)
             message = exc.describe(pending)
@@ -807,7 +808,9 @@ def sync(
             log.warning("%s", warning)
         results: list[AudienceResult] = []
         try:
-            for audience in selected:
+            for i, audience in enumerate(selected):
+                if progress is not None:
+                    progress("planning", audience.trait_key, i, len(selected))
                 early = run.prepare(audience)
                 if early is not None:
                     results.append(early)

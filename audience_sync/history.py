@@ -97,6 +97,8 @@ class AudienceStatus:
     next_run: datetime | None
     retry_waiting: int
     problems: list[str] = field(default_factory=list)
+    overdue: bool = False
+    """A scheduled run is late by more than ``[service] overdue_after`` (one of the problems)."""
 
     @property
     def healthy(self) -> bool:
@@ -155,6 +157,7 @@ def status(config: Config, engine: sa.Engine, *, now: datetime) -> StatusReport:
             due = due_after(audience, config.service, last_start)
             if due is not None and now - due > config.service.overdue_after:
                 entry.next_run = due.astimezone(UTC)
+                entry.overdue = True
                 entry.problems.append(
                     f"overdue: a run was due at {due.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC and "
                     "none has started (is `audience-sync serve` running?)"

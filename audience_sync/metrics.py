@@ -2,10 +2,15 @@
 ``metrics_port`` is set.
 
 Counters live in the service process; a textfile is rewritten atomically after each run for
-node_exporter's textfile collector, and the port serves the same registry over HTTP.
+node_exporter's textfile collector, and the port serves the same registry over HTTP (on
+``metrics_host``, 127.0.0.1 unless set). Gauges read from the state after each run say what an
+operator watches for: the retry queue, the users left pending and today's requests.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,6 +35,8 @@ class RunMetrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created: noise
         self.textfile = service.metrics_textfile
         self.port = service.metrics_port
+        self.host = service.metrics_host
+        self.server: Any = None
         self.registry = CollectorRegistry()
         labels = ["destination", "audience"]
         self.runs = Counter(
@@ -63,18 +70,51 @@ class RunMetrics:
             registry=self.registry,
         )
 
+        self.retry_queue = Gauge(
+            "audience_sync_retry_queue_users",
+            "Users waiting in the audience's retry queue (failed or skipped, retried next run).",
+            labels,
+            registry=self.registry,
+        )
+        self.pending = Gauge(
+            "audience_sync_pending_users",
+            "Users the audience's last run left pending (quota, stop): sent by the next run.",
+            labels,
+            registry=self.registry,
+        )
+        self.requests_today = Gauge(
+            "audience_sync_requests_today",
+            "Requests counted today (UTC) against the destination's daily budget.",
+            ["destination"],
+            registry=self.registry,
+        )
+
     @property
     def enabled(self) -> bool:
         return self.textfile is not None or self.port is not None
 
     def start(self) -> None:
         if self.port is not None:
-            start_http_server(self.port, registry=self.registry)
+            self.server, _ = start_http_server(self.port, addr=self.host, registry=self.registry)
 
-    def observe(self, result: SyncResult, duration: float, finished: float) -> None:
-        """Count one ``sync`` call's audiences and rewrite the textfile."""
+    def observe(
+        self,
+        result: SyncResult,
+        duration: float,
+        finished: float,
+        *,
+        retry_queue: Mapping[str, int],
+        requests_today: Mapping[str, int],
+    ) -> None:
+        """Count one ``sync`` call's audiences, set the gauges read from the state after it
+        (``retry_queue`` by audience key, ``requests_today`` by destination) and rewrite the
+        textfile."""
+        for destination, used in requests_today.items():
+            self.requests_today.labels(destination).set(used)
         for r in result.audiences:
             labels = (result.destination, r.audience.trait_key)
+            self.retry_queue.labels(*labels).set(retry_queue.get(r.audience.trait_key, 0))
+            self.pending.labels(*labels).set(r.counts.get("pending", 0))
             self.runs.labels(*labels, r.status.value).inc()
             self.delivered.labels(*labels).inc(r.counts.get("delivered", 0))
             self.failed.labels(*labels).inc(r.counts.get("failed", 0) + r.counts.get("skipped", 0))

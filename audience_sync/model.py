@@ -8,9 +8,12 @@ import enum
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import pyarrow as pa
+if TYPE_CHECKING:  # pandas and pyarrow load when a run needs them, not for `--help` or `status`
+    import pandas as pd
+    import pyarrow as pa
 
 __all__ = [
     "IDENTITY_TRAITS",
@@ -147,18 +150,30 @@ class UserUpdate:
         return {c.audience_key: c.value for c in self.changes}
 
 
-_AUDIENCE = pa.dictionary(pa.int32(), pa.string())
-#: The columns of a ``ChangeBatch`` table, in order.
-BATCH_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.string()),
-        ("audience_key", _AUDIENCE),
-        ("audience_name", _AUDIENCE),
-        ("value", pa.bool_()),
-        ("message_id", pa.string()),
-        *((trait, pa.string()) for trait in IDENTITY_TRAITS),
-    ]
-)
+@cache
+def _batch_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    audience = pa.dictionary(pa.int32(), pa.string())
+    return pa.schema(
+        [
+            ("user_id", pa.string()),
+            ("audience_key", audience),
+            ("audience_name", audience),
+            ("value", pa.bool_()),
+            ("message_id", pa.string()),
+            *((trait, pa.string()) for trait in IDENTITY_TRAITS),
+        ]
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """``BATCH_SCHEMA``, the columns of a ``ChangeBatch`` table in order, built on first use."""
+    if name == "BATCH_SCHEMA":
+        return _batch_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 _NO_IDENTITY = Identity()
 
 
@@ -180,7 +195,7 @@ class ChangeBatch:
 
     def updates(self) -> Iterator[UserUpdate]:
         """One ``UserUpdate`` per user, in the batch's order."""
-        columns = [self.table.column(c).to_pylist() for c in BATCH_SCHEMA.names]
+        columns = [self.table.column(c).to_pylist() for c in _batch_schema().names]
         users, keys, names, values, message_ids, *traits = columns
         n = len(users)
         start = 0
@@ -201,6 +216,8 @@ class ChangeBatch:
     @classmethod
     def from_updates(cls, updates: Iterable[UserUpdate]) -> ChangeBatch:
         """The batch of ``updates`` (one per user)."""
+        import pyarrow as pa
+
         rows = [(u, c) for u in updates for c in u.changes]
         columns: dict[str, list[object]] = {
             "user_id": [u.user_id for u, _ in rows],
@@ -214,9 +231,9 @@ class ChangeBatch:
             pa.array(columns[f.name], pa.string()).dictionary_encode()
             if pa.types.is_dictionary(f.type)
             else pa.array(columns[f.name], f.type)
-            for f in BATCH_SCHEMA
+            for f in _batch_schema()
         ]
-        table = pa.Table.from_arrays(arrays, schema=BATCH_SCHEMA)
+        table = pa.Table.from_arrays(arrays, schema=_batch_schema())
         return cls(table, len({u.user_id for u, _ in rows}))
 
 

@@ -22,13 +22,17 @@ from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
+import sqlalchemy as sa
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from audience_sync.alerts import Alerter
 from audience_sync.config import AudienceConfig, Config, load_config
 from audience_sync.engine import prepare_schema, sync
 from audience_sync.errors import AudienceSyncError
+from audience_sync.history import status
 from audience_sync.metrics import RunMetrics
 from audience_sync.model import Trigger
+from audience_sync.progress import ProgressLog
 from audience_sync.result import SyncResult
 from audience_sync.schedule import describe, missed_run, trigger
 from audience_sync.state import StateStore, connect
@@ -37,6 +41,9 @@ from audience_sync.state.store import Clock, utc_now
 __all__ = ["Service"]
 
 log = logging.getLogger("audience_sync.service")
+
+#: Seconds between looks for overdue audiences (only with ``[alerts]`` configured).
+OVERDUE_CHECK_EVERY = 60.0
 
 
 def _timing(audience: AudienceConfig) -> tuple[str | None, float | None]:
@@ -150,34 +157,72 @@ class Service:
         started = time.monotonic()
         result: SyncResult | None = None
         try:
-            result = sync(
-                config,
-                audiences=[key],
-                trigger=Trigger.SCHEDULE,
-                should_stop=self.stopping.is_set,
-                schema_checked=True,
-            )
+            with ProgressLog(config.service.progress_every.total_seconds()).running() as progress:
+                result = sync(
+                    config,
+                    audiences=[key],
+                    trigger=Trigger.SCHEDULE,
+                    should_stop=self.stopping.is_set,
+                    progress=progress,
+                    schema_checked=True,
+                )
         except AudienceSyncError as exc:
             log.error("audience=%s run failed: %s", key, exc)
-        except Exception:
+            Alerter(config).failed(config.select([key]), exc)
+        except Exception as exc:
             log.exception("audience=%s run failed with an unexpected error", key)
+            Alerter(config).failed(config.select([key]), exc)
         finally:
             self._running.discard(key)
+        if result is not None:
+            Alerter(config).after_run(result)
         if self.metrics.enabled:
-            try:
-                if result is None:  # the run crashed: it still counts, as failed
-                    self.metrics.observe_crash(
-                        config.destination.name, key, time.monotonic() - started, time.time()
-                    )
-                else:
-                    self.metrics.observe(result, time.monotonic() - started, time.time())
-            except OSError as exc:
-                log.error("cannot write metrics to %s: %s", self.metrics.textfile, exc)
+            self._observe(config, key, result, time.monotonic() - started)
         if result is None:
             return
         job = None if self.stopping.is_set() else self.scheduler.get_job(key)
         if job is not None and job.next_run_time is not None:
             log.info("audience=%s next_run=%s", key, job.next_run_time.isoformat())
+
+    def _observe(
+        self, config: Config, key: str, result: SyncResult | None, duration: float
+    ) -> None:
+        """Update the metrics after a run; a metrics problem is logged, never fails the run.
+
+        A run that raised instead of returning a result still counts, as failed.
+        """
+        try:
+            if result is None:
+                self.metrics.observe_crash(config.destination.name, key, duration, time.time())
+                return
+            engine = connect(config.state.url)
+            try:
+                store = StateStore(engine)
+                keys = [a.trait_key for a in config.audiences]
+                queue = store.retry_counts(config.destination.name, keys)
+                used = store.requests_used(self.clock().date())
+            finally:
+                engine.dispose()
+            self.metrics.observe(
+                result, duration, time.time(), retry_queue=queue, requests_today=used
+            )
+        except OSError as exc:
+            log.error("cannot write metrics to %s: %s", self.metrics.textfile, exc)
+        except (AudienceSyncError, sa.exc.SQLAlchemyError) as exc:
+            log.error("cannot read the state for the metrics: %s", exc)
+
+    def _alert_overdue(self) -> None:
+        config = self.config
+        try:
+            engine = connect(config.state.url)
+            try:
+                report = status(config, engine, now=self.clock())
+            finally:
+                engine.dispose()
+        except (AudienceSyncError, sa.exc.SQLAlchemyError) as exc:
+            log.error("cannot read the state to look for overdue audiences: %s", exc)
+            return
+        Alerter(config).overdue(report)
 
     # -- signals and the main loop --------------------------------------------------------------
 
@@ -229,9 +274,13 @@ class Service:
             self._log_next_runs()
             if ready is not None:
                 ready()
+            next_overdue_check = 0.0
             while not self.stopping.is_set():
                 self._wake.wait(1.0)
                 self._wake.clear()
+                if self.config.alerts.enabled and time.monotonic() >= next_overdue_check:
+                    next_overdue_check = time.monotonic() + OVERDUE_CHECK_EVERY
+                    self._alert_overdue()
                 if self._reload_requested and not self.stopping.is_set():
                     self._reload_requested = False
                     self.reload()

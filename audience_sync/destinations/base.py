@@ -22,13 +22,15 @@ import itertools
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict
 
 from audience_sync.errors import DestinationError
 from audience_sync.model import ChangeBatch, Outcome, UserUpdate
+
+if TYPE_CHECKING:  # the config names a destination class without loading SQLAlchemy
+    import sqlalchemy as sa
 
 __all__ = ["Call", "Destination", "DestinationSettings", "IdentifyCall", "TrackEvent"]
 
@@ -82,6 +84,9 @@ class Destination(abc.ABC):
 
     kind: ClassVar[str]
     settings_model: ClassVar[type[DestinationSettings]]
+    uses_state: ClassVar[bool] = False
+    """Whether the destination keeps tables of its own in the state database (Crisp: its
+    request budget and people map); ``check`` gives the others no database to write to."""
 
     def __init__(
         self, settings: DestinationSettings, *, name: str, state: sa.Engine, config_dir: Path
@@ -125,6 +130,15 @@ class Destination(abc.ABC):
         Called before a run touches any state; raises a ``DestinationError`` subclass.
         """
         return None
+
+    async def probe(self) -> str:
+        """Check, at the least cost and sending no change, that a run could deliver here (a
+        file destination: its folder is writable; an API: one request that needs the
+        credentials). Returns what was found; raises a ``DestinationError`` subclass.
+
+        Used by ``audience-sync check``; called outside ``async with``.
+        """
+        return "nothing to check"
 
     @property
     def batch_users(self) -> int:

@@ -18,18 +18,18 @@ import uuid
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import IO, TYPE_CHECKING, Any, Self
 
-import duckdb
 import orjson
-import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
-from audience_sync.arrowtext import text_buffers
 from audience_sync.destinations.base import Call, Destination, DestinationSettings, IdentifyCall
 from audience_sync.errors import DestinationError
 from audience_sync.model import IDENTITY_TRAITS, ChangeBatch, Outcome
+
+if TYPE_CHECKING:  # loaded by the first batch: a config naming this destination costs nothing
+    import duckdb
+    import pyarrow as pa
 
 __all__ = ["JsonlDestination", "JsonlSettings", "identify_lines"]
 
@@ -63,6 +63,9 @@ def identify_lines(
     ``traits`` holds the user's known identity traits and the audience's trait; ``context`` says
     which audience (computation) it came from, as Engage's ``context.personas`` does.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     table = batch.table
     keys = table.column("audience_key").combine_chunks()
     audiences = keys.dictionary.to_pylist()
@@ -129,6 +132,8 @@ def encode_line(message: dict[str, Any]) -> bytes:
 
 def _bytes_of(text: pa.Array) -> memoryview:
     """The bytes of all of a string array's values, back to back (its data buffer's span)."""
+    from audience_sync.arrowtext import text_buffers
+
     offsets, data = text_buffers(text)
     return memoryview(data[int(offsets[0]) : int(offsets[-1])].data)
 
@@ -181,6 +186,15 @@ class JsonlDestination(Destination):
             raise DestinationError(f"cannot open {self.path} for writing: {exc.strerror}") from None
         return self
 
+    async def probe(self) -> str:
+        # Nothing is created: the nearest folder that exists must let the run create the rest.
+        folder = next(p for p in (self.path.parent, *self.path.parents) if p.exists())
+        target = self.path if self.path.exists() else folder
+        if not os.access(target, os.W_OK) or not (target.is_dir() or target == self.path):
+            raise DestinationError(f"cannot write {self.path}: {target} is not writable")
+        later = "" if folder == self.path.parent else f" ({self.path.parent} will be created)"
+        return f"{self.path} is writable{later}"
+
     async def __aexit__(self, *exc_info: object) -> None:
         if self._file is not None:
             self._file.close()
@@ -219,6 +233,8 @@ class JsonlDestination(Destination):
     async def deliver_batches(
         self, batches: Iterable[ChangeBatch]
     ) -> AsyncGenerator[ChangeBatch, None]:
+        import duckdb
+
         timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         paced = type(self).pace is not JsonlDestination.pace
         users = 0

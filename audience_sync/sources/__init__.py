@@ -6,12 +6,21 @@ import dataclasses
 
 from audience_sync.config import AudienceConfig
 from audience_sync.model import Snapshot
-from audience_sync.sources.files import read_file
+from audience_sync.sources.files import file_header, read_file
 from audience_sync.sources.freshness import snapshot_time
-from audience_sync.sources.sql import read_query
-from audience_sync.sources.validate import validate
+from audience_sync.sources.sql import query_header, read_query
+from audience_sync.sources.validate import require_user_id, validate
 
-__all__ = ["load_snapshot", "validate"]
+__all__ = ["SnapshotHeader", "load_snapshot", "snapshot_header", "validate"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SnapshotHeader:
+    """What ``check`` reads of a snapshot: its columns and row count, not its rows."""
+
+    source: str
+    columns: tuple[str, ...]
+    rows: int
 
 
 def load_snapshot(audience: AudienceConfig, *, check_repeats: bool = True) -> Snapshot:
@@ -28,3 +37,18 @@ def load_snapshot(audience: AudienceConfig, *, check_repeats: bool = True) -> Sn
         source = f"query for {audience.name!r}"
     snapshot = validate(frame, source, check_repeats=check_repeats)
     return dataclasses.replace(snapshot, taken_at=snapshot_time(frame, source, audience.source))
+
+
+def snapshot_header(audience: AudienceConfig) -> SnapshotHeader:
+    """``audience``'s snapshot columns and row count; ``SnapshotError`` when it cannot be used
+    (missing, unreadable, no ``user_id`` column)."""
+    if audience.source is not None:
+        columns, rows = file_header(audience.source)
+        source = str(audience.source)
+    else:
+        assert audience.query is not None and audience.source_url is not None
+        columns, rows = query_header(audience.source_url, audience.query)
+        source = f"query for {audience.name!r}"
+    stripped = [str(c).strip() for c in columns]
+    require_user_id(stripped, source)
+    return SnapshotHeader(source, tuple(stripped), rows)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from audience_sync.errors import SnapshotError
 from audience_sync.model import IDENTITY_TRAITS
 
-__all__ = ["read_file"]
+__all__ = ["file_header", "read_file"]
 
 #: Bytes read at a time when counting lines.
 _BLOCK = 1 << 24
@@ -35,6 +35,34 @@ def read_file(path: Path, *, multiline: bool = False) -> pd.DataFrame:
 
     ``multiline``: a CSV's quoted values may span lines (else that is an error naming the line).
     """
+    _require_content(path)
+    try:
+        if path.suffix.lower() == ".parquet":
+            return _read_parquet(path)
+        return _read_csv(path, multiline)
+    except SnapshotError:
+        raise
+    except (OSError, ValueError, csv.Error, pa.ArrowException) as exc:
+        raise SnapshotError(f"{path}: cannot read snapshot: {_first_line(exc)}") from None
+
+
+def file_header(path: Path) -> tuple[list[str], int]:
+    """The column names and the number of data rows of ``path``, without loading the rows
+    (Parquet: from the footer; CSV: one pass of the csv module, no frame)."""
+    _require_content(path)
+    try:
+        if path.suffix.lower() == ".parquet":
+            parquet = pq.ParquetFile(path)
+            return list(parquet.schema_arrow.names), int(parquet.metadata.num_rows)
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            rows = (row for row in csv.reader(f) if row)
+            header = next(rows, [])
+            return header, sum(1 for _ in rows)
+    except (OSError, ValueError, csv.Error, pa.ArrowException) as exc:
+        raise SnapshotError(f"{path}: cannot read snapshot: {_first_line(exc)}") from None
+
+
+def _require_content(path: Path) -> None:
     if not path.exists():
         raise SnapshotError(
             f"{path}: snapshot file not found; check the audience's `source` and that the "
@@ -45,14 +73,6 @@ def read_file(path: Path, *, multiline: bool = False) -> pd.DataFrame:
             f"{path}: snapshot file is empty (0 bytes, not even a header row); an audience with "
             "no members is a header line `user_id` and no rows"
         )
-    try:
-        if path.suffix.lower() == ".parquet":
-            return _read_parquet(path)
-        return _read_csv(path, multiline)
-    except SnapshotError:
-        raise
-    except (OSError, ValueError, csv.Error, pa.ArrowException) as exc:
-        raise SnapshotError(f"{path}: cannot read snapshot: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:

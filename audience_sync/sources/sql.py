@@ -5,26 +5,21 @@ from __future__ import annotations
 import pandas as pd
 import sqlalchemy as sa
 
+from audience_sync.drivers import url_error
 from audience_sync.errors import SnapshotError
 
-__all__ = ["read_query"]
+__all__ = ["query_header", "read_query"]
 
 
 def read_query(url: str, query: str) -> pd.DataFrame:
     """The rows ``query`` selects at ``url``; errors never show the URL's password."""
-    try:
-        engine = sa.create_engine(url)
-    except (sa.exc.ArgumentError, ImportError, ValueError) as exc:
-        raise SnapshotError(f"source_url is not a usable SQLAlchemy URL: {exc}") from None
+    engine = _engine(url)
     where = engine.url.render_as_string(hide_password=True)
     try:
         with engine.connect() as conn:
             frame = pd.read_sql_query(sa.text(query), conn, dtype_backend="pyarrow")
     except (sa.exc.SQLAlchemyError, pd.errors.DatabaseError) as exc:
-        # pandas wraps a failed statement in its own DatabaseError, the SQLAlchemy one as cause.
-        cause = exc.__cause__ if isinstance(exc.__cause__, sa.exc.SQLAlchemyError) else exc
-        detail = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
-        raise SnapshotError(f"query on {where} failed: {detail}") from None
+        raise _failed(where, exc) from None
     finally:
         engine.dispose()
     user_id = frame.get("user_id")
@@ -35,3 +30,36 @@ def read_query(url: str, query: str) -> pd.DataFrame:
         )
     # Integers become text without a decimal point; everything else as its text form.
     return frame.astype("string[pyarrow]")
+
+
+def query_header(url: str, query: str) -> tuple[list[str], int]:
+    """The column names and row count ``query`` would give, counted by the database (the rows
+    are not fetched)."""
+    engine = _engine(url)
+    where = engine.url.render_as_string(hide_password=True)
+    inner = query.strip().rstrip(";")
+    try:
+        with engine.connect() as conn:
+            empty = conn.execute(sa.text(f"SELECT * FROM ({inner}) AS snapshot WHERE 1 = 0"))
+            columns = list(empty.keys())
+            empty.close()
+            rows = conn.execute(sa.text(f"SELECT count(*) FROM ({inner}) AS snapshot")).scalar()
+    except sa.exc.SQLAlchemyError as exc:
+        raise _failed(where, exc) from None
+    finally:
+        engine.dispose()
+    return columns, int(rows or 0)
+
+
+def _engine(url: str) -> sa.Engine:
+    try:
+        return sa.create_engine(url)
+    except (sa.exc.ArgumentError, ImportError, ValueError) as exc:
+        raise SnapshotError(url_error("source_url", exc)) from None
+
+
+def _failed(where: str, exc: Exception) -> SnapshotError:
+    # pandas wraps a failed statement in its own DatabaseError, the SQLAlchemy one as cause.
+    cause = exc.__cause__ if isinstance(exc.__cause__, sa.exc.SQLAlchemyError) else exc
+    detail = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
+    return SnapshotError(f"query on {where} failed: {detail}")

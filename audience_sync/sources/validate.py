@@ -20,7 +20,14 @@ from audience_sync.diff import has_repeated
 from audience_sync.errors import SnapshotError
 from audience_sync.model import IDENTITY_TRAITS, MAX_REJECTED_ROWS, RejectedRow, Snapshot
 
-__all__ = ["CONTROL_REASON", "MAX_REPORTED_ROWS", "has_control", "printable", "validate"]
+__all__ = [
+    "CONTROL_REASON",
+    "MAX_REPORTED_ROWS",
+    "has_control",
+    "printable",
+    "require_user_id",
+    "validate",
+]
 
 #: How many rejected rows are kept with their details (all are counted).
 MAX_REPORTED_ROWS = MAX_REJECTED_ROWS
@@ -33,6 +40,16 @@ CONTROL_REASON = (
 )
 
 
+def require_user_id(columns: list[str], source: str) -> None:
+    """Raise the ``SnapshotError`` for a snapshot whose (stripped) columns lack ``user_id``."""
+    if "user_id" not in columns:
+        found = ", ".join(map(repr, columns)) or "none"
+        raise SnapshotError(
+            f"{source}: no `user_id` column (columns found: {found}); every snapshot needs one "
+            "row per member with its user_id"
+        )
+
+
 def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) -> Snapshot:
     """Validate ``frame`` (text columns) read from ``source`` into a ``Snapshot``.
 
@@ -40,12 +57,7 @@ def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) ->
     the caller must find out otherwise (the engine does, from the diff: ``members_repeat``).
     """
     frame = frame.rename(columns=lambda c: str(c).strip())
-    if "user_id" not in frame.columns:
-        found = ", ".join(map(repr, frame.columns)) or "none"
-        raise SnapshotError(
-            f"{source}: no `user_id` column (columns found: {found}); every snapshot needs one "
-            "row per member with its user_id"
-        )
+    require_user_id(list(frame.columns), source)
     if frame.columns.duplicated().any():
         dupes = sorted(set(frame.columns[frame.columns.duplicated()]))
         raise SnapshotError(f"{source}: duplicate column names {dupes}")

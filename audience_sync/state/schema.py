@@ -13,6 +13,7 @@ __all__ = [
     "crisp_people",
     "destination_requests",
     "metadata",
+    "sync_alerts",
     "sync_audiences",
     "sync_changes",
     "sync_locks",
@@ -153,4 +154,17 @@ destination_requests = sa.Table(
     sa.Column("day", sa.Date, primary_key=True),
     sa.Column("used", sa.Integer, nullable=False),
     sa.Column("updated_at", _ts, nullable=False),
+)
+
+#: Alerts raised and not cleared: at most one per (destination, audience, condition); the
+#: process whose insert succeeds sends it (``alerts.py``).
+sync_alerts = sa.Table(
+    "sync_alerts",
+    metadata,
+    sa.Column("destination", sa.String(200), primary_key=True),
+    sa.Column("audience_key", sa.String(200), primary_key=True),
+    sa.Column("condition", sa.String(40), primary_key=True),
+    sa.Column("raised_at", _ts, nullable=False),
+    sa.Column("run_id", sa.Integer),
+    sa.Column("message", sa.Text, nullable=False),
 )

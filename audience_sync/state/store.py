@@ -15,19 +15,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import alembic.util
-import pandas as pd
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
+from audience_sync.drivers import url_error
 from audience_sync.errors import StateError
 from audience_sync.model import MAX_REJECTED_ROWS, RejectedRow, RunStatus
-from audience_sync.state import bulk
 from audience_sync.state.schema import (
     destination_requests,
     sync_audiences,
@@ -37,6 +31,12 @@ from audience_sync.state.schema import (
     sync_rejected_rows,
     sync_runs,
 )
+
+if TYPE_CHECKING:  # Alembic, pandas and the bulk paths load when used: `status` needs none
+    import pandas as pd
+    from alembic.config import Config as AlembicConfig
+
+    from audience_sync.state import bulk
 
 __all__ = [
     "COUNTERS",
@@ -107,7 +107,7 @@ def connect(url: str, *, create: bool = True) -> sa.Engine:
     try:
         engine = sa.create_engine(url, pool_pre_ping=True)
     except (sa.exc.ArgumentError, ImportError, ValueError) as exc:
-        raise StateError(f"[state] url is not a usable SQLAlchemy URL: {exc}") from None
+        raise StateError(url_error("[state] url", exc)) from None
     if engine.dialect.name == "sqlite":
 
         @sa.event.listens_for(engine, "connect")
@@ -152,6 +152,8 @@ def describe(engine: sa.Engine) -> str:
 
 
 def _alembic_config() -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     # The scripts ship as the audience_sync.migrations package (from the top-level migrations/
     # folder), so ask the import system where it is rather than assuming a folder layout.
     try:
@@ -179,6 +181,9 @@ def upgrade(engine: sa.Engine, revision: str = "head") -> None:
     wait (a PostgreSQL advisory lock, SQLite's write lock taken by ``BEGIN IMMEDIATE``), then
     find the schema current.
     """
+    import alembic.util
+    from alembic import command
+
     cfg = _alembic_config()
     try:
         with _MIGRATING, engine.begin() as conn:
@@ -200,6 +205,9 @@ def upgrade(engine: sa.Engine, revision: str = "head") -> None:
 
 def schema_is_current(engine: sa.Engine) -> bool:
     """Whether the database is at the newest migration."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
     try:
         with engine.connect() as conn:
@@ -237,6 +245,8 @@ class Applied:
     skipped: int = 0
 
     def __post_init__(self) -> None:
+        from audience_sync.state import bulk
+
         self.changes = bulk.ChangeRows(self.run_id, self.trait_key)
 
 
@@ -301,6 +311,10 @@ class StateStore:
 
     def members(self, audience_id: int) -> pd.Index:
         """The user ids the destination was last confirmed to hold as members."""
+        import pandas as pd
+
+        from audience_sync.state import bulk
+
         ids = bulk.read_members_arrow(self.engine.url, audience_id)
         if ids is None:
             with self.engine.connect() as conn:
@@ -348,8 +362,16 @@ class StateStore:
             ).first()
         return member is None and delivered is None
 
+    def member_count(self, audience_id: int) -> int:
+        """How many members the state holds for the audience (counted by the database)."""
+        query = sa.select(sa.func.count()).where(sync_members.c.audience_id == audience_id)
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar() or 0)
+
     def retry_queue(self, audience_id: int) -> pd.DataFrame:
         """Users whose last change was not delivered, indexed by user id."""
+        import pandas as pd
+
         with self.engine.connect() as conn:
             frame = pd.DataFrame(
                 conn.execute(
@@ -528,6 +550,8 @@ class StateStore:
         self, batches: Sequence[Applied], on_commit: Callable[[sa.Connection], None] | None = None
     ) -> None:
         """Write the confirmed outcomes of one delivery batch, for all audiences, atomically."""
+        from audience_sync.state import bulk
+
         now = self.clock()
         # One statement per table for all audiences: a commit's cost is its rows, not its
         # number of audiences (the engine commits every few hundred users).
@@ -582,6 +606,17 @@ class StateStore:
         """Forget retry rows that no longer match a planned change (the user moved on)."""
         with self.engine.begin() as conn:
             _delete_retries(conn, audience_id, user_ids)
+
+    def retry_counts(self, destination: str, audience_keys: Sequence[str]) -> dict[str, int]:
+        """Users waiting in the retry queue, by audience key (audiences with none: absent)."""
+        query = (
+            sa.select(sync_audiences.c.audience_key, sa.func.count())
+            .join(sync_pending, sync_pending.c.audience_id == sync_audiences.c.id)
+            .group_by(sync_audiences.c.audience_key)
+        )
+        query = _scoped(query, sync_audiences.c, destination, audience_keys)
+        with self.engine.connect() as conn:
+            return {key: int(n) for key, n in conn.execute(query)}
 
     def retry_rows(
         self, *, destination: str | None = None, audience_keys: Iterable[str] = (), limit: int = 100

@@ -69,6 +69,7 @@ INTAKE_CHUNK = 200
 class CrispDestination(Destination):
     kind = "crisp"
     settings_model = CrispSettings
+    uses_state = True
     settings: CrispSettings
 
     def __init__(
@@ -135,6 +136,22 @@ class CrispDestination(Destination):
             self.client, self.people, update_profiles=s.update_profiles, tier=s.tier
         )
         return self
+
+    async def probe(self) -> str:
+        # The first page of profiles: the cheapest read that needs valid credentials. It goes
+        # through the client, so it waits for the rate limit and counts against the budget.
+        async with self:
+            assert self.client is not None
+            reply = await self.client.call(
+                "GET", "/people/profiles/1", route="GET /people/profiles"
+            )
+        if not reply.ok:
+            raise DestinationError(f"Crisp did not answer the check: {reply.describe()}")
+        used = await asyncio.to_thread(self.budget.used_today)
+        return (
+            f"credentials accepted for website {self.settings.website_id} (1 request; "
+            f"{used:,} of {self.budget.limit:,} used today)"
+        )
 
     async def __aexit__(self, *exc_info: object) -> None:
         with contextlib.suppress(Exception):

@@ -1,0 +1,76 @@
+"""`--help`, `key`, `status` and `history` start without the run machinery: no pandas, pyarrow
+or DuckDB (and `--help`/`key` no SQLAlchemy). Checked in a fresh interpreter by the modules it
+loaded, not by a timing (benchmarks/cli_startup.py measures the time)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_config, write_csv
+
+HEAVY = ("pandas", "pyarrow", "duckdb", "numpy")
+
+# Runs the CLI's entry point in-process, then prints which of the modules asked about it loaded.
+_WRAPPER = """
+import json, sys
+watched = json.loads(sys.argv[1])
+sys.argv = ["audience-sync", *sys.argv[2:]]
+from audience_sync.cli import main
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+print(json.dumps({"loaded": [m for m in watched if m in sys.modules], "code": code}))
+"""
+
+
+def loaded_by(*args: str, watched: tuple[str, ...], cwd: Path | None = None) -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRAPPER, json.dumps(watched), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+    last = proc.stdout.strip().splitlines()[-1]
+    result = json.loads(last)
+    assert result["code"] in (0, None), proc.stderr
+    loaded: list[str] = result["loaded"]
+    return loaded
+
+
+@pytest.mark.parametrize("args", [["--help"], ["key", "High Value Customers"], ["run", "--help"]])
+def test_help_and_key_load_neither_the_data_stack_nor_sqlalchemy(args: list[str]) -> None:
+    assert loaded_by(*args, watched=(*HEAVY, "sqlalchemy", "alembic", "httpx")) == []
+
+
+def test_status_and_history_load_no_data_stack(tmp_path: Path) -> None:
+    write_csv(tmp_path / "vip.csv", "user_id,email\nu1,a@x.io\n")
+    config = write_config(
+        tmp_path / "c.toml",
+        state_url=f"sqlite:///{tmp_path / 'state.db'}",
+        audiences=[{"name": "VIP", "source": "vip.csv", "schedule": "0 * * * *"}],
+    )
+    subprocess.run(
+        [str(Path(sys.executable).parent / "audience-sync"), "run", "--config", str(config)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    for args in (["status"], ["history"], ["history", "1"], ["history", "--failed"]):
+        assert loaded_by(*args, "--config", str(config), watched=HEAVY) == [], args
+
+
+def test_the_lazy_public_api_still_resolves_every_name() -> None:
+    code = (
+        "import sys, audience_sync as a; assert 'pandas' not in sys.modules; "
+        "[getattr(a, n) for n in a.__all__]; print(a.sync.__module__, a.plan.__module__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["audience_sync.engine", "audience_sync.diff"]
