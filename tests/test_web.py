@@ -9,6 +9,8 @@ import html as html_text
 import http.client
 import math
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -297,6 +299,17 @@ def test_health_strip_and_late_then_overdue(seeded: Seeded) -> None:
     assert [r["status"] for r in reversed(states[5].recent)] == [
         "succeeded", "partial", "succeeded", "failed",
     ]  # fmt: skip
+
+
+def test_other_commands_do_not_import_jinja2_or_the_pages() -> None:
+    probe = (
+        "import sys, audience_sync.cli; "
+        "print(sorted(m for m in sys.modules if m.startswith(('jinja2', 'audience_sync.web'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 @settings(max_examples=60, deadline=None)

@@ -204,5 +204,6 @@ def test_report_file_renders_offline(report: tuple[Seeded, Path], browser: Any) 
         assert box is not None and box["height"] > 50
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "report-top.png"))  # health and runs: the README's
     assert browser.errors == []
     assert browser.requests == [out.as_uri()]

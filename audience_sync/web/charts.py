@@ -16,7 +16,7 @@ __all__ = ["Bar", "Chart", "Point", "Series", "bar_chart"]
 # Drawn about this size on screen, two charts side by side, so text keeps its size.
 WIDTH = 560
 HEIGHT = 170
-LEFT, RIGHT, TOP, BOTTOM = 40, 6, 10, 22
+LEFT, RIGHT, TOP, BOTTOM = 40, 28, 10, 22
 _MAX_BAR = 26.0
 
 
@@ -118,7 +118,7 @@ def bar_chart(
                 bars.append(Bar(x, above, width, h, s.css))
         points.append(Point(tuple(bars), tip, href, label, x, width))
     ticks = [(zero - t * top / 2 * scale, _fmt(t * top / 2)) for t in (0, 1, 2)]
-    if bottom:
+    if bottom * scale >= 18:  # else its label would sit on the zero line's
         ticks.append((zero + bottom * scale, "-" + _fmt(bottom)))
     step = max(1, math.ceil(len(points) / 6))
     shown = tuple(points[i] for i in range(0, len(points), step))

@@ -7,7 +7,7 @@ Only ``rejected_rows`` reads a table itself, until the store has a method for it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -145,7 +145,11 @@ class History:
         return {a.trait_key: a.name for a in self.config.audiences}
 
     def runs(
-        self, audiences: Sequence[str], window: timedelta | None, *, run_href: Any
+        self,
+        audiences: Sequence[str],
+        window: timedelta | None,
+        *,
+        run_href: Callable[[int], str],
     ) -> list[RunGroup]:
         """The runs started within ``window`` (all when ``None``) of the given audience keys (all
         when empty), grouped per audience in config order."""
