@@ -944,6 +944,85 @@ def db_upgrade(config_path: Path, url: str | None) -> None:
     )
 
 
+@cli.command("report")
+@config_option
+@click.option(
+    "--html",
+    "html_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the report to this one self-contained HTML file.",
+)
+@click.option("--url", help="State database URL (default: from the config).")
+@click.option("--audience", "audiences", multiple=True, help="Only this audience (name or key).")
+@click.option(
+    "--since", default="30d", show_default=True, help="Runs of this last span (e.g. 7d), or all."
+)
+@click.option("--user", "users", multiple=True, help="Include this user's change log.")
+def report_command(
+    config_path: Path,
+    html_path: Path,
+    url: str | None,
+    audiences: tuple[str, ...],
+    since: str,
+    users: tuple[str, ...],
+) -> None:
+    """Write the run history as one HTML file (health, runs, quota, retry queue, users)."""
+    from audience_sync.web import write_report  # Jinja2 only for this command and `ui`
+
+    if since != "all":
+        try:
+            parse_duration(since)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--since") from None
+    config = load_config(config_path)
+    keys = [a.trait_key for a in config.select(audiences)] if audiences else []
+    write_report(
+        config, url or config.state.url, html_path, audiences=keys, window=since, users=users
+    )
+    click.echo(f"wrote {html_path}")
+
+
+@cli.command("ui")
+@config_option
+@click.option("--url", help="State database URL (default: from the config).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", default=8787, show_default=True, type=click.IntRange(0, 65535), help="0: any free."
+)
+@click.option("--allow-remote", is_flag=True, help="Allow a non-loopback --host (needs --token).")
+@click.option(
+    "--token",
+    envvar="AUDIENCE_SYNC_UI_TOKEN",
+    help="Required on every request when remote (default: $AUDIENCE_SYNC_UI_TOKEN).",
+)
+def ui_command(
+    config_path: Path,
+    url: str | None,
+    host: str,
+    port: int,
+    allow_remote: bool,
+    token: str | None,
+) -> None:
+    """Serve the run history as web pages, read-only, until Ctrl-C."""
+    from audience_sync.web import is_loopback, serve  # Jinja2 only for this command and `report`
+
+    if not is_loopback(host):
+        if not allow_remote:
+            raise click.UsageError(f"--host {host} is not loopback: add --allow-remote and a token")
+        if not token:
+            raise click.UsageError("--allow-remote needs --token or $AUDIENCE_SYNC_UI_TOKEN")
+    config = load_config(config_path)
+
+    def ready(server: Any) -> None:
+        hint = "?token=..." if server.token else ""
+        click.echo(f"serving {server.url}{hint} (read-only; Ctrl-C to stop)")
+
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger().setLevel(logging.INFO)  # one line per request, like a web server
+    serve(config, url or config.state.url, host=host, port=port, token=token, ready=ready)
+
+
 def main() -> None:
     """Entry point: map errors to exit codes."""
     try:

@@ -6,8 +6,9 @@ Library functions over the state tables; ``cli.py`` only prints what they return
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,13 +23,17 @@ from audience_sync.state.store import MAX_STORED_ROWS, StateStore, as_utc
 __all__ = [
     "UNHEALTHY_EXIT_CODE",
     "AudienceStatus",
+    "DestinationQuota",
     "Pruned",
     "RunDetail",
     "StatusReport",
     "prune",
+    "quota",
     "run_detail",
     "status",
 ]
+
+_TICK = timedelta(microseconds=1)
 
 #: ``audience-sync status`` exits with this when an audience's last run failed or is overdue.
 UNHEALTHY_EXIT_CODE = 8
@@ -99,10 +104,27 @@ class AudienceStatus:
     problems: list[str] = field(default_factory=list)
     overdue: bool = False
     """A scheduled run is late by more than ``[service] overdue_after`` (one of the problems)."""
+    recent: list[dict[str, Any]] = field(default_factory=list)
+    """The last runs, newest first (the red/green strip of the history page)."""
+    missed: int = 0
+    """Scheduled runs more than ``overdue_after`` late with none started (counted up to 2)."""
 
     @property
     def healthy(self) -> bool:
         return not self.problems
+
+    @property
+    def state(self) -> str:
+        """One word for people: ``failing``, ``overdue`` (two runs missed), ``late`` (one),
+        ``running``, ``never run`` or ``healthy``; the first that applies."""
+        finished = next((r for r in self.recent if r["status"] != RunStatus.RUNNING.value), None)
+        if finished is not None and finished["status"] == RunStatus.FAILED.value:
+            return "failing"
+        if self.missed:
+            return "overdue" if self.missed > 1 else "late"
+        if self.running_since is not None:
+            return "running"
+        return "healthy" if self.last_run is not None else "never run"
 
 
 @dataclass(slots=True)
@@ -120,8 +142,9 @@ class StatusReport:
         return 0 if self.healthy else UNHEALTHY_EXIT_CODE
 
 
-def status(config: Config, engine: sa.Engine, *, now: datetime) -> StatusReport:
-    """Each audience's schedule, last run, run in progress, next run and retry queue.
+def status(config: Config, engine: sa.Engine, *, now: datetime, recent: int = 5) -> StatusReport:
+    """Each audience's schedule, last run, run in progress, next run, retry queue and its
+    ``recent`` last runs.
 
     An audience is unhealthy when its last finished run ``failed``, or when a scheduled run is
     more than ``[service] overdue_after`` late and none is in progress.
@@ -133,7 +156,7 @@ def status(config: Config, engine: sa.Engine, *, now: datetime) -> StatusReport:
     report = StatusReport(dest, now, [])
     for audience in config.audiences:
         ref = store.find_audience(dest, audience.trait_key) if has_state else None
-        last = _last_runs(engine, ref.id) if ref is not None else []
+        last = _last_runs(engine, ref.id, max(recent, 5)) if ref is not None else []
         held = holders.get(ref.id) if ref is not None else None
         running = held is not None and held[2] is not None and held[2] > now
         entry = AudienceStatus(
@@ -144,6 +167,7 @@ def status(config: Config, engine: sa.Engine, *, now: datetime) -> StatusReport:
             held[0] if running and held is not None else None,
             None,
             _retry_waiting(engine, ref.id) if ref is not None else 0,
+            recent=last[:recent],
         )
         finished = next((r for r in last if r["status"] != RunStatus.RUNNING.value), None)
         if finished is not None and finished["status"] == RunStatus.FAILED.value:
@@ -158,6 +182,8 @@ def status(config: Config, engine: sa.Engine, *, now: datetime) -> StatusReport:
             if due is not None and now - due > config.service.overdue_after:
                 entry.next_run = due.astimezone(UTC)
                 entry.overdue = True
+                after = t.get_next_fire_time(None, due + _TICK) if t is not None else None
+                entry.missed = 2 if after and now - after > config.service.overdue_after else 1
                 entry.problems.append(
                     f"overdue: a run was due at {due.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC and "
                     "none has started (is `audience-sync serve` running?)"
@@ -186,6 +212,56 @@ def _retry_waiting(engine: sa.Engine, audience_id: int) -> int:
                 sa.select(sa.func.count()).where(sync_pending.c.audience_id == audience_id)
             ).scalar_one()
         )
+
+
+@dataclass(slots=True)
+class DestinationQuota:
+    """One destination's requests per UTC day against its daily budget, and its retry queue."""
+
+    destination: str
+    budget: int | None
+    """``daily_request_budget`` when the configured destination has one."""
+    days: list[tuple[date, int]]
+    """Every UTC day of the window, oldest first (0 on days without requests)."""
+    pending_users: int
+
+    @property
+    def used_today(self) -> int:
+        return self.days[-1][1] if self.days else 0
+
+    @property
+    def days_to_finish(self) -> int | None:
+        """UTC days (today counting as one) to send the pending users, at one request per user
+        (a known Crisp profile's cost; a new one costs two), or ``None`` without a budget."""
+        if self.budget is None:
+            return None
+        if not self.pending_users:
+            return 0
+        beyond_today = max(self.pending_users - max(self.budget - self.used_today, 0), 0)
+        return 1 + math.ceil(beyond_today / self.budget)
+
+
+def quota(
+    config: Config, store: StateStore, *, now: datetime, days: int = 14
+) -> list[DestinationQuota]:
+    """Requests per UTC day of every destination that counted some in the last ``days`` days,
+    and of the configured one (with its ``daily_request_budget``)."""
+    today = now.astimezone(UTC).date()
+    first = today - timedelta(days=days - 1)
+    used: dict[str, dict[date, int]] = {config.destination.name: {}}
+    for destination, day, n in store.requests_by_day(first):
+        used.setdefault(destination, {})[day] = n
+    budget = getattr(config.destination.settings, "daily_request_budget", None)
+    window = [first + timedelta(days=i) for i in range(days)]
+    return [
+        DestinationQuota(
+            destination,
+            budget if destination == config.destination.name else None,
+            [(d, by_day.get(d, 0)) for d in window],
+            sum(g["users"] for g in store.retry_reasons(destination=destination)),
+        )
+        for destination, by_day in used.items()
+    ]
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ import importlib.resources
 import os
 import socket
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -90,13 +91,14 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=UTC)
 
 
-def connect(url: str, *, create: bool = True) -> sa.Engine:
+def connect(url: str, *, create: bool = True, read_only: bool = False) -> sa.Engine:
     """An engine for the state database; SQLite gets WAL and write-intent transactions.
 
     ``BEGIN IMMEDIATE`` makes a SQLite transaction take the write lock up front, so two
     processes serialise cleanly (waiting up to 30 s) instead of failing mid-transaction.
     Without ``create``, a SQLite file that does not exist is not created: an empty in-memory
     database stands in for it (for commands that only read: a dry run, ``history``).
+    ``read_only`` engines (the history pages) are refused every write by the database itself.
     """
     if not create:
         from audience_sync.config import sqlite_path  # where the config resolves the path
@@ -105,9 +107,12 @@ def connect(url: str, *, create: bool = True) -> sa.Engine:
         if database is not None and not database.exists():
             return sa.create_engine("sqlite://")
     try:
-        engine = sa.create_engine(url, pool_pre_ping=True)
+        engine = sa.create_engine(_read_only_url(url) if read_only else url, pool_pre_ping=True)
     except (sa.exc.ArgumentError, ImportError, ValueError) as exc:
         raise StateError(url_error("[state] url", exc)) from None
+    if read_only:
+        _refuse_writes(engine)
+        return engine
     if engine.dialect.name == "sqlite":
 
         @sa.event.listens_for(engine, "connect")
@@ -144,6 +149,37 @@ def _check_sqlite_file(engine: sa.Engine) -> None:
             f"the state database {path} cannot be used: {exc.orig} (is it a SQLite database "
             "written by audience-sync? restore it from a backup or point [state] url elsewhere)"
         ) from None
+
+
+def _read_only_url(url: str) -> sa.URL:
+    """SQLite: the file opened as a ``mode=ro`` URI, so not even a journal is written to it."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return parsed
+    path = Path(parsed.database).resolve()
+    if not path.is_file():
+        raise StateError(f"no state database at {path} (nothing has been synced yet?)")
+    return parsed.set(
+        database=f"file:{urllib.parse.quote(str(path))}",
+        query={**parsed.query, "mode": "ro", "uri": "true"},
+    )
+
+
+def _refuse_writes(engine: sa.Engine) -> None:
+    if engine.dialect.name == "sqlite":
+
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.execute("PRAGMA busy_timeout = 30000")
+            dbapi_conn.execute("PRAGMA query_only = ON")
+
+    elif engine.dialect.name == "postgresql":
+
+        @sa.event.listens_for(engine, "connect")
+        def _postgres_connect(dbapi_conn: Any, _record: Any) -> None:
+            with dbapi_conn.cursor() as cursor:
+                cursor.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            dbapi_conn.commit()
 
 
 def describe(engine: sa.Engine) -> str:
@@ -471,10 +507,13 @@ class StateStore:
         destination: str | None = None,
         audience_keys: Iterable[str] = (),
         limit: int = 20,
+        since: datetime | None = None,
     ) -> list[dict[str, Any]]:
-        """The newest runs first."""
+        """The newest runs first; only those started at ``since`` or later, when given."""
         query = sa.select(sync_runs).order_by(sync_runs.c.id.desc()).limit(limit)
         query = _scoped(query, sync_runs.c, destination, audience_keys)
+        if since is not None:
+            query = query.where(sync_runs.c.started_at >= since)
         with self.engine.connect() as conn:
             return [_row(r) for r in conn.execute(query).mappings()]
 
@@ -632,6 +671,28 @@ class StateStore:
         with self.engine.connect() as conn:
             return [_row(r) for r in conn.execute(query).mappings()]
 
+    def retry_reasons(
+        self, *, destination: str | None = None, audience_keys: Iterable[str] = ()
+    ) -> list[dict[str, Any]]:
+        """The retry queue grouped by audience, status, reason and status code, largest first."""
+        p = sync_pending.c
+        groups = (sync_audiences.c.audience_key, p.status, p.reason, p.status_code)
+        query = (
+            sa.select(
+                *groups,
+                sa.func.count().label("users"),
+                sa.func.max(p.attempts).label("max_attempts"),
+                sa.func.min(p.first_at).label("first_at"),
+                sa.func.max(p.last_at).label("last_at"),
+            )
+            .join(sync_audiences, sync_audiences.c.id == p.audience_id)
+            .group_by(*groups)
+            .order_by(sa.func.count().desc(), *groups)
+        )
+        query = _scoped(query, sync_audiences.c, destination, audience_keys)
+        with self.engine.connect() as conn:
+            return [_row(r) for r in conn.execute(query).mappings()]
+
     def user_changes(
         self, user_id: str, *, destination: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
@@ -663,6 +724,19 @@ class StateStore:
                 )
             )
             return {r.destination: int(r.used) for r in rows}
+
+    def requests_by_day(self, since: date) -> list[tuple[str, date, int]]:
+        """``(destination, UTC day, requests)`` for each day from ``since``, oldest first."""
+        if not sa.inspect(self.engine).has_table("destination_requests"):
+            return []
+        r = destination_requests.c
+        query = (
+            sa.select(r.destination, r.day, r.used)
+            .where(r.day >= since)
+            .order_by(r.destination, r.day)
+        )
+        with self.engine.connect() as conn:
+            return [(row.destination, row.day, int(row.used)) for row in conn.execute(query)]
 
 
 def _scoped(
