@@ -42,7 +42,12 @@ from audience_sync import load_config, sync
 from audience_sync.destinations.crisp import CrispDestination
 from audience_sync.destinations.crisp.profiles import MAX_REQUESTS
 from audience_sync.state import connect
-from audience_sync.state.schema import crisp_people, destination_requests
+from audience_sync.state.schema import (
+    crisp_people,
+    destination_requests,
+    sync_audiences,
+    sync_members,
+)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -361,7 +366,21 @@ class CrispModel(RuleBasedStateMachine):
             assert len(found) == 1, (u, keys)
             data = self.server.profiles[found[0]]["data"]
             assert {k: v for k, v in data.items() if k in KEYS.values()} == keys, (u, data)
-        # the state agrees with Crisp: every people_id it keeps is the profile of its user
+        # the state agrees with Crisp: the members it records are the snapshot's (but the user
+        # without an email, skipped), and every people_id it keeps is the profile of its user
+        engine = sa.create_engine(self.state_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(sync_audiences.c.audience_key, sync_members.c.user_id)
+                    .join(sync_members, sync_members.c.audience_id == sync_audiences.c.id)
+                    .where(sync_audiences.c.destination == self.destination)
+                ).all()
+        finally:
+            engine.dispose()
+        for a in AUDIENCES:
+            recorded = {u for key, u in rows if key == KEYS[a]}
+            assert recorded == self.members[a] - {NO_EMAIL}, (a, recorded)
         for row in self._people_rows:
             if row.people_id is not None and row.people_id in self.server.profiles:
                 assert self.server.profiles[row.people_id]["email"].lower() in self.emails_of.get(

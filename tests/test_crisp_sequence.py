@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -284,3 +285,29 @@ def test_the_quota_is_spent_on_users_it_can_finish(s: Setup) -> None:
     s.snapshot("VIP", [(u, e) for u, e in users(10) if u in delivered or u == "u009"])
     assert s.sync("VIP").exit_code == 0
     assert len(s.server.profiles) == 4 and s.server.count() == 2  # only u009 was sent
+
+
+def test_a_user_who_would_pass_the_limits_is_failed_with_crisp_answers(s: Setup) -> None:
+    # A Crisp whose profile route says "not found" for a profile that its search finds.
+    s.server.add_profile("u000@example.com")
+    s.snapshot("VIP", [(u, e, "Ann") for u, e in users(2)], header="user_id,email,name")
+    s.options = {"max_concurrency": 1}
+    original = s.server._profile
+
+    def profile(method: str, arg: str, body: Any) -> tuple[int, str, Any]:
+        if "u000" in arg or arg == s.server.profile_by_email("u000@example.com")["people_id"]:  # type: ignore[index]
+            return original("DELETE", "nobody@example.com", None)  # 404 people_not_found
+        return original(method, arg, body)
+
+    s.server._profile = profile  # type: ignore[method-assign]
+    try:
+        result = s.sync("VIP")
+    finally:
+        s.server._profile = original  # type: ignore[method-assign]
+    vip = counts(result)["vip"]
+    assert (vip["delivered"], vip["failed"]) == (1, 1)  # the run went on with u001
+    [row] = [r for r in s.rows("sync_pending") if r["status"] == "failed"]
+    assert row["user_id"] == "u000" and row["retryable"]
+    assert row["reason"].startswith("gave up after 4 requests to Crisp for this user")
+    assert "409 from POST /people/profile; 404 from PATCH /people/profile" in row["reason"]
+    assert s.server.count() == 4 + 2  # u000's four, then u001: create + data

@@ -424,7 +424,7 @@ class _Delivery:
             raise self.fatal
         if isinstance(self.stopping, QuotaExhausted):
             raise self.stopping
-        if self.deferred:
+        if self.deferred and self.stopping is None:
             used = budget.limit - (self.left or 0) + client.sent - self.sent_at_start
             raise QuotaExhausted(
                 f"quota: {used:,} of {budget.limit:,} requests used today (UTC) by "
