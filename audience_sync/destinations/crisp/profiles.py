@@ -13,7 +13,7 @@ A user's sequence starts from what ``crisp_people`` knows and walks these steps,
 - EVENTS, ``POST /people/events/{id}`` per event: 2xx -> next or done; 404 -> NOT_FOUND.
 - NOT_FOUND, no request: addressed by email -> SEARCH; by people_id -> CREATE (deleted).
 
-Each request step runs at most twice and CREATE and SEARCH at most once per user per run, and
+Each request step runs at most twice and CREATE at most once per user per run, and
 ``MAX_REQUESTS`` caps the whole sequence (plus one per event), whatever Crisp answers: a user
 who reaches the cap is failed with what Crisp answered, and the run goes on. Rate-limit and
 transient retries of one request (``client.py``) are not counted against the cap.
