@@ -12,7 +12,11 @@ with HTTP/1.1 keep-alive.
                               headers={"X-Crisp-Tier": "plugin"})
 
 Every request is recorded in ``srv.requests`` as ``(method, path, json_body_or_None, status)``;
-``path`` is percent-decoded and keeps its query string; status 0 means the connection was dropped.
+``path`` is percent-decoded and keeps its query string; status 0 means the connection was dropped
+(before the request was processed, or, with ``lose_answer_next`` / ``lose_answer_rate``, after:
+the profile was created or the data set, but the answer never reaches the client).
+``raw_next`` answers the next requests with a raw body that is not an envelope (a proxy's HTML
+page, an empty body) without processing them.
 Every authenticated request (whatever its answer) counts toward ``daily_quota``. Fault checks run
 in this order: latency, dropped connection, auth, daily quota, rate limit, ``fail_next``,
 ``error_rate``, then the route itself.
@@ -71,8 +75,9 @@ class _Fail(Exception):
 
 class _Answer(NamedTuple):
     status: int
-    payload: dict[str, Any] | None  # None: drop the connection without answering
+    payload: dict[str, Any] | None  # None (and no raw): drop the connection without answering
     headers: dict[str, str]
+    raw: tuple[str, bytes] | None = None  # (content type, body) instead of an envelope
 
 
 def _envelope(error: bool, reason: str, data: Any) -> dict[str, Any]:
@@ -179,14 +184,17 @@ class _Handler(BaseHTTPRequestHandler):
             answer = _Answer(400, _envelope(True, "invalid_data", {}), {})
         else:
             answer = crisp._process(self.command, self.path, self.headers, raw)
-        if answer.payload is None:
+        if answer.payload is None and answer.raw is None:
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
             return
-        body = json.dumps(answer.payload).encode()
+        ctype, body = answer.raw or ("application/json; charset=utf-8", b"")
+        if answer.payload is not None:
+            body = json.dumps(answer.payload).encode()
         self.send_response(answer.status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
+        if ctype:
+            self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         for name, value in answer.headers.items():
             self.send_header(name, value)
@@ -241,6 +249,16 @@ class CrispServer:
         self.error_rate = error_rate
         self.fail_next: list[tuple[int, str]] = []
         self.drop_connection_next = 0
+        self.lose_answer_next = 0
+        self.lose_answer_rate = 0.0
+        self.lose_answer_match = ""
+        """Only requests whose ``METHOD /path`` contains this lose their answer."""
+        self.answers_lost = 0
+        self.slow_answer_rate = 0.0
+        """Share of processed requests answered only after ``slow_answer_seconds`` (a client
+        timeout shorter than that never sees the answer; recorded with status 0)."""
+        self.slow_answer_seconds = 1.0
+        self.raw_next: list[tuple[int, str, bytes]] = []
         # behaviour switches
         self.conflict_status = conflict_status
         self.email_as_people_id = email_as_people_id
@@ -385,6 +403,10 @@ class CrispServer:
                 self.drop_connection_next -= 1
                 self._record(method, path, body, 0)
                 return _Answer(0, None, {})
+            if self.raw_next:
+                status, ctype, raw_body = self.raw_next.pop(0)
+                self._record(method, path, body, status)
+                return _Answer(status, None, {}, (ctype, raw_body))
         try:
             self._check_auth(headers)
             self._check_faults()
@@ -400,6 +422,22 @@ class CrispServer:
             with self._lock:
                 self.errors.append(exc)
             answer = _Answer(500, _envelope(True, "server_error", {}), {})
+        with self._lock:
+            lose = self.lose_answer_match in f"{method} {path}" and (
+                self.lose_answer_next > 0
+                or (self.lose_answer_rate > 0 and self._rng.random() < self.lose_answer_rate)
+            )
+            if lose:
+                self.lose_answer_next = max(self.lose_answer_next - 1, 0)
+                self.answers_lost += 1
+            slow = self.slow_answer_rate > 0 and self._rng.random() < self.slow_answer_rate
+        if lose:  # processed, but the connection is cut before the answer goes out
+            self._record(method, path, body, 0)
+            return _Answer(0, None, {})
+        if slow:  # processed, but answered after the client gave up waiting
+            self._record(method, path, body, 0)
+            time.sleep(self.slow_answer_seconds)
+            return answer
         self._record(method, path, body, answer.status)
         return answer
 

@@ -272,14 +272,14 @@ def test_quota_runs_out_mid_sync_and_the_next_run_finishes(
     done = run(config)
     assert done.returncode == 5, done.stdout + done.stderr
     text = " ".join(done.stdout.split())
-    assert "quota: 21 of 21 requests used today (UTC)" in text
+    assert "quota: 20 of 21 requests used today (UTC)" in text  # 10 users finished
     assert "users pending, about 1 more day at this budget" in text
-    assert crisp.count() == 21
+    assert crisp.count() == 20 and "10 users deferred, not started" in text
     shown = json.loads(cli("history", "--config", str(config), "--json").stdout)
     vip = next(h for h in shown if h["audience_key"] == "vip_users")
     assert vip["status"] == "partial" and vip["pending"] > 0 and vip["failed"] == 0
     table = cli("history", "--config", str(config)).stdout
-    assert "crisp:website-1: 21 of 21 requests used today (UTC)" in table
+    assert "crisp:website-1: 20 of 21 requests used today (UTC)" in table
 
     engine = sa.create_engine(state_url)  # the UTC day turns
     with engine.begin() as conn:

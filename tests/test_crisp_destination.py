@@ -350,9 +350,13 @@ def test_request_budget_stops_the_run_and_the_next_run_carries_on(s: Setup) -> N
     vip = counts(result)["vip"]
     assert vip["status"] == "partial" and result.exit_code == 5
     message = result.audiences[0].error or ""
-    assert message.startswith("quota: 15 of 15 requests used today (UTC)")
+    # The budget goes to users it can finish: 7 new users (create + data), none half-done;
+    # the 15th request could not finish anyone, so it is not spent.
+    assert message.startswith("quota: 14 of 15 requests used today (UTC)")
+    assert "13 users deferred, not started" in message
     assert "users pending, about" in message and "more day" in message
-    assert s.server.count() == 15  # stopped before passing the budget
+    assert s.server.count() == 14 and vip["delivered"] == 7
+    assert all(p["data"] == {"vip": True} for p in s.server.profiles.values())
     assert vip["failed"] == 0 and vip["pending"] == 20 - vip["delivered"]
     assert [r for r in s.rows("sync_pending") if r["status"] == "failed"] == []
     [run] = [r for r in s.rows("sync_runs")]
@@ -465,7 +469,8 @@ def test_credentials_never_appear_in_logs_state_or_reprs(
 
 
 def test_batch_sends_identical_changes_together(s: Setup) -> None:
-    s.options = {"batch": True, "batch_size": 10, "batch_linger": 0.2}
+    # linger long enough that a loaded machine still fills the groups (10 + 10 + 5)
+    s.options = {"batch": True, "batch_size": 10, "batch_linger": 1.0}
     s.snapshot("VIP", users(25))
     assert s.sync("VIP").exit_code == 0
     assert s.server.count("POST", "/people/profile") == 25
@@ -601,7 +606,7 @@ def test_dry_run_estimates_requests_and_days_of_quota(s: Setup) -> None:
     assert (cost["known"], cost["requests"], cost["used_today"], cost["days"]) == (3, 3, 12, 1)
 
 
-def test_quota_spent_while_users_wait_in_a_batch_leaves_them_pending(s: Setup) -> None:
+def test_quota_pays_for_the_batch_its_created_users_wait_for(s: Setup) -> None:
     s.options = {
         "batch": True,
         "batch_size": 50,
@@ -610,10 +615,13 @@ def test_quota_spent_while_users_wait_in_a_batch_leaves_them_pending(s: Setup) -
         "max_concurrency": 2,
     }
     s.snapshot("VIP", users(20))
-    result = s.sync("VIP")  # 12 creates; the batch they wait for can no longer be paid for
+    result = s.sync("VIP")
+    # 11 creates and the batch that finishes them (before: 12 creates, no batch, 0 finished)
     vip = counts(result)["vip"]
-    assert (vip["status"], vip["delivered"], vip["failed"], vip["pending"]) == ("partial", 0, 0, 20)
-    assert s.server.count("POST", "/people/profile") == 12 and s.server.count() == 12
+    assert (vip["status"], vip["delivered"], vip["failed"], vip["pending"]) == ("partial", 11, 0, 9)
+    assert s.server.count("POST", "/people/profile") == 11
+    assert s.server.count("PATCH", "/batch/data") == 1 and s.server.count() == 12
+    assert "9 users deferred" in (result.audiences[0].error or "")
     engine = sa.create_engine(s.state_url)
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE destination_requests SET day = '2000-01-01'"))
@@ -621,7 +629,6 @@ def test_quota_spent_while_users_wait_in_a_batch_leaves_them_pending(s: Setup) -
     s.options |= {"daily_request_budget": 100, "batch_linger": 0.2}
     s.server.reset_counts()
     assert s.sync("VIP").exit_code == 0
-    # the 12 known profiles need no create again: 8 creates and one batch
-    assert s.server.count("POST", "/people/profile") == 8
+    assert s.server.count("POST", "/people/profile") == 9
     assert s.server.count("PATCH", "/batch/data") == 1
     assert all(s.data(e) == {"vip": True} for _, e in users(20))

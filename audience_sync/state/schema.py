@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 __all__ = [
+    "crisp_facts",
     "crisp_people",
     "destination_requests",
     "metadata",
@@ -144,6 +145,20 @@ crisp_people = sa.Table(
     sa.Column("email", sa.String(320)),
     sa.Column("profile_hash", sa.String(32)),
     sa.Column("updated_at", _ts, nullable=False),
+)
+
+# What the Crisp destination learned about the API it talks to (owned by destinations/crisp/
+# facts.py): whether an email addresses a profile, whether /batch/data is refused. ``config``
+# fingerprints the destination settings the fact was learned under: a changed config forgets it.
+crisp_facts = sa.Table(
+    "crisp_facts",
+    metadata,
+    sa.Column("destination", sa.String(200), primary_key=True),
+    sa.Column("fact", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Boolean, nullable=False),
+    sa.Column("detail", sa.Text),
+    sa.Column("config", sa.String(32), nullable=False),
+    sa.Column("learned_at", _ts, nullable=False),
 )
 
 # Requests a destination made (or reserved) per UTC day, against its daily request budget.

@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
@@ -32,6 +32,8 @@ __all__ = ["CrispClient", "Reply", "segment"]
 
 log = logging.getLogger("audience_sync.crisp")
 
+#: Bytes of an odd answer's body quoted in a failure reason.
+HEAD_BYTES = 60
 #: Backoff of transient failures: 0.5 s, 1 s, 2 s, ... (each with jitter), at most this long.
 TRANSIENT_BACKOFF_MAX = 30.0
 
@@ -54,10 +56,21 @@ class Reply:
     data: Any
     verdict: Verdict
     retry_after: float | None = None
+    content_type: str = ""
+    head: bytes = b""
+    """The first bytes of the body, to say what Crisp answered when it is not an envelope."""
+    attempts: int = 1
+    """HTTP requests this answer took (retries included): what the daily budget counted."""
 
     @property
     def ok(self) -> bool:
         return self.verdict is Verdict.OK
+
+    def describe_body(self) -> str:
+        """``HTTP 200, text/html, 512 bytes: b'<!doctype html>...'`` (for odd answers)."""
+        kind = self.content_type or "no content type"
+        first = repr(self.head[:HEAD_BYTES]) if self.head else "an empty body"
+        return f"HTTP {self.status} from {self.route}, {kind}, {first}"
 
     def describe(self) -> str:
         """``HTTP 400 invalid_data from PATCH /people/data`` (for failure reasons)."""
@@ -127,6 +140,7 @@ class CrispClient:
     ) -> Reply:
         """Send ``method path`` (relative to the website) until Crisp gives a final answer."""
         transient = 0
+        attempts = 0
 
         def stop(state: RetryCallState) -> bool:
             exc = state.outcome.exception() if state.outcome else None
@@ -147,7 +161,8 @@ class CrispClient:
             self.retried += 1
 
         async def attempt() -> Reply:
-            nonlocal transient
+            nonlocal transient, attempts
+            attempts += 1
             try:
                 return await self._attempt(method, path, route=route, json=json, params=params)
             except _Retry as exc:
@@ -166,8 +181,8 @@ class CrispClient:
         try:
             reply: Reply = await retrying(attempt)
         except _Retry as exc:
-            return exc.reply  # transient failures outlasted max_retries
-        return reply
+            reply = exc.reply  # transient failures outlasted max_retries
+        return replace(reply, attempts=attempts)
 
     async def _attempt(
         self,
@@ -249,4 +264,6 @@ class CrispClient:
             data,
             classify(status, reason),
             retry_after_seconds(response.headers.get("Retry-After")),
+            response.headers.get("Content-Type", ""),
+            response.content[:HEAD_BYTES],
         )

@@ -39,6 +39,12 @@ from audience_sync.destinations.base import (
 from audience_sync.destinations.crisp.budget import RequestBudget
 from audience_sync.destinations.crisp.classify import Verdict
 from audience_sync.destinations.crisp.client import CrispClient, segment
+from audience_sync.destinations.crisp.facts import (
+    BATCH_REFUSED,
+    EMAIL_ADDRESSING,
+    Facts,
+    fingerprint,
+)
 from audience_sync.destinations.crisp.payloads import (
     DataValue,
     audience_event,
@@ -47,11 +53,11 @@ from audience_sync.destinations.crisp.payloads import (
     identify_parts,
 )
 from audience_sync.destinations.crisp.people import PeopleMap, Person
-from audience_sync.destinations.crisp.profiles import EMAIL_REQUIRED, Profiles
+from audience_sync.destinations.crisp.profiles import EMAIL_REQUIRED, Profiles, Step, UserSequence
 from audience_sync.destinations.crisp.ratelimit import AdaptiveRateLimiter
 from audience_sync.destinations.crisp.settings import CrispCredentials, CrispSettings
 from audience_sync.errors import DestinationError, QuotaExhausted
-from audience_sync.model import Outcome, UserUpdate
+from audience_sync.model import Identity, Outcome, UserUpdate
 from audience_sync.state.schema import crisp_people, destination_requests
 from audience_sync.state.store import Clock, utc_now
 
@@ -93,6 +99,9 @@ class CrispDestination(Destination):
         self.profiles: Profiles | None = None
         self._delivery: _Delivery | None = None
         self.people = PeopleMap(state, name, clock)
+        self.facts = Facts(state, name, fingerprint(self.settings.model_dump_json()), clock)
+        self.batch_refused: str | None = None
+        """Why the batch route is not used (Crisp refused it in this run or a recent one)."""
         self.budget = RequestBudget(state, name, self.settings.daily_request_budget, clock=clock)
         self.confirmed = 0
         """Users (or Track calls) delivered by this destination object."""
@@ -132,8 +141,24 @@ class CrispDestination(Destination):
             max_retries=s.max_retries,
             patience=s.rate_limit_patience,
         )
+        known = await asyncio.to_thread(self.facts.load)
+        addressing = known.get(EMAIL_ADDRESSING)
+        refused = known.get(BATCH_REFUSED)
+        if s.batch and refused is not None and refused.value:
+            self.batch_refused = refused.detail or "refused"
+            log.info(
+                "Crisp refused PATCH /batch/data at %s (%s); per-user data updates until the "
+                "config changes or a day has passed",
+                refused.learned_at.isoformat(timespec="seconds"),
+                self.batch_refused,
+            )
         self.profiles = Profiles(
-            self.client, self.people, update_profiles=s.update_profiles, tier=s.tier
+            self.client,
+            self.people,
+            update_profiles=s.update_profiles,
+            tier=s.tier,
+            email_addressing=None if addressing is None else addressing.value,
+            learn=self.remember,
         )
         return self
 
@@ -152,6 +177,10 @@ class CrispDestination(Destination):
             f"credentials accepted for website {self.settings.website_id} (1 request; "
             f"{used:,} of {self.budget.limit:,} used today)"
         )
+
+    async def remember(self, fact: str, value: bool, detail: str) -> None:
+        """Keep what Crisp's answers taught (``crisp_facts``) for later runs."""
+        await asyncio.to_thread(self.facts.remember, fact, value, detail)
 
     async def __aexit__(self, *exc_info: object) -> None:
         with contextlib.suppress(Exception):
@@ -279,7 +308,8 @@ class CrispDestination(Destination):
             if person is None or person.address is None:
                 return Outcome.skipped(call.user_id, TRACK_DROPPED), person
             body = event_body(call.event, call.properties)
-            return await profiles.add_events(call.user_id, person, [body]), person
+            seq = UserSequence(call.user_id, Identity(), person, events=[body])
+            return _outcome(await profiles.run(seq), call.user_id), seq.person
         assert isinstance(call, IdentifyCall)
         identity, data, left_out = identify_parts(call.traits)
         if left_out:
@@ -288,12 +318,12 @@ class CrispDestination(Destination):
                 call.user_id,
                 ", ".join(left_out),
             )
-        found = await profiles.ensure(call.user_id, identity, person)
-        if isinstance(found, Outcome):
-            return found, person
-        if not data:
-            return Outcome.delivered(call.user_id), found
-        return await profiles.set_data(call.user_id, identity, found, data), found
+        seq = UserSequence(call.user_id, identity, person, data=data)
+        return _outcome(await profiles.run(seq), call.user_id), seq.person
+
+
+def _outcome(result: Person | Outcome, user_id: str) -> Outcome:
+    return result if isinstance(result, Outcome) else Outcome.delivered(user_id)
 
 
 # -- concurrent delivery --------------------------------------------------------------------------
@@ -310,20 +340,27 @@ class _UserJob:
 
     update: UserUpdate
     person: Person | None
+    cost: int = 0
+    """Requests the user is expected to cost (reserved from the day's budget when started)."""
 
 
 @dataclass(slots=True)
 class _DataJob:
-    """A known profile: one data update (a batch fallback)."""
+    """A known profile: its data update, continuing the user's sequence (a batch fallback)."""
 
     update: UserUpdate
-    person: Person
+    seq: UserSequence
+    cost: int = 1
+
+
+_Member = tuple[UserUpdate, UserSequence]
 
 
 @dataclass(slots=True)
 class _BatchJob:
     data: tuple[tuple[str, DataValue], ...]
-    members: list[tuple[UserUpdate, Person]]
+    members: list[_Member]
+    cost: int = 1
 
 
 _Job = _UserJob | _DataJob | _BatchJob
@@ -332,7 +369,7 @@ _Job = _UserJob | _DataJob | _BatchJob
 @dataclass(slots=True)
 class _Group:
     started: float
-    members: list[tuple[UserUpdate, Person]] = field(default_factory=list)
+    members: list[_Member] = field(default_factory=list)
 
 
 _DONE = object()
@@ -349,7 +386,9 @@ class _Delivery:
         self.profiles = profiles
         self.updates = updates
         self.out: asyncio.Queue[Any] = asyncio.Queue()
-        self.jobs: asyncio.Queue[_Job] = asyncio.Queue()
+        # Started users first: their batches and data updates go before users not started yet.
+        self.jobs: asyncio.PriorityQueue[tuple[int, int, _Job]] = asyncio.PriorityQueue()
+        self.queued = itertools.count()
         self.room = asyncio.Event()
         self.open_users = 0  # taken from the engine, no outcome yet
         self.user_jobs = 0  # user jobs queued or running (they may still join a batch)
@@ -360,8 +399,24 @@ class _Delivery:
         self.fatal: BaseException | None = None
         self.finished = False
         self.groups: dict[tuple[tuple[str, DataValue], ...], _Group] = {}
-        self.batching = self.settings.batch and not self.settings.audience_events
+        self.batching = (
+            self.settings.batch and not self.settings.audience_events and not dest.batch_refused
+        )
         self.batch_cap = self.settings.batch_size
+        # Until the batch route answered once, one batch at a time: a refusal then costs one
+        # request per run, not one per batch already on the wire.
+        self.batch_confirmed = False
+        self.batch_probe = asyncio.Lock()
+        # The day's budget is spent on users that can be finished: a user starts only when
+        # what is left covers its expected cost on top of what started users may still need.
+        self.left: int | None = None
+        self.sent_at_start = 0
+        self.running: dict[int, tuple[_Job, UserSequence | None]] = {}
+        self.spent = 0
+        """Requests (retries included) of the jobs that finished, and of batch calls."""
+        self.batches_owed = 0
+        """Batch requests that groups and queued batches will need."""
+        self.deferred = 0
         # A job holds a permit from its first request until the engine has committed its
         # outcome, so a kill at any moment leaves at most max_concurrency jobs unrecorded: the
         # next run re-sends at most their calls, however slow the state database is.
@@ -371,6 +426,11 @@ class _Delivery:
     # -- the stream the engine reads ----------------------------------------------------------
 
     async def outcomes(self) -> AsyncIterator[list[Outcome]]:
+        client = self.dest.client
+        assert client is not None
+        budget = self.dest.budget
+        self.left = budget.limit - await asyncio.to_thread(budget.used_today)
+        self.sent_at_start = client.sent
         tasks = [asyncio.create_task(self._guard(self._intake()))]
         tasks += [
             asyncio.create_task(self._guard(self._worker()))
@@ -405,6 +465,16 @@ class _Delivery:
             raise self.fatal
         if isinstance(self.stopping, QuotaExhausted):
             raise self.stopping
+        if self.deferred and self.stopping is None:
+            used = budget.limit - (self.left or 0) + client.sent - self.sent_at_start
+            raise QuotaExhausted(
+                f"quota: {used:,} of {budget.limit:,} requests used today (UTC) by "
+                f"{self.dest.name}; {self.deferred:,} users deferred, not started: the "
+                f"{budget.limit - used:,} left could not finish them (a new user needs 2: "
+                "create + data)",
+                used=used,
+                budget=budget.limit,
+            )
 
     def _drain(self) -> list[Any]:
         items = []
@@ -447,7 +517,7 @@ class _Delivery:
         dropped = sum(len(g.members) for g in self.groups.values())
         self.groups.clear()
         while not self.jobs.empty():
-            dropped += _size(self.jobs.get_nowait())
+            dropped += _size(self.jobs.get_nowait()[2])
         self.room.set()
         self._settle(dropped)
 
@@ -485,10 +555,39 @@ class _Delivery:
                     self._emit(Outcome.skipped(update.user_id, EMAIL_REQUIRED))
                 return
         elif self._batchable(update, person):
-            self._group(update, person)
+            self._group(
+                update,
+                UserSequence(update.user_id, update.identity, person, data=dict(update.traits)),
+            )
             return
         self.user_jobs += 1
-        self.jobs.put_nowait(_UserJob(update, person))
+        self._queue(_UserJob(update, person))
+
+    def _cost(self, update: UserUpdate, person: Person | None) -> int:
+        """Requests a user is expected to cost: create or search, profile update, data, events
+        (with batching, the data goes in a batch paid for separately)."""
+        if person is None or person.address is None:
+            cost = 1  # create (with the card)
+        else:
+            cost = int(self.profiles.needs_update(update.identity, person))
+            if person.people_id is None and self.profiles.email_addressing is False:
+                cost += 1  # search
+        if not self.batching or tuple(sorted(update.traits.items())) not in self.groups:
+            cost += 1  # the data update, or the batch of a group not open yet
+        if self.settings.audience_events:
+            cost += len(update.changes)
+        return cost
+
+    def _affordable(self, cost: int) -> bool:
+        """Whether today's budget covers ``cost`` more requests beyond what started users and
+        batches may still need."""
+        if self.left is None:
+            return True
+        owed = self.batches_owed + sum(
+            job.cost if seq is None else max(job.cost, seq.unaccounted)
+            for job, seq in self.running.values()
+        )
+        return self.spent + owed + cost <= self.left
 
     def _batchable(self, update: UserUpdate, person: Person) -> bool:
         return (
@@ -499,7 +598,7 @@ class _Delivery:
 
     # -- batch groups ---------------------------------------------------------------------------
 
-    def _group(self, update: UserUpdate, person: Person) -> None:
+    def _group(self, update: UserUpdate, seq: UserSequence) -> None:
         if self.stopping is not None:
             self._settle(1)  # no batch will be sent any more: stays pending
             return
@@ -507,13 +606,14 @@ class _Delivery:
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = _Group(time.monotonic())
-        group.members.append((update, person))
+            self.batches_owed += 1  # its request is reserved from the day's budget
+        group.members.append((update, seq))
         if len(group.members) >= self.batch_cap:
             self._flush(key)
 
     def _flush(self, key: tuple[tuple[str, DataValue], ...]) -> None:
         group = self.groups.pop(key)
-        self.jobs.put_nowait(_BatchJob(key, group.members))
+        self._queue(_BatchJob(key, group.members))
 
     def _flush_if_idle(self) -> None:
         """No user can join a group any more: send the partly filled ones now."""
@@ -533,18 +633,32 @@ class _Delivery:
 
     async def _worker(self) -> None:
         while True:
-            job = await self.jobs.get()
+            _, _, job = await self.jobs.get()
             self.room.set()
             if self.stopping is None:
                 await self.permits.acquire()
                 if self.stopping is not None:
                     self.permits.release()
+            if isinstance(job, _BatchJob):
+                self.batches_owed -= 1  # from here on its cost is checked like any job's
+            elif isinstance(job, _UserJob):
+                job.cost = self._cost(job.update, job.person)
+            if self.stopping is None and not self._affordable(job.cost):
+                # Not started: it stays pending for a later day (a started user is finished).
+                self.permits.release()
+                self.deferred += _size(job)
+                self._settle(_size(job))
+                if isinstance(job, _UserJob):
+                    self.user_jobs -= 1
+                    self._flush_if_idle()
+                continue
             if self.stopping is not None:
                 self._settle(_size(job))
                 if isinstance(job, _UserJob):
                     self.user_jobs -= 1
                 continue
             emitted = self.emitted
+            self.running[id(job)] = (job, job.seq if isinstance(job, _DataJob) else None)
             try:
                 if isinstance(job, _UserJob):
                     await self._user(job)
@@ -556,6 +670,9 @@ class _Delivery:
                 self.soft_stop(exc)
                 self._settle(_size(job))
             finally:
+                _, seq = self.running.pop(id(job), (job, None))
+                if seq is not None:
+                    self.spent += seq.account()
                 if self.emitted > emitted:
                     # Released after the engine committed what was emitted so far (this job's
                     # outcome, and possibly others'): never before this job's.
@@ -568,28 +685,33 @@ class _Delivery:
 
     async def _user(self, job: _UserJob) -> None:
         update = job.update
-        found = await self.profiles.ensure(update.user_id, update.identity, job.person)
+        named = (self.settings.entered_event, self.settings.exited_event)
+        events = (
+            [audience_event(c, *named) for c in update.changes]
+            if self.settings.audience_events
+            else []
+        )
+        seq = UserSequence(
+            update.user_id,
+            update.identity,
+            job.person,
+            data=dict(update.traits),
+            events=events,
+            stop_before_data=self.batching,
+        )
+        self.running[id(job)] = (job, seq)
+        found = await self.profiles.run(seq)
         if isinstance(found, Outcome):
             self._emit(found)
             return
-        if self.batching and found.people_id is not None:
-            self._group(update, found)
+        if self.batching:
+            self._group(update, seq)
             return
-        outcome = await self.profiles.set_data(
-            update.user_id, update.identity, found, dict(update.traits)
-        )
-        if outcome.status.value == "delivered" and self.settings.audience_events:
-            named = (self.settings.entered_event, self.settings.exited_event)
-            events = [audience_event(c, *named) for c in update.changes]
-            outcome = await self.profiles.add_events(update.user_id, found, events)
-        self._emit(outcome)
+        self._emit(_outcome(await self.profiles.run(seq, Step.SET_DATA), update.user_id))
 
     async def _data(self, job: _DataJob) -> None:
-        update = job.update
-        outcome = await self.profiles.set_data(
-            update.user_id, update.identity, job.person, dict(update.traits)
-        )
-        self._emit(outcome)
+        job.seq.stop_before_data = False
+        self._emit(_outcome(await self.profiles.run(job.seq, Step.SET_DATA), job.update.user_id))
 
     async def _batch(self, job: _BatchJob) -> None:
         members = job.members
@@ -597,14 +719,40 @@ class _Delivery:
             self._per_user(members)
             return
         if len(members) > self.batch_cap:  # the cap shrank after a refusal: split
-            for i in range(0, len(members), self.batch_cap):
-                self.jobs.put_nowait(_BatchJob(job.data, members[i : i + self.batch_cap]))
+            self._split(job)
             return
         assert self.dest.client is not None
-        ids = [p.people_id for _, p in members if p.people_id is not None]
-        reply = await self.dest.client.call(
-            "PATCH", "/batch/data", route="PATCH /batch/data", json=batch_body(ids, dict(job.data))
-        )
+        ids = [q.person.people_id for _, q in members if q.person and q.person.people_id]
+        probe = None if self.batch_confirmed else self.batch_probe
+        if probe is not None:
+            await probe.acquire()
+        try:
+            if not self.batching:  # refused while this batch waited for the probe
+                self._per_user(members)
+                return
+            reply = await self.dest.client.call(
+                "PATCH",
+                "/batch/data",
+                route="PATCH /batch/data",
+                json=batch_body(ids, dict(job.data)),
+            )
+            self.spent += reply.attempts
+            if reply.verdict is Verdict.REFUSED:
+                self.batching = False
+                self.dest.batch_refused = reply.describe()
+                log.warning(
+                    "Crisp refused PATCH /batch/data (%s); sending per-user data updates "
+                    "instead, in this run and later ones until the config changes or a day "
+                    "has passed",
+                    reply.describe(),
+                )
+                await self.dest.remember(BATCH_REFUSED, True, reply.describe())
+                self._per_user(members)
+                return
+            self.batch_confirmed = self.batch_confirmed or reply.ok
+        finally:
+            if probe is not None:
+                probe.release()
         if reply.ok:
             for update, _ in members:
                 self._emit(Outcome.delivered(update.user_id))
@@ -624,15 +772,8 @@ class _Delivery:
                 self.batch_cap,
             )
             if self.batch_cap < len(members):
-                for i in range(0, len(members), self.batch_cap):
-                    self.jobs.put_nowait(_BatchJob(job.data, members[i : i + self.batch_cap]))
+                self._split(job)
                 return
-        elif verdict is Verdict.REFUSED:
-            self.batching = False
-            log.warning(
-                "Crisp refused PATCH /batch/data (%s); sending per-user data updates instead",
-                reply.describe(),
-            )
         elif verdict is Verdict.TRANSIENT:
             for update, _ in members:
                 self._emit(
@@ -646,9 +787,17 @@ class _Delivery:
         # One unknown profile fails the whole batch (all or nothing): go user by user.
         self._per_user(members)
 
-    def _per_user(self, members: list[tuple[UserUpdate, Person]]) -> None:
-        for update, person in members:
-            self.jobs.put_nowait(_DataJob(update, person))
+    def _split(self, job: _BatchJob) -> None:
+        for i in range(0, len(job.members), self.batch_cap):
+            self.batches_owed += 1
+            self._queue(_BatchJob(job.data, job.members[i : i + self.batch_cap]))
+
+    def _per_user(self, members: list[_Member]) -> None:
+        for update, seq in members:
+            self._queue(_DataJob(update, seq))
+
+    def _queue(self, job: _Job) -> None:
+        self.jobs.put_nowait((int(isinstance(job, _UserJob)), next(self.queued), job))
 
 
 def _size(job: _Job) -> int:

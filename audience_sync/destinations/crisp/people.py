@@ -109,6 +109,20 @@ class PeopleMap:
             crisp_people.c.destination == self.destination, crisp_people.c.user_id == user_id
         )
 
+    def owner_of(self, email: str, other_than: str) -> str | None:
+        """A user_id other than ``other_than`` whose profile has ``email`` (any case)."""
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                sa.select(crisp_people.c.user_id)
+                .where(
+                    crisp_people.c.destination == self.destination,
+                    sa.func.lower(crisp_people.c.email) == email.lower(),
+                    crisp_people.c.user_id != other_than,
+                )
+                .limit(1)
+            ).scalar()
+        return None if found is None else str(found)
+
     def count(self) -> int:
         with self.engine.connect() as conn:
             return int(
