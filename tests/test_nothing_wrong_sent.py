@@ -446,3 +446,22 @@ def test_a_quota_stop_fails_only_the_audiences_with_changes_left(
         assert (audience.error is None) is done
     statuses = [a.status for a in result.audiences]
     assert result.exit_code == (0 if statuses == [RunStatus.SUCCEEDED] * 2 else 5)
+
+
+# --- 9. snapshot errors name the row and do not show Arrow internals ------------------------------
+
+
+def test_a_bad_snapshot_at_names_its_row(tmp_path: Path) -> None:
+    path = tmp_path / "vip.csv"
+    path.write_text("user_id,snapshot_at\nu1,2026-11-25T06:00:00Z\nu2,yesterday\n")
+    assert "row 2: column `snapshot_at`" in load_error(path)
+
+
+def test_an_identity_trait_that_is_not_text_is_named_without_arrow_internals(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "vip.parquet"
+    emails = pa.array([{"a": 1}, {"a": 2}])
+    pq.write_table(pa.table({"user_id": ["u1", "u2"], "email": emails}), path)
+    message = load_error(path)
+    assert "column `email` has type struct" in message and "cast" not in message

@@ -98,12 +98,24 @@ def _read_csv(path: Path, multiline: bool) -> pd.DataFrame:
     if table.num_rows + 1 != lines and table.num_rows + 1 != lines - _blank_lines(path):
         # Fewer records than lines: a quoted value spans lines (allowed or not), or worse.
         _raise_located(path, len(header), multiline)
+    elif _ends_in_a_line_break(table):
+        # A quote opened on the last line and never closed swallows only its line break.
+        _raise_located(path, len(header), multiline)
     columns = {str(i): column for i, column in enumerate(table.columns)}
     frame: pd.DataFrame = pa.table(columns).to_pandas(types_mapper=_as_string_dtype)
     # Arrow keeps a repeated column name as is (pandas would rename it `email.1`), so validation
     # reports the duplicate instead of silently using the first one.
     frame.columns = pd.Index(table.column_names)
     return frame
+
+
+def _ends_in_a_line_break(table: pa.Table) -> bool:
+    """Whether a value of the last row ends with a line break (one row: no per-row cost)."""
+    last = table.slice(table.num_rows - 1)
+    return any(
+        isinstance(value, str) and value.endswith(("\n", "\r"))
+        for value in last.to_pylist()[0].values()
+    )
 
 
 def _csv_header(path: Path) -> tuple[list[str], bool]:
@@ -217,7 +229,13 @@ def _read_parquet(path: Path) -> pd.DataFrame:
                 "(or integers) so they are not rounded or reformatted"
             )
         else:
-            columns[name] = column.cast(pa.large_string(), safe=False)
+            try:
+                columns[name] = column.cast(pa.large_string(), safe=False)
+            except pa.ArrowException:  # e.g. a list or struct: Arrow's message is about casts
+                raise SnapshotError(
+                    f"{path}: column `{name.strip()}` has type {column.type}, which is not text; "
+                    "store identity traits as text"
+                ) from None
     frame: pd.DataFrame = pa.table(columns).to_pandas(types_mapper=_as_string_dtype)
     return frame
 
