@@ -98,6 +98,24 @@ def test_an_unbalanced_quote_is_an_error_even_when_multiline_values_are_allowed(
     assert "line 3" in load_error(path, allow_multiline_values=True)
 
 
+@pytest.mark.parametrize(
+    ("text", "members", "rejected_rows"),
+    [
+        (b"user_id\nu1\n\nu2\n", ["u1", "u2"], [2]),  # between rows: an empty user_id
+        (b"user_id\nu1\n\n\r\n", ["u1"], []),  # ending the file: an editor's newlines
+        (b'user_id\nu1\n""\n', ["u1"], [2]),  # a written empty value
+    ],
+)
+def test_in_a_file_of_one_column_a_blank_line_between_rows_is_an_empty_id(
+    tmp_path: Path, text: bytes, members: list[str], rejected_rows: list[int]
+) -> None:
+    path = tmp_path / "vip.csv"
+    path.write_bytes(text)
+    snapshot = load_snapshot(AudienceConfig(name="VIP", source=path))
+    assert list(snapshot.members.index) == members
+    assert [r.row for r in snapshot.rejected] == rejected_rows
+
+
 def test_blank_lines_and_crlf_are_not_mistaken_for_swallowed_lines(tmp_path: Path) -> None:
     path = tmp_path / "vip.csv"
     path.write_bytes(b"user_id,email\r\n\r\nu1,a@x\r\n\r\n\r\nu2,b@x\r\n\n")

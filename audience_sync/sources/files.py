@@ -101,12 +101,29 @@ def _read_csv(path: Path, multiline: bool) -> pd.DataFrame:
     elif _ends_in_a_line_break(table):
         # A quote opened on the last line and never closed swallows only its line break.
         _raise_located(path, len(header), multiline)
+    if len(header) == 1:
+        table = _without_trailing_blank_lines(path, table)
     columns = {str(i): column for i, column in enumerate(table.columns)}
     frame: pd.DataFrame = pa.table(columns).to_pandas(types_mapper=_as_string_dtype)
     # Arrow keeps a repeated column name as is (pandas would rename it `email.1`), so validation
     # reports the duplicate instead of silently using the first one.
     frame.columns = pd.Index(table.column_names)
     return frame
+
+
+def _without_trailing_blank_lines(path: Path, table: pa.Table) -> pa.Table:
+    """``table`` without the empty rows the blank lines ending the file made (an editor's extra
+    newline is not an empty user_id; a blank line between rows still is)."""
+    with path.open("rb") as f:
+        f.seek(max(path.stat().st_size - 4096, 0))
+        tail = f.read()
+    ends = tail[len(tail.rstrip(b"\r\n")) :]
+    blank = ends.count(b"\n") + ends.count(b"\r") - ends.count(b"\r\n") - 1
+    column = table.column(0)
+    drop = 0
+    while drop < min(blank, table.num_rows) and column[table.num_rows - 1 - drop].as_py() is None:
+        drop += 1
+    return table.slice(0, table.num_rows - drop)
 
 
 def _ends_in_a_line_break(table: pa.Table) -> bool:
