@@ -98,6 +98,24 @@ def test_an_unbalanced_quote_is_an_error_even_when_multiline_values_are_allowed(
     assert "line 3" in load_error(path, allow_multiline_values=True)
 
 
+@pytest.mark.parametrize(
+    ("text", "members", "rejected_rows"),
+    [
+        (b"user_id\nu1\n\nu2\n", ["u1", "u2"], [2]),  # between rows: an empty user_id
+        (b"user_id\nu1\n\n\r\n", ["u1"], []),  # ending the file: an editor's newlines
+        (b'user_id\nu1\n""\n', ["u1"], [2]),  # a written empty value
+    ],
+)
+def test_in_a_file_of_one_column_a_blank_line_between_rows_is_an_empty_id(
+    tmp_path: Path, text: bytes, members: list[str], rejected_rows: list[int]
+) -> None:
+    path = tmp_path / "vip.csv"
+    path.write_bytes(text)
+    snapshot = load_snapshot(AudienceConfig(name="VIP", source=path))
+    assert list(snapshot.members.index) == members
+    assert [r.row for r in snapshot.rejected] == rejected_rows
+
+
 def test_blank_lines_and_crlf_are_not_mistaken_for_swallowed_lines(tmp_path: Path) -> None:
     path = tmp_path / "vip.csv"
     path.write_bytes(b"user_id,email\r\n\r\nu1,a@x\r\n\r\n\r\nu2,b@x\r\n\n")
@@ -446,3 +464,22 @@ def test_a_quota_stop_fails_only_the_audiences_with_changes_left(
         assert (audience.error is None) is done
     statuses = [a.status for a in result.audiences]
     assert result.exit_code == (0 if statuses == [RunStatus.SUCCEEDED] * 2 else 5)
+
+
+# --- 9. snapshot errors name the row and do not show Arrow internals ------------------------------
+
+
+def test_a_bad_snapshot_at_names_its_row(tmp_path: Path) -> None:
+    path = tmp_path / "vip.csv"
+    path.write_text("user_id,snapshot_at\nu1,2026-11-25T06:00:00Z\nu2,yesterday\n")
+    assert "row 2: column `snapshot_at`" in load_error(path)
+
+
+def test_an_identity_trait_that_is_not_text_is_named_without_arrow_internals(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "vip.parquet"
+    emails = pa.array([{"a": 1}, {"a": 2}])
+    pq.write_table(pa.table({"user_id": ["u1", "u2"], "email": emails}), path)
+    message = load_error(path)
+    assert "column `email` has type struct" in message and "cast" not in message

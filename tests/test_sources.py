@@ -220,9 +220,11 @@ def test_cleaning_strips_exactly_what_str_strip_strips(values: list[str | None],
 
 
 def test_many_rejected_rows_are_all_counted_and_some_detailed(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "a.csv", "user_id,email\n" + ",x\n" * 60 + "1,y\n")
+    path = write_csv(
+        tmp_path / "a.csv", "user_id,email\n" + ",x\n" * (MAX_REPORTED_ROWS + 10) + "1,y\n"
+    )
     snapshot = load(path)
-    assert snapshot.rejected_count == 60
+    assert snapshot.rejected_count == MAX_REPORTED_ROWS + 10
     assert len(snapshot.rejected) == MAX_REPORTED_ROWS
     assert snapshot.rejected[0].row == 1
     assert ids(snapshot) == ["1"]

@@ -3,9 +3,9 @@
 Every column is read as text so ``007`` stays ``007``; validation happens in ``validate.py``.
 
 A CSV must parse to one record per non-blank line: an unbalanced quote otherwise swallows the
-lines after it into one value, silently dropping their users. Counting the lines costs a
-``bytes.count`` over the file (memchr speed); only when the counts disagree is the file scanned
-row by row to name the line at fault.
+lines after it into one value, silently dropping their users. Counting the lines costs one
+vectorised pass over the bytes; only when the counts disagree is the file scanned row by row to
+name the line at fault.
 """
 
 from __future__ import annotations
@@ -118,12 +118,41 @@ def _read_csv(path: Path, multiline: bool) -> pd.DataFrame:
     if table.num_rows + 1 != lines and table.num_rows + 1 != lines - _blank_lines(path):
         # Fewer records than lines: a quoted value spans lines (allowed or not), or worse.
         _raise_located(path, len(header), multiline)
+    elif _ends_in_a_line_break(table):
+        # A quote opened on the last line and never closed swallows only its line break.
+        _raise_located(path, len(header), multiline)
+    if len(header) == 1:
+        table = _without_trailing_blank_lines(path, table)
     columns = {str(i): column for i, column in enumerate(table.columns)}
     frame: pd.DataFrame = pa.table(columns).to_pandas(types_mapper=_as_string_dtype)
     # Arrow keeps a repeated column name as is (pandas would rename it `email.1`), so validation
     # reports the duplicate instead of silently using the first one.
     frame.columns = pd.Index(table.column_names)
     return frame
+
+
+def _without_trailing_blank_lines(path: Path, table: pa.Table) -> pa.Table:
+    """``table`` without the empty rows the blank lines ending the file made (an editor's extra
+    newline is not an empty user_id; a blank line between rows still is)."""
+    with path.open("rb") as f:
+        f.seek(max(path.stat().st_size - 4096, 0))
+        tail = f.read()
+    ends = tail[len(tail.rstrip(b"\r\n")) :]
+    blank = ends.count(b"\n") + ends.count(b"\r") - ends.count(b"\r\n") - 1
+    column = table.column(0)
+    drop = 0
+    while drop < min(blank, table.num_rows) and column[table.num_rows - 1 - drop].as_py() is None:
+        drop += 1
+    return table.slice(0, table.num_rows - drop)
+
+
+def _ends_in_a_line_break(table: pa.Table) -> bool:
+    """Whether a value of the last row ends with a line break (one row: no per-row cost)."""
+    last = table.slice(table.num_rows - 1)
+    return any(
+        isinstance(value, str) and value.endswith(("\n", "\r"))
+        for value in last.to_pylist()[0].values()
+    )
 
 
 def _csv_header(path: Path) -> tuple[list[str], bool]:
@@ -145,10 +174,10 @@ def _count_lines(path: Path) -> tuple[int, bool]:
     lf = cr = crlf = 0
     last = b""
     for block in _blocks(path):
-        lf += block.count(b"\n")
-        returns = block.count(b"\r")
-        if returns:
-            cr += returns
+        # NumPy's vectorised compare is about twice as fast as bytes.count for one byte.
+        lf += int(np.count_nonzero(np.frombuffer(block, dtype=np.uint8) == 0x0A))
+        if block.find(b"\r") >= 0:  # memchr: most files have no carriage return at all
+            cr += block.count(b"\r")
             crlf += block.count(b"\r\n")
         if last == b"\r" and block.startswith(b"\n"):
             crlf += 1  # a CRLF split across two blocks
@@ -237,7 +266,13 @@ def _read_parquet(path: Path) -> pd.DataFrame:
                 "(or integers) so they are not rounded or reformatted"
             )
         else:
-            columns[name] = column.cast(pa.large_string(), safe=False)
+            try:
+                columns[name] = column.cast(pa.large_string(), safe=False)
+            except pa.ArrowException:  # e.g. a list or struct: Arrow's message is about casts
+                raise SnapshotError(
+                    f"{path}: column `{name.strip()}` has type {column.type}, which is not text; "
+                    "store identity traits as text"
+                ) from None
     frame: pd.DataFrame = pa.table(columns).to_pandas(types_mapper=_as_string_dtype)
     return frame
 

@@ -24,9 +24,10 @@ def snapshot_time(frame: pd.DataFrame, source: str, path: Path | None) -> dateti
         stamps = pd.to_datetime(values.astype(str), utc=True, errors="coerce", format="mixed")
         bad = values[stamps.isna()]
         if len(bad):
+            row = int(frame.index.get_indexer(bad.index[:1])[0]) + 1  # rows count from 1
             raise SnapshotError(
-                f"{source}: column `{SNAPSHOT_AT_COLUMN}` has a value that is not a timestamp: "
-                f"{str(bad.iloc[0])!r} (use ISO 8601, e.g. 2026-11-25T06:00:00Z)"
+                f"{source}: row {row}: column `{SNAPSHOT_AT_COLUMN}` has a value that is not a "
+                f"timestamp: {str(bad.iloc[0])!r} (use ISO 8601, e.g. 2026-11-25T06:00:00Z)"
             )
         if len(stamps):
             newest: datetime = stamps.max().to_pydatetime()
