@@ -270,6 +270,9 @@ class CrispServer:
         self.requests: list[RecordedRequest] = []
         self.profiles: dict[str, dict[str, Any]] = {}
         self.connections = 0  # TCP connections accepted (keep-alive reuse keeps this low)
+        self.in_latency = 0
+        self.peak_in_latency = 0
+        """Most requests ever inside their ``latency`` at once (1 for a serial server)."""
         self.errors: list[Exception] = []  # unexpected exceptions answered as 500
         self._lock = threading.RLock()
         self._rng = random.Random(seed)
@@ -397,7 +400,12 @@ class CrispServer:
                 body_ok = False
         path = unquote(raw_path)
         if self.latency > 0:
+            with self._lock:
+                self.in_latency += 1
+                self.peak_in_latency = max(self.peak_in_latency, self.in_latency)
             time.sleep(self.latency)
+            with self._lock:
+                self.in_latency -= 1
         with self._lock:
             if self.drop_connection_next > 0:
                 self.drop_connection_next -= 1

@@ -8,6 +8,7 @@ in processes started through ``tests/cli_with_test_destinations.py``, never in t
 from __future__ import annotations
 
 import asyncio
+import time
 
 from audience_sync.destinations.jsonl import JsonlDestination, JsonlSettings
 
@@ -17,7 +18,8 @@ class SlowSettings(JsonlSettings):
     """Seconds spent per user, as a remote API's latency would."""
     stall_after: int | None = None
     """After this many users, one request hangs for ``stall`` seconds (a stuck API call);
-    ``<path>.stalled`` is created when it starts hanging, so a test knows when to act."""
+    ``<path>.stalled`` is created when it starts hanging, so a test knows when to act, and
+    creating ``<path>.release`` ends the hang early, so a test decides when it goes on."""
     stall: float = 0.0
 
 
@@ -30,4 +32,7 @@ class SlowJsonlDestination(JsonlDestination):
         await asyncio.sleep(self.settings.delay)
         if n == self.settings.stall_after:
             self.path.with_name(self.path.name + ".stalled").touch()
-            await asyncio.sleep(self.settings.stall)
+            release = self.path.with_name(self.path.name + ".release")
+            deadline = time.monotonic() + self.settings.stall
+            while time.monotonic() < deadline and not release.exists():
+                await asyncio.sleep(0.05)

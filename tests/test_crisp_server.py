@@ -406,14 +406,15 @@ def test_concurrent_requests_and_latency_overlap(srv: CrispServer) -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    started = time.monotonic()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert errors == []
-    assert time.monotonic() - started < 2.0  # 20 x 0.2 s served in parallel
+    # Served in parallel: requests overlapped inside the server (no wall-clock bound, which a
+    # loaded machine breaks).
+    assert srv.peak_in_latency > 1
     assert len(srv.profiles) == 20
     assert srv.count("POST", "/people/profile") == 20
 

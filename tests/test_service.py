@@ -186,24 +186,35 @@ def test_manual_run_is_refused_or_waits_while_another_process_runs(
     tmp_path: Path, state_url: str, db: Any
 ) -> None:
     users_csv(tmp_path / "a.csv", 200)
-    slow = slow_config(tmp_path, state_url, audiences=[{"name": "Aud A", "source": "a.csv"}])
+    # The first run hangs after 25 users until the test releases it: it is certainly still
+    # running when the second starts, however slow the machine.
+    slow = slow_config(
+        tmp_path,
+        state_url,
+        audiences=[{"name": "Aud A", "source": "a.csv"}],
+        stalled={"stall_after": 25, "stall": 600},
+    )
+    out = tmp_path / "out.jsonl"
     log = tmp_path / "slow.log"
     first = launch("run", "--config", str(slow), log=log)
     try:
-        wait_for("the first run to send", lambda: len(sent_user_ids(tmp_path / "out.jsonl")) >= 10)
-        refused = run_cli("run", "--config", str(slow))
+        wait_for("the first run to stall", (tmp_path / "out.jsonl.stalled").exists, timeout=300)
+        refused = run_cli("run", "--config", str(slow), timeout=300)
         assert refused.returncode == 7, refused.stdout + refused.stderr
         assert "is already running since" in refused.stdout + refused.stderr
         assert f":{first.pid}" in refused.stdout + refused.stderr  # held by host:pid
-        waited = run_cli("run", "--config", str(slow), "--wait", "30")
-        assert waited.returncode == 0, waited.stdout + waited.stderr
+        waiting = launch("run", "--config", str(slow), "--wait", "600", log=tmp_path / "w.log")
+        (tmp_path / "out.jsonl.release").touch()
+        assert waiting.wait(timeout=600) == 0, (tmp_path / "w.log").read_text()
     finally:
+        (tmp_path / "out.jsonl.release").touch()
         try:
-            first.wait(timeout=30)  # it ends on its own once its 200 users are sent
+            first.wait(timeout=300)  # it ends on its own once its 200 users are sent
         finally:
             if first.poll() is None:
                 first.kill()
     assert first.returncode == 0, log.read_text()
+    assert len(sent_user_ids(out)) == 200
     a, b = db("select * from sync_runs order by id")
     assert (a["status"], a["delivered"]) == ("succeeded", 200)
     assert (b["status"], b["delivered"], b["unchanged"]) == ("succeeded", 0, 200)
