@@ -127,7 +127,9 @@ def has_control(ids: pd.Series) -> np.ndarray:
     chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
     suspect = False
     for chunk in chunks:
-        _, data = text_buffers(chunk)
+        offsets, data = text_buffers(chunk)
+        # Only the chunk's own bytes: sliced chunks share one buffer (Parquet reads: dozens).
+        data = data[offsets[0] : offsets[-1]] if len(offsets) else data[:0]
         if len(data) and ((data < 0x20) | (data == 0x7F) | (data == 0xC2)).any():
             suspect = True
             break
