@@ -186,9 +186,13 @@ def test_track_calls_and_unknown_users_dropped(
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"type": "track", "event": "X"}\n')
+    before = crisp.count()
     done = cli("track", "--config", str(config), "--file", str(bad), env=crisp_env())
-    assert done.returncode == 4
-    assert f"{bad}:1: `userId` is missing" in " ".join(done.stderr.split())
+    # An anonymous call cannot reach Crisp: its line is reported and skipped (exit 5), as
+    # Segment skips it, and costs no request.
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert f"{bad}:1: skipped: `userId` is missing" in " ".join(done.stdout.split())
+    assert crisp.count() == before
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
