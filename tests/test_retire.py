@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,18 @@ def test_retire_sends_false_to_the_members_then_drops_the_state(tmp_path: Path, 
     ]
 
 
+def stop_once_delivering(
+    stop: threading.Event,
+) -> Callable[[str, str | None, int, int | None], None]:
+    """A progress callback that asks the run to stop once some users are confirmed."""
+
+    def progress(phase: str, _audience: str | None, done: int, _total: int | None) -> None:
+        if phase == "delivering" and done > 0:
+            stop.set()
+
+    return progress
+
+
 def test_a_stopped_retire_is_finished_by_the_next(tmp_path: Path, state_url: str):
     users = [f"u{i}" for i in range(7)]
     snapshot(tmp_path / "old.csv", users)
@@ -118,7 +131,7 @@ def test_a_stopped_retire_is_finished_by_the_next(tmp_path: Path, state_url: str
 
     stop = threading.Event()
     result = retire(
-        load_config(config), "Old", should_stop=stop.is_set, progress=lambda done, _: stop.set()
+        load_config(config), "Old", should_stop=stop.is_set, progress=stop_once_delivering(stop)
     )
     [first] = result.audiences
     assert first.status is RunStatus.INTERRUPTED and result.exit_code == 5

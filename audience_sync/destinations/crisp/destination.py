@@ -471,7 +471,7 @@ class _Delivery:
                 f"quota: {used:,} of {budget.limit:,} requests used today (UTC) by "
                 f"{self.dest.name}; {self.deferred:,} users deferred, not started: the "
                 f"{budget.limit - used:,} left could not finish them (a new user needs 2: "
-                "create + data)",
+                "create + data); stopped before passing daily_request_budget",
                 used=used,
                 budget=budget.limit,
             )
