@@ -58,6 +58,14 @@ config_option = click.option(
     help="The TOML configuration file.",
 )
 
+wait_option = click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0,
+    metavar="SECONDS",
+    help="If another process is running an audience, wait up to this long instead of exit 7.",
+)
+
 
 def _setup_logging(verbose: bool, log_format: str = "text") -> None:
     """Structured ``key=value`` (or JSON) log lines on stderr; only warnings when a person is
@@ -177,13 +185,7 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
     is_flag=True,
     help="Allow a large initial sync from an empty state to a destination synced before.",
 )
-@click.option(
-    "--wait",
-    type=click.FloatRange(min=0),
-    default=0,
-    metavar="SECONDS",
-    help="If another process is running an audience, wait up to this long instead of exit 7.",
-)
+@wait_option
 def run(
     config_path: Path,
     audiences: tuple[str, ...],
@@ -237,13 +239,7 @@ def run(
 @config_option
 @click.option("--dry-run", is_flag=True, help="Show who would be sent false; send nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option(
-    "--wait",
-    type=click.FloatRange(min=0),
-    default=0,
-    metavar="SECONDS",
-    help="If another process is running the audience, wait up to this long instead of exit 7.",
-)
+@wait_option
 def retire_command(name: str, config_path: Path, dry_run: bool, as_json: bool, wait: float) -> None:
     """Set audience NAME's trait to false for every member the state holds, then drop its
     state (for an audience removed from the config; re-run it to finish after a stop)."""
