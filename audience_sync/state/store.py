@@ -564,7 +564,10 @@ class StateStore:
 
         Each row: ``run_id``, ``audience_key``, ``row_number``, ``user_id``, ``reason``, ``at``
         and the run's ``destination``, ``audience_name`` and ``rejected_rows`` (all it counted).
+        None are listed from a database older than the table (migration 0006).
         """
+        if not sa.inspect(self.engine).has_table("sync_rejected_rows"):
+            return []
         r = sync_rejected_rows.c
         query = (
             sa.select(
