@@ -688,20 +688,6 @@ class _Run:
         return results
 
 
-def _message_key_parts(destination: str, run: _AudienceRun) -> tuple[str, str, str]:
-    """A change's messageId derives from ``prefix + user_id + suffix`` (suffix: false, true)."""
-    prefix = f"{destination}\x1f{run.ref.key}\x1f"
-    return prefix, f"\x1f{False}\x1f{run.run_id}", f"\x1f{True}\x1f{run.run_id}"
-
-
-def _chunk_end(users: Any, start: int, size: int) -> int:
-    """End of the chunk from ``start``: about ``size`` rows, never splitting one user's rows."""
-    end = min(start + size, len(users))
-    while end < len(users) and users[end] == users[end - 1]:
-        end += 1
-    return end
-
-
 def _partial_reason(counts: dict[str, int], run_id: int, held: int, exits_held: int) -> str:
     parts = []
     if counts["rejected_rows"]:
@@ -767,13 +753,13 @@ def sync(
     engine = connect(config.state.url, create=not dry_run)
     try:
         dest = destination or open_destination(config, engine)
+        store = StateStore(engine, clock)
         if dry_run:
             if sa.inspect(engine).has_table("sync_audiences") and not schema_is_current(engine):
                 raise StateError("the state database needs `audience-sync db upgrade` first")
             # Only a destination that prices a plan (Crisp: requests) pays for collecting it.
             prices = type(dest).describe_plan is not Destination.describe_plan
             changed: dict[str, Identity] | None = {} if prices else None
-            store = StateStore(engine, clock)
             planned = plan_all(
                 config,
                 store,
@@ -788,7 +774,6 @@ def sync(
             cost = dest.describe_plan(updates) if updates else {}
             return SyncResult(dest.name, True, planned, cost, _orphans(config, store, dest.name))
         _ready(config, engine, dest, schema_checked=schema_checked)
-        store = StateStore(engine, clock)
         run = _Run(
             config,
             store,
