@@ -618,7 +618,7 @@ def history(
             )
             title = f"Changes for user {user_id}"
         elif rejected:
-            rows = store.rejected_rows(audience_keys=keys, limit=limit)
+            rows = store.rejected_rows(destination=destination, audience_keys=keys, limit=limit)
             columns = _REJECTED_COLUMNS
             title = "Rejected snapshot rows (newest run first)"
         elif failed:

@@ -244,8 +244,10 @@ class Service:
         """Re-read the config file; keep the running one when the new one is invalid."""
         try:
             new = load_config(self.config_path)
-            previous, self.config = self.config, new
-            self._apply_schedule(new, previous)
+            # Rescheduling can fail (e.g. the state needs `db upgrade`): only then is the new
+            # config the running one.
+            self._apply_schedule(new, self.config)
+            self.config = new
         except AudienceSyncError as exc:
             log.error("config reload rejected, still running the previous configuration: %s", exc)
             return False

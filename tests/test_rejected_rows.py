@@ -63,6 +63,12 @@ def test_rejected_rows_are_stored_and_listed_by_history(tmp_path: Path, state_ur
     ]
     other = cli("history", "--rejected", "--audience", "All", "--config", str(config), "--json")
     assert json.loads(other.stdout) == []
+    # Another destination's history holds none of these rows.
+    elsewhere = cli(
+        "history", "--rejected", "--destination", "crisp:w9", "--config", str(config), "--json"
+    )
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert json.loads(elsewhere.stdout) == []
 
 
 def test_a_run_stores_the_first_rows_counts_all_and_points_to_them(

@@ -94,3 +94,22 @@ def test_bad_service_config_is_named(
         load_config(config(tmp_path, extra, **audience))
     assert message in str(exc.value)
     assert str(tmp_path / "c.toml") in str(exc.value)
+
+
+def test_a_reload_that_cannot_reschedule_keeps_the_running_config(tmp_path: Path) -> None:
+    """The new config becomes the running one only once its schedule is applied."""
+    from audience_sync.service import Service
+
+    write_csv(tmp_path / "a.csv", "user_id\nu1\n")
+    audiences = [{"name": "A", "source": "a.csv", "interval": "1h"}]
+    path = write_config(
+        tmp_path / "c.toml", state_url=f"sqlite:///{tmp_path / 'state.db'}", audiences=audiences
+    )
+    service = Service(path)
+    service._apply_schedule(service.config, None)
+    running = service.config
+    # Valid as a config, unusable as a state database: rescheduling fails on it.
+    (tmp_path / "broken.db").write_text("not a database\n" * 100)
+    write_config(path, state_url=f"sqlite:///{tmp_path / 'broken.db'}", audiences=audiences)
+    assert service.reload() is False
+    assert service.config is running
