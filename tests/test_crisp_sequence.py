@@ -9,6 +9,7 @@ once, and 4 for every later such user (the lesson is kept in ``crisp_facts``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +20,16 @@ import sqlalchemy as sa
 from crisp_server import CrispServer
 from test_crisp_destination import Setup, counts, users
 
-from audience_sync.destinations.crisp.profiles import MAX_REQUESTS
+from audience_sync.destinations.crisp.classify import Verdict
+from audience_sync.destinations.crisp.client import Reply
+from audience_sync.destinations.crisp.people import Person
+from audience_sync.destinations.crisp.profiles import (
+    MAX_REQUESTS,
+    Profiles,
+    Step,
+    UserSequence,
+)
+from audience_sync.model import DeliveryStatus, Identity
 from audience_sync.state.schema import crisp_facts
 
 pytestmark = pytest.mark.timeout(180)
@@ -311,3 +321,78 @@ def test_a_user_who_would_pass_the_limits_is_failed_with_crisp_answers(s: Setup)
     assert row["reason"].startswith("gave up after 4 requests to Crisp for this user")
     assert "409 from POST /people/profile; 404 from PATCH /people/profile" in row["reason"]
     assert s.server.count() == 4 + 2  # u000's four, then u001: create + data
+
+
+# -- events and continued sequences ---------------------------------------------------------------
+
+
+def test_a_user_entering_three_audiences_at_once_gets_three_events_once(s: Setup) -> None:
+    s.options = {"audience_events": True}
+    for name in ("VIP", "Churn Risk", "Trial"):
+        s.snapshot(name, users(1))
+    result = s.sync("VIP", "Churn Risk", "Trial")
+    assert result.exit_code == 0, [a.error for a in result.audiences]
+    assert all(c["delivered"] == 1 and c["failed"] == 0 for c in counts(result).values())
+    profile = s.server.profile_by_email("u000@example.com")
+    assert profile is not None
+    assert [e["text"] for e in profile["events"]] == ["Audience Entered"] * 3
+    assert s.data("u000@example.com") == {"vip": True, "churn_risk": True, "trial": True}
+    assert s.server.count("POST", "/people/events/") == 3
+    s.server.reset_counts()
+    assert s.sync("VIP", "Churn Risk", "Trial").exit_code == 0
+    assert s.server.count() == 0  # delivered: nothing is sent again
+
+
+class _FakeClient:
+    """Answers by route: the profile ``gone`` is deleted in Crisp; a create makes ``new``."""
+
+    website_id = "w"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, Any]] = []
+
+    async def call(self, method: str, path: str, *, route: str, **kw: Any) -> Reply:
+        self.calls.append((method, path, kw.get("json")))
+        if path.endswith("/gone"):
+            return Reply(route, 404, "people_not_found", {}, Verdict.NOT_FOUND)
+        if method == "POST" and path == "/people/profile":
+            return Reply(route, 201, "added", {"people_id": "new"}, Verdict.OK)
+        return Reply(route, 200, "updated", {}, Verdict.OK)
+
+
+class _FakePeople:
+    def __init__(self) -> None:
+        self.saved: dict[str, Person] = {}
+
+    async def save(self, user_id: str, person: Person) -> None:
+        self.saved[user_id] = person
+
+    async def forget(self, user_id: str) -> None:
+        self.saved.pop(user_id, None)
+
+    def owner_of(self, email: str, other_than: str) -> str | None:
+        return None
+
+
+def test_a_continued_sequence_sends_its_data_to_a_recreated_profile() -> None:
+    """A batch that fell back continues at SET_DATA with ``stop_before_data`` still set; the
+    profile was deleted in Crisp meanwhile: the data goes to the new one, not nowhere."""
+    client, people = _FakeClient(), _FakePeople()
+    profiles = Profiles(client, people, update_profiles=False, tier="plugin")  # type: ignore[arg-type]
+    seq = UserSequence(
+        "u000",
+        Identity("u000@example.com"),
+        Person("gone", "u000@example.com"),
+        data={"vip": True},
+        stop_before_data=True,
+    )
+    outcome = asyncio.run(profiles.run(seq, Step.SET_DATA))
+    assert not isinstance(outcome, Person)
+    assert outcome.status is DeliveryStatus.DELIVERED
+    assert [(m, p) for m, p, _ in client.calls] == [
+        ("PATCH", "/people/data/gone"),
+        ("POST", "/people/profile"),
+        ("PATCH", "/people/data/new"),
+    ]
+    assert client.calls[-1][2] == {"data": {"vip": True}}
+    assert people.saved["u000"].people_id == "new"

@@ -710,7 +710,6 @@ class _Delivery:
         self._emit(_outcome(await self.profiles.run(seq, Step.SET_DATA), update.user_id))
 
     async def _data(self, job: _DataJob) -> None:
-        job.seq.stop_before_data = False
         self._emit(_outcome(await self.profiles.run(job.seq, Step.SET_DATA), job.update.user_id))
 
     async def _batch(self, job: _BatchJob) -> None:

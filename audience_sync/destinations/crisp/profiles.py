@@ -13,10 +13,11 @@ A user's sequence starts from what ``crisp_people`` knows and walks these steps,
 - EVENTS, ``POST /people/events/{id}`` per event: 2xx -> next or done; 404 -> NOT_FOUND.
 - NOT_FOUND, no request: addressed by email -> SEARCH; by people_id -> CREATE (deleted).
 
-Each request step runs at most twice and CREATE at most once per user per run, and
-``MAX_REQUESTS`` caps the whole sequence (plus one per event), whatever Crisp answers: a user
-who reaches the cap is failed with what Crisp answered, and the run goes on. Rate-limit and
-transient retries of one request (``client.py``) are not counted against the cap.
+Each request step runs at most twice (EVENTS twice plus once per event) and CREATE at most
+once per user per run, and ``MAX_REQUESTS`` caps the whole sequence (plus one per event),
+whatever Crisp answers: a user who reaches the cap is failed with what Crisp answered, and the
+run goes on. Rate-limit and transient retries of one request (``client.py``) are not counted
+against the cap.
 
 "Emails do not address profiles" is learned from a 404 on any route addressed by email, when
 the profile is known to exist (Crisp just answered ``people_exists``, or a search finds it),
@@ -193,6 +194,8 @@ class Profiles:
         """Walk ``seq`` to its end: the outcome, or (``stop_before_data``) the profile.
 
         ``start`` continues a sequence stopped before its data (a batch that fell back)."""
+        if start is not None:
+            seq.stop_before_data = False  # continued: its data is sent here, not in a batch
         try:
             step: _Next = self._first(seq) if start is None else start
             while isinstance(step, Step):
@@ -200,13 +203,18 @@ class Profiles:
                     step = await self._not_found(seq)
                     continue
                 visits = seq.visits.get(step, 0)
-                if seq.requests >= seq.cap or visits >= MAX_VISITS:
+                if seq.requests >= seq.cap or visits >= self._max_visits(seq, step):
                     return self._gave_up(seq)
                 seq.visits[step] = visits + 1
                 step = await self._handlers[step](seq)
             return step
         finally:
             self._end_probe(seq.user_id)
+
+    @staticmethod
+    def _max_visits(seq: UserSequence, step: Step) -> int:
+        """EVENTS comes back once per event: its limit grows with them (as ``seq.cap`` does)."""
+        return MAX_VISITS + len(seq.events) if step is Step.EVENTS else MAX_VISITS
 
     def _first(self, seq: UserSequence) -> _Next:
         person = seq.person
