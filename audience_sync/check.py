@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from audience_sync.config import AudienceConfig, Config
+from audience_sync.config import AudienceConfig, Config, sqlite_path
 from audience_sync.destinations import Destination, destination_class
 from audience_sync.errors import AudienceSyncError, DestinationError, StateError
 from audience_sync.model import RunMode
@@ -126,29 +126,23 @@ def _open_state(config: Config, report: CheckReport) -> _State:
         report.findings.append(Finding("state", "[state] url", str(error), error))
         return _State(None, False, False)
     where = url.render_as_string(hide_password=True)
-    database = url.database or ""
-    if url.get_backend_name() == "sqlite" and database not in ("", ":memory:"):
-        path = Path(database)
-        if not path.exists():
-            if config.state.auto_migrate:
-                report.findings.append(Finding("state", where, "no database yet: a run creates it"))
-                return _State(None, False, True)
-            error = StateError(
-                f"state database {path} does not exist and [state] auto_migrate is off: "
-                "run `audience-sync db upgrade` first"
-            )
-            report.findings.append(Finding("state", where, str(error), error))
-            return _State(None, False, False)
-        # SQLite's read-only URI mode: the file cannot be changed through this engine.
-        engine = sa.create_engine(
-            url.set(database=f"file:{path.resolve()}", query={"mode": "ro", "uri": "true"})
+    path = sqlite_path(config.state.url)
+    if path is not None and not path.exists():
+        if config.state.auto_migrate:
+            report.findings.append(Finding("state", where, "no database yet: a run creates it"))
+            return _State(None, False, True)
+        error = StateError(
+            f"state database {path} does not exist and [state] auto_migrate is off: "
+            "run `audience-sync db upgrade` first"
         )
-    else:
-        try:
-            engine = connect(config.state.url)  # only SELECTs go through it below
-        except StateError as exc:
-            report.findings.append(Finding("state", where, str(exc), exc))
-            return _State(None, False, False)
+        report.findings.append(Finding("state", where, str(error), error))
+        return _State(None, False, False)
+    try:
+        # Read-only: the database itself refuses every write (SQLite: a mode=ro URI).
+        engine = connect(config.state.url, read_only=True)
+    except StateError as exc:
+        report.findings.append(Finding("state", where, str(exc), exc))
+        return _State(None, False, False)
     try:
         current = schema_is_current(engine)
         empty = not sa.inspect(engine).has_table("sync_audiences")

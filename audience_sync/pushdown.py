@@ -18,9 +18,15 @@ from audience_sync.config import AudienceConfig
 from audience_sync.diff import Plan
 from audience_sync.errors import SnapshotError
 from audience_sync.model import IDENTITY_TRAITS, RejectedRow, Snapshot
-from audience_sync.sources.validate import CONTROL_REASON, MAX_REPORTED_ROWS, printable
+from audience_sync.sources.sql import wrappable
+from audience_sync.sources.validate import (
+    CONTROL_REASON,
+    MAX_REPORTED_ROWS,
+    printable,
+    require_user_id,
+)
 
-__all__ = ["applies", "plan_in_database", "wrappable"]
+__all__ = ["applies", "plan_in_database"]
 
 #: The materialised, cleaned query result (a temporary table: private to the connection).
 _SRC = "audience_sync_pushdown_src"
@@ -65,48 +71,11 @@ def plan_in_database(
     return snapshot, the_plan
 
 
-def wrappable(query: str) -> str:
-    """``query`` ready to be wrapped as ``({query}\n)``: its trailing semicolons removed.
-
-    Semicolons inside quotes or comments stay; the caller's newline before the closing
-    parenthesis ends a trailing ``-- comment``, which would otherwise swallow it.
-    """
-    end = len(query)
-    i = last_code = 0
-    semicolons: list[int] = []
-    while i < end:
-        if query[i] in "'\"":  # a doubled quote inside reads as two adjacent strings
-            close = query.find(query[i], i + 1)
-            i = end if close < 0 else close + 1
-            last_code = i
-            continue
-        if query.startswith("--", i):
-            close = query.find("\n", i)
-            i = end if close < 0 else close + 1
-            continue
-        if query.startswith("/*", i):
-            close = query.find("*/", i + 2)
-            i = end if close < 0 else close + 2
-            continue
-        if query[i] == ";":
-            semicolons.append(i)
-        elif not query[i].isspace():
-            last_code = i + 1
-        i += 1
-    trailing = {s for s in semicolons if s >= last_code}
-    return "".join(c for i, c in enumerate(query) if i not in trailing).strip()
-
-
 def _materialise(conn: sa.Connection, query: str, where: str) -> list[str]:
     """Run the query once into a temporary table of trimmed text columns; its identity traits."""
     raw = list(conn.execute(sa.text(f"SELECT * FROM ({query}\n) q LIMIT 0")).keys())
     columns = [str(c).strip() for c in raw]
-    if "user_id" not in columns:
-        found = ", ".join(map(repr, columns)) or "none"
-        raise SnapshotError(
-            f"{where}: no `user_id` column (columns found: {found}); every snapshot needs one "
-            "row per member with its user_id"
-        )
+    require_user_id(columns, where)
     if len(set(columns)) != len(columns):
         dupes = sorted({c for c in columns if columns.count(c) > 1})
         raise SnapshotError(f"{where}: duplicate column names {dupes}")

@@ -109,6 +109,42 @@ def test_no_state_and_no_auto_migrate_fails_with_the_state_exit_code(tmp_path: P
     assert not (tmp_path / "state.db").exists()
 
 
+@pytest.mark.parametrize(
+    "query", ["SELECT user_id FROM members -- members", "SELECT user_id FROM members; -- done"]
+)
+def test_check_accepts_a_query_ending_in_a_comment_as_a_run_does(
+    tmp_path: Path, state_url: str, query: str
+) -> None:
+    engine = sa.create_engine(state_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE members (user_id TEXT)"))
+        conn.execute(sa.text("INSERT INTO members VALUES ('u1'), ('u2')"))
+    engine.dispose()
+    config = write_config(
+        tmp_path / "c.toml",
+        state_url=state_url,
+        audiences=[{"name": "VIP", "query": query, "source_url": state_url}],
+    )
+    done = cli("check", "--config", str(config), "--offline")
+    assert done.returncode == 0, done.stdout + done.stderr
+    vip = next(line for line in done.stdout.splitlines() if line.startswith("VIP"))
+    assert "2" in vip.split()
+
+
+def test_check_finds_a_state_database_in_a_folder_named_with_a_hash(tmp_path: Path) -> None:
+    folder = tmp_path / "st#ate"
+    folder.mkdir()
+    config = jsonl_setup(tmp_path, f"sqlite:///{folder / 'state.db'}")
+    assert cli("run", "--config", str(config)).returncode == 0
+    assert (folder / "state.db").exists()
+    done = cli("check", "--config", str(config), "--offline")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "schema current" in done.stdout
+    vip = next(line for line in done.stdout.splitlines() if line.startswith("VIP"))
+    assert vip.split()[-2:] == ["incremental", "3"]
+    assert not (tmp_path / "st").exists()  # nothing opened (or created) at the cut-off path
+
+
 def test_an_output_folder_that_cannot_be_made_fails_the_destination(tmp_path: Path) -> None:
     config = jsonl_setup(tmp_path, f"sqlite:///{tmp_path / 'state.db'}")
     (tmp_path / "out").write_text("a file where the output folder should be")

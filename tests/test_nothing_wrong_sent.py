@@ -24,9 +24,10 @@ from audience_sync import load_config, sync
 from audience_sync.config import AudienceConfig
 from audience_sync.errors import ConfigError, QuotaExhausted, SnapshotError
 from audience_sync.model import RunStatus
-from audience_sync.pushdown import applies, plan_in_database, wrappable
+from audience_sync.pushdown import applies, plan_in_database
 from audience_sync.service import Service
 from audience_sync.sources import load_snapshot
+from audience_sync.sources.sql import wrappable
 from audience_sync.state import StateStore, connect, schema_is_current, upgrade
 
 HEADER = "user_id,email,name\n"

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from audience_sync.drivers import url_error
 from audience_sync.errors import SnapshotError
 
-__all__ = ["query_header", "read_query"]
+__all__ = ["query_header", "read_query", "wrappable"]
 
 
 def read_query(url: str, query: str) -> pd.DataFrame:
@@ -37,18 +37,50 @@ def query_header(url: str, query: str) -> tuple[list[str], int]:
     are not fetched)."""
     engine = _engine(url)
     where = engine.url.render_as_string(hide_password=True)
-    inner = query.strip().rstrip(";")
+    inner = wrappable(query)
     try:
         with engine.connect() as conn:
-            empty = conn.execute(sa.text(f"SELECT * FROM ({inner}) AS snapshot WHERE 1 = 0"))
+            empty = conn.execute(sa.text(f"SELECT * FROM ({inner}\n) AS snapshot WHERE 1 = 0"))
             columns = list(empty.keys())
             empty.close()
-            rows = conn.execute(sa.text(f"SELECT count(*) FROM ({inner}) AS snapshot")).scalar()
+            rows = conn.execute(sa.text(f"SELECT count(*) FROM ({inner}\n) AS snapshot")).scalar()
     except sa.exc.SQLAlchemyError as exc:
         raise _failed(where, exc) from None
     finally:
         engine.dispose()
     return columns, int(rows or 0)
+
+
+def wrappable(query: str) -> str:
+    """``query`` ready to be wrapped as ``({query}\n)``: its trailing semicolons removed.
+
+    Semicolons inside quotes or comments stay; the caller's newline before the closing
+    parenthesis ends a trailing ``-- comment``, which would otherwise swallow it.
+    """
+    end = len(query)
+    i = last_code = 0
+    semicolons: list[int] = []
+    while i < end:
+        if query[i] in "'\"":  # a doubled quote inside reads as two adjacent strings
+            close = query.find(query[i], i + 1)
+            i = end if close < 0 else close + 1
+            last_code = i
+            continue
+        if query.startswith("--", i):
+            close = query.find("\n", i)
+            i = end if close < 0 else close + 1
+            continue
+        if query.startswith("/*", i):
+            close = query.find("*/", i + 2)
+            i = end if close < 0 else close + 2
+            continue
+        if query[i] == ";":
+            semicolons.append(i)
+        elif not query[i].isspace():
+            last_code = i + 1
+        i += 1
+    trailing = {s for s in semicolons if s >= last_code}
+    return "".join(c for i, c in enumerate(query) if i not in trailing).strip()
 
 
 def _engine(url: str) -> sa.Engine:

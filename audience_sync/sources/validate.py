@@ -130,7 +130,7 @@ def has_control(ids: pd.Series) -> np.ndarray:
         offsets, data = text_buffers(chunk)
         # Only the chunk's own bytes: sliced chunks share one buffer (Parquet reads: dozens).
         data = data[offsets[0] : offsets[-1]] if len(offsets) else data[:0]
-        if len(data) and ((data < 0x20) | (data == 0x7F) | (data == 0xC2)).any():
+        if len(data) and bool((data < 0x20).any() or (data == 0x7F).any() or (data == 0xC2).any()):
             suspect = True
             break
     if not suspect:
