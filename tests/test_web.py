@@ -9,6 +9,7 @@ import html as html_text
 import http.client
 import math
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -57,11 +58,16 @@ def serving(seeded: Seeded, host: str = "127.0.0.1", token: str | None = None) -
 
 
 def request(
-    port: int, path: str, *, method: str = "GET", headers: dict[str, str] | None = None
+    port: int,
+    path: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    address: str = "127.0.0.1",
 ) -> tuple[int, dict[str, str], str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn = http.client.HTTPConnection(address, port, timeout=60)
     try:
-        conn.request(method, path, headers={"Host": f"127.0.0.1:{port}", **(headers or {})})
+        conn.request(method, path, headers={"Host": f"{address}:{port}", **(headers or {})})
         response = conn.getresponse()
         return response.status, dict(response.getheaders()), response.read().decode()
     finally:
@@ -190,6 +196,10 @@ def test_remote_server_needs_the_token_on_every_request(seeded: Seeded) -> None:
         assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
         assert request(port, "/", headers={"Cookie": cookie})[0] == 200
         assert request(port, "/", headers={"Authorization": "Bearer s3cret-token"})[0] == 200
+        # The token swap redirects within the site: never to "//host" or "/\\host".
+        for path in ("////evil.example?token=s3cret-token", "/\\evil.example?token=s3cret-token"):
+            code, headers, _ = request(port, path)
+            assert code == 303 and re.match(r"/[^/\\]", headers["Location"]), headers
     with pytest.raises(ValueError, match="needs a token"):
         HistoryServer("0.0.0.0", 0, None, token=None)  # type: ignore[arg-type]
     refused = cli("ui", "--config", str(seeded.config_path), "--host", "0.0.0.0", "--port", "0")
@@ -199,6 +209,18 @@ def test_remote_server_needs_the_token_on_every_request(seeded: Seeded) -> None:
         env={"AUDIENCE_SYNC_UI_TOKEN": ""},
     )  # fmt: skip
     assert no_token.returncode == 2 and "--token" in no_token.stderr
+
+
+def test_another_loopback_address_accepts_its_own_printed_url(seeded: Seeded) -> None:
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.2", 0))
+    except OSError:
+        pytest.skip("127.0.0.2 cannot be bound here")
+    with serving(seeded, host="127.0.0.2") as port:
+        assert request(port, "/", address="127.0.0.2")[0] == 200
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.2:1"):
+            assert request(port, "/", address="127.0.0.2", headers={"Host": host})[0] == 403
 
 
 def test_pages_never_write_the_state_database(seeded: Seeded, tmp_path: Path) -> None:

@@ -101,18 +101,24 @@ class HistoryServer(ThreadingHTTPServer):
         self.pages = pages
         self.token = token
         bound = self.server_address[1]
-        # On loopback, only our own names: a rebound DNS name carries the attacker's.
+        # On loopback, only our own names (the usual ones and the address bound, which the
+        # printed URL uses): a rebound DNS name carries the attacker's.
+        names = frozenset({"127.0.0.1", "localhost", "[::1]", self.url_host})
         self.allowed_hosts: frozenset[str] | None = (
-            frozenset(f"{h}:{bound}" for h in ("127.0.0.1", "localhost", "[::1]"))
-            | (frozenset({"127.0.0.1", "localhost", "[::1]"}) if bound == 80 else frozenset())
+            frozenset(f"{h}:{bound}" for h in names) | (names if bound == 80 else frozenset())
             if is_loopback(host)
             else None
         )
 
     @property
+    def url_host(self) -> str:
+        """The bound address as a URL's host (IPv6 in brackets), lower case."""
+        host = str(self.server_address[0]).lower()
+        return f"[{host}]" if ":" in host else host
+
+    @property
     def url(self) -> str:
-        host, port = str(self.server_address[0]), self.server_address[1]
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+        return f"http://{self.url_host}:{self.server_address[1]}/"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -121,17 +127,16 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def do_GET(self) -> None:
-        self._serve(body=True)
+        self._serve()
 
-    def do_HEAD(self) -> None:
-        self._serve(body=False)
+    do_HEAD = do_GET
 
     def _not_allowed(self) -> None:
         self._send(405, "read-only: only GET and HEAD\n", {"Allow": "GET, HEAD"}, html=False)
 
     do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed
 
-    def _serve(self, *, body: bool) -> None:
+    def _serve(self) -> None:
         allowed = self.server.allowed_hosts
         if allowed is not None and (self.headers.get("Host") or "").lower() not in allowed:
             self._send(403, "unknown Host: open the address audience-sync ui printed\n", html=False)
@@ -147,7 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("ui page %s failed", url.path)
             status, page = 500, "internal error (see the server's log)\n"
-        self._send(status, page, body=body, html=status != 500)
+        self._send(status, page, html=status != 500)
 
     def _authorised(self, url: urllib.parse.SplitResult, query: dict[str, list[str]]) -> bool:
         """Whether the request carries the token; a ``?token=`` is swapped for a cookie."""
@@ -161,7 +166,8 @@ class _Handler(BaseHTTPRequestHandler):
                 303,
                 "",
                 {
-                    "Location": url.path + (f"?{rest}" if rest else ""),
+                    # One leading "/" only: "//host" or "/\host" would leave the site.
+                    "Location": "/" + url.path.lstrip("/\\") + (f"?{rest}" if rest else ""),
                     "Set-Cookie": f"{_COOKIE}={given}; HttpOnly; SameSite=Strict; Path=/",
                 },
                 html=False,
@@ -183,7 +189,6 @@ class _Handler(BaseHTTPRequestHandler):
         text: str,
         headers: dict[str, str] | None = None,
         *,
-        body: bool = True,
         html: bool = True,
     ) -> None:
         data = text.encode("utf-8")
@@ -197,7 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
         }.items():
             self.send_header(name, value)
         self.end_headers()
-        if body and self.command != "HEAD":
+        if self.command != "HEAD":
             self.wfile.write(data)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:

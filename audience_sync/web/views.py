@@ -21,10 +21,10 @@ from audience_sync.history import (
     run_detail,
     status,
 )
-from audience_sync.state.store import MAX_STORED_ROWS, StateStore, as_utc
+from audience_sync.state.store import StateStore, as_utc
 from audience_sync.web.charts import Chart, Series, bar_chart
 
-__all__ = ["HealthRow", "History", "RunGroup", "rejected_rows"]
+__all__ = ["HealthRow", "History", "RunGroup"]
 
 #: Runs in the strip of the health page.
 STRIP = 20
@@ -97,14 +97,6 @@ def _tip(run: dict[str, Any]) -> str:
     )
 
 
-def rejected_rows(store: StateStore, run_id: int) -> list[dict[str, Any]] | None:
-    """The snapshot rows run ``run_id`` rejected (as ``history RUN_ID`` lists them), or ``None``
-    for a database from before they were recorded (migration 0006)."""
-    if not sa.inspect(store.engine).has_table("sync_rejected_rows"):
-        return None
-    return store.rejected_rows(run_id=run_id, limit=MAX_STORED_ROWS)
-
-
 class History:
     """The pages' data, read from the state database the engine points at (read-only)."""
 
@@ -112,6 +104,13 @@ class History:
         self.config = config
         self.engine = engine
         self.store = store or StateStore(engine)
+        self._records_rejected: bool | None = None
+
+    def records_rejected(self) -> bool:
+        """Whether the database records rejected rows (migration 0006); asked once."""
+        if self._records_rejected is None:
+            self._records_rejected = sa.inspect(self.engine).has_table("sync_rejected_rows")
+        return self._records_rejected
 
     def now(self) -> datetime:
         return self.store.clock()
@@ -164,10 +163,12 @@ class History:
         return groups
 
     def run(self, run_id: int) -> tuple[RunDetail, list[dict[str, Any]] | None] | None:
+        """Run ``run_id`` and the snapshot rows it rejected (as ``history RUN_ID`` lists them),
+        or ``None`` for them from a database before they were recorded (migration 0006)."""
         detail = run_detail(self.store, run_id, samples=50)
         if detail is None:
             return None
-        return detail, rejected_rows(self.store, run_id)
+        return detail, (detail.rejected if self.records_rejected() else None)
 
     def quota(self) -> list[tuple[DestinationQuota, Chart]]:
         result = []
