@@ -66,9 +66,14 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # once: later lookups skip this function
-    return value
+    loaded = importlib.import_module(module)
+    # Bind every lazy name of that module at once (later lookups skip this function). This
+    # also undoes the import system binding the submodule ``audience_sync.track`` over the
+    # function ``track``, whichever of the module's names was asked for first.
+    for other, home in _LAZY.items():
+        if home == module:
+            globals()[other] = getattr(loaded, other)
+    return globals()[name]
 
 
 __all__ = [

@@ -18,12 +18,12 @@ from typing import Any
 
 from audience_sync.config import Config
 from audience_sync.destinations import Call, Destination, IdentifyCall, TrackEvent
-from audience_sync.engine import open_destination
-from audience_sync.errors import SnapshotError, StateError
+from audience_sync.engine import open_destination, prepare_schema
+from audience_sync.errors import SnapshotError
 from audience_sync.model import DeliveryStatus, Outcome
 from audience_sync.planning import SAMPLE_SIZE
 from audience_sync.result import PARTIAL_EXIT_CODE
-from audience_sync.state import connect, schema_is_current, upgrade
+from audience_sync.state import connect
 
 __all__ = ["CallFile", "CallResult", "SkippedLine", "read_calls", "sends_here", "track"]
 
@@ -186,10 +186,7 @@ def track(
     try:
         dest = destination or open_destination(config, engine)
         dest.preflight()
-        if config.state.auto_migrate:
-            upgrade(engine)
-        elif not schema_is_current(engine):
-            raise StateError("the state database needs `audience-sync db upgrade` first")
+        prepare_schema(config, engine)
 
         async def send() -> list[Outcome]:
             async with dest:

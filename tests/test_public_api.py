@@ -60,3 +60,19 @@ def test_every_error_is_an_audience_sync_error_with_an_exit_code():
     for error in errors:
         assert issubclass(error, audience_sync.AudienceSyncError)
         assert error.exit_code in {1, 3, 4, 6, 7}
+
+
+def test_lazy_names_are_the_functions_whatever_the_import_order():
+    """``read_calls`` first imports ``audience_sync.track``, which Python binds on the package:
+    ``track`` must still be the function, not that submodule."""
+    import subprocess
+    import sys
+
+    code = (
+        "from audience_sync import read_calls, track, CallFile\n"
+        "import audience_sync\n"
+        "assert callable(track) and track.__name__ == 'track', track\n"
+        "assert audience_sync.track is track\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr

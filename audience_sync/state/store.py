@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from audience_sync.drivers import url_error
 from audience_sync.errors import StateError
-from audience_sync.model import MAX_REJECTED_ROWS, RejectedRow, RunStatus
+from audience_sync.model import MAX_REJECTED_ROWS, RejectedRow, RunMode, RunStatus
 from audience_sync.state.schema import (
     destination_requests,
     sync_audiences,
@@ -424,7 +424,7 @@ class StateStore:
         past its initial sync)."""
         retired = (
             sa.select(sa.func.coalesce(sa.func.max(sync_runs.c.id), 0))
-            .where(sync_runs.c.audience_id == audience_id, sync_runs.c.mode == "retire")
+            .where(sync_runs.c.audience_id == audience_id, sync_runs.c.mode == RunMode.RETIRE.value)
             .scalar_subquery()
         )
         with self.engine.connect() as conn:
