@@ -11,6 +11,7 @@ import importlib.resources
 import os
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -120,7 +121,7 @@ def connect(url: str, *, create: bool = True, read_only: bool = False) -> sa.Eng
             dbapi_conn.isolation_level = None
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA busy_timeout = 30000")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _switch_to_wal(cursor)
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.close()
 
@@ -130,6 +131,26 @@ def connect(url: str, *, create: bool = True, read_only: bool = False) -> sa.Eng
 
         _check_sqlite_file(engine)
     return engine
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode = WAL``, retried while another connection holds the lock.
+
+    Switching a new database to WAL can answer "database is locked" at once, without waiting
+    on ``busy_timeout`` (SQLite does so to avoid deadlocks), when several processes or threads
+    open it together; that is a wait, not an unusable database.
+    """
+    import sqlite3
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _check_sqlite_file(engine: sa.Engine) -> None:
