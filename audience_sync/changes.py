@@ -103,10 +103,16 @@ def _uuid_text(digest: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(out)])
 
 
-def input_hash(value: bool, identity: Identity) -> str:
-    """Fingerprint of what a change sends: a held failure is retried once it changes."""
-    text = "\x1f".join([str(value), *(getattr(identity, k) or "" for k in IDENTITY_TRAITS)])
-    return hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()
+def input_hash(value: bool, identity: Identity, data: str | None = None) -> str:
+    """Fingerprint of what a change sends: a held failure is retried once it changes.
+
+    ``data``: a computed trait's value as JSON (an audience's changes have none, and hash as
+    they always have, so their queued rows keep matching).
+    """
+    parts = [str(value), *(getattr(identity, k) or "" for k in IDENTITY_TRAITS)]
+    if data is not None:
+        parts.append(data)
+    return hashlib.md5("\x1f".join(parts).encode(), usedforsecurity=False).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +121,8 @@ class AudienceChanges:
 
     ``identities`` holds the identity traits the snapshot gives (a subset of
     ``IDENTITY_TRAITS``), one row per user the plan sends ``true``: ``plan.entered``, then
-    ``plan.resend``, in that order. ``retry`` is the audience's retry queue, indexed by user id.
+    ``plan.resend``, in that order; for a ``computed`` trait also each one's ``value`` (JSON),
+    and its exited users are sent ``null``. ``retry`` is the retry queue, indexed by user id.
     """
 
     key: str
@@ -124,6 +131,7 @@ class AudienceChanges:
     plan: Plan
     identities: pd.DataFrame
     retry: pd.DataFrame
+    computed: bool = False
 
 
 class RunChanges:
@@ -182,6 +190,7 @@ class RunChanges:
             columns = zip(
                 rows.tolist(),
                 picked.column("value").to_pylist(),
+                picked.column("data").to_pylist(),
                 *(picked.column(t).to_pylist() for t in IDENTITY_TRAITS),
                 entries["message_id"].tolist(),
                 entries["retryable"].tolist(),
@@ -189,13 +198,13 @@ class RunChanges:
                 entries["input_hash"].tolist(),
                 strict=True,
             )
-            for r, value, *traits, first_id, retryable, status, fingerprint in columns:
+            for r, value, data, *traits, first_id, retryable, status, fingerprint in columns:
                 permanent = not retryable and status == DeliveryStatus.FAILED.value
                 # Held while the user's data is what failed; retried once it changes.
                 if (
                     permanent
                     and not retry_failed
-                    and fingerprint == input_hash(value, Identity(*traits))
+                    and fingerprint == input_hash(value, Identity(*traits), data)
                 ):
                     held[r] = True
                     self.held[i] += 1
@@ -239,6 +248,7 @@ class RunChanges:
             "value": value,
             "message_id": ids,
             **{t: rows.column(t).cast(pa.string()).combine_chunks() for t in IDENTITY_TRAITS},
+            "data": rows.column("data").cast(pa.string()).combine_chunks(),
         }
         return ChangeBatch(pa.Table.from_pydict(columns, schema=BATCH_SCHEMA), users)
 
@@ -249,14 +259,15 @@ _CHANGES_SCHEMA = pa.schema(
         ("audience", pa.int32()),
         ("value", pa.bool_()),
         *((t, pa.large_string()) for t in IDENTITY_TRAITS),
+        ("data", pa.large_string()),
     ]
 )
 
 
 def _sorted_changes(audiences: Sequence[AudienceChanges]) -> pa.Table:
-    """One row per change (``user_id``, ``audience``, ``value``, identity traits), sorted by
-    user and then audience; a user's identity is on each of their rows, each trait from the
-    first audience (in config order) whose snapshot has it."""
+    """One row per change (``user_id``, ``audience``, ``value``, identity traits, ``data``),
+    sorted by user and then audience; a user's identity is on each of their rows, each trait
+    from the first audience (in config order) whose snapshot has it."""
     parts = []
     for i, a in enumerate(audiences):
         p = a.plan
@@ -279,6 +290,12 @@ def _sorted_changes(audiences: Sequence[AudienceChanges]) -> pa.Table:
                     columns[t] = pa.array(identities[t].array).cast(pa.large_string())
                 else:
                     columns[t] = pa.nulls(n, pa.large_string())
+            if not a.computed:
+                columns["data"] = pa.nulls(n, pa.large_string())
+            elif identities is not None:
+                columns["data"] = pa.array(identities["value"].array).cast(pa.large_string())
+            else:  # a computed trait's exited users: their value is cleared
+                columns["data"] = pa.repeat(pa.scalar("null", pa.large_string()), n)
             parts.append(pa.table(columns, schema=_CHANGES_SCHEMA))
     if not parts:
         return _CHANGES_SCHEMA.empty_table()

@@ -58,6 +58,15 @@ config_option = click.option(
     help="The TOML configuration file.",
 )
 
+#: Selects audiences and computed traits by name or key; ``--trait`` is another name for it.
+only_option = click.option(
+    "--audience",
+    "--trait",
+    "audiences",
+    multiple=True,
+    help="Only this audience or computed trait (name or key).",
+)
+
 wait_option = click.option(
     "--wait",
     type=click.FloatRange(min=0),
@@ -168,7 +177,11 @@ def _stop_on_signals() -> Iterator[Callable[[], bool]]:
 @cli.command()
 @config_option
 @click.option(
-    "--audience", "audiences", multiple=True, help="Audience name or key (repeatable); default all."
+    "--audience",
+    "--trait",
+    "audiences",
+    multiple=True,
+    help="Audience or computed trait, by name or key (repeatable); default all.",
 )
 @click.option(
     "--all", "all_audiences", is_flag=True, help="Every configured audience (the default)."
@@ -203,7 +216,7 @@ def run(
     from audience_sync.engine import sync
 
     if all_audiences and audiences:
-        raise click.UsageError("--all and --audience cannot be combined")
+        raise click.UsageError("--all and --audience/--trait cannot be combined")
     config = load_config(config_path)
     with (
         _progress(config, bar=not dry_run and not as_json) as progress,
@@ -556,7 +569,7 @@ class _HistoryGroup(click.Group):
 
 @cli.group(cls=_HistoryGroup, invoke_without_command=True, subcommand_metavar="[RUN_ID | prune]")
 @config_option
-@click.option("--audience", "audiences", multiple=True, help="Only this audience (name or key).")
+@only_option
 @click.option("--limit", default=20, show_default=True, help="How many runs to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--failed", is_flag=True, help="List users waiting for retry, with the reason.")
@@ -950,7 +963,7 @@ def db_upgrade(config_path: Path, url: str | None) -> None:
     help="Write the report to this one self-contained HTML file.",
 )
 @click.option("--url", help="State database URL (default: from the config).")
-@click.option("--audience", "audiences", multiple=True, help="Only this audience (name or key).")
+@only_option
 @click.option(
     "--since", default="30d", show_default=True, help="Runs of this last span (e.g. 7d), or all."
 )

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -29,7 +29,7 @@ from pydantic import (
 from audience_sync.destinations import DestinationSettings, destination_class, kinds
 from audience_sync.durations import parse_duration
 from audience_sync.errors import ConfigError, StateMissing
-from audience_sync.model import RESERVED_TRAIT_KEYS
+from audience_sync.model import RESERVED_TRAIT_KEYS, SyncKind
 from audience_sync.naming import TRAIT_KEY_PATTERN, trait_key
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "WEBHOOK_URL_ENV",
     "AlertConfig",
     "AudienceConfig",
+    "ComputedTraitConfig",
     "Config",
     "DestinationConfig",
     "SafeguardConfig",
@@ -78,7 +79,12 @@ class StateConfig(_Strict):
 
 
 class AudienceConfig(_Strict):
-    """One ``[[audiences]]`` entry."""
+    """One ``[[audiences]]`` entry (and the base of ``[[computed_traits]]``)."""
+
+    kind: ClassVar[SyncKind] = SyncKind.AUDIENCE
+    #: The word for it in messages and the config's table name.
+    noun: ClassVar[str] = "audience"
+    table: ClassVar[str] = "audiences"
 
     name: str = Field(min_length=1)
     key: str | None = None
@@ -149,6 +155,41 @@ class AudienceConfig(_Strict):
     def source_label(self) -> str:
         """Where the snapshot comes from, for messages (never the source URL's password)."""
         return str(self.source) if self.source is not None else "SQL query"
+
+    @property
+    def computed(self) -> bool:
+        """Whether this is a computed trait (a value per user) rather than an audience."""
+        return self.kind is SyncKind.TRAIT
+
+
+#: How a computed trait's values are read: ``auto`` types text by its look (``true``/``false``,
+#: numbers, else a string) and keeps typed columns' types; the others force one type.
+ValueType = Literal["auto", "string", "number", "boolean", "date"]
+
+
+class ComputedTraitConfig(AudienceConfig):
+    """One ``[[computed_traits]]`` entry: a value per user, sent when it changes."""
+
+    kind: ClassVar[SyncKind] = SyncKind.TRAIT
+    noun: ClassVar[str] = "computed trait"
+    table: ClassVar[str] = "computed_traits"
+
+    column: str | None = Field(None, min_length=1)
+    """The snapshot column holding the value; default: the trait key."""
+    type: ValueType = "auto"
+    """How the values are read (``auto``: by their look; see the README)."""
+
+    @field_validator("column")
+    @classmethod
+    def _not_user_id(cls, v: str | None) -> str | None:
+        if v is not None and v.strip() == "user_id":
+            raise ValueError("`column` names the value column; it cannot be `user_id`")
+        return v.strip() if v is not None else v
+
+    @property
+    def value_column(self) -> str:
+        """The snapshot column holding the value."""
+        return self.column if self.column is not None else self.trait_key
 
 
 class ServiceConfig(_Strict):
@@ -244,17 +285,25 @@ class Config:
     def config_dir(self) -> Path:
         return self.path.parent
 
+    @property
+    def computed_traits(self) -> tuple[AudienceConfig, ...]:
+        """The ``[[computed_traits]]`` among ``audiences`` (which holds every sync, in order)."""
+        return tuple(a for a in self.audiences if a.computed)
+
     def select(self, names: Sequence[str]) -> tuple[AudienceConfig, ...]:
-        """The audiences named (by name or trait key), in config order; all when none given."""
+        """The audiences and computed traits named (by name or trait key), in config order;
+        all when none given."""
         if not names:
             return self.audiences
         known = {a.name: a for a in self.audiences} | {a.trait_key: a for a in self.audiences}
         missing = [n for n in names if n not in known]
         if missing:
             listed = ", ".join(repr(a.name) for a in self.audiences)
+            what = "audience or computed trait" if self.computed_traits else "audience"
+            plural = "audiences and computed traits" if self.computed_traits else "audiences"
             raise ConfigError(
-                f"{self.path}: no audience named {', '.join(map(repr, missing))}; "
-                f"configured audiences: {listed}"
+                f"{self.path}: no {what} named {', '.join(map(repr, missing))}; "
+                f"configured {plural}: {listed}"
             )
         wanted = {known[n].trait_key for n in names}
         return tuple(a for a in self.audiences if a.trait_key in wanted)
@@ -265,12 +314,13 @@ def _location(loc: tuple[int | str, ...], raw: Mapping[str, Any]) -> str:
     text = ""
     for part in loc:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    if len(loc) >= 2 and loc[0] == "audiences" and isinstance(loc[1], int):
-        audiences = raw.get("audiences")
-        if isinstance(audiences, list) and loc[1] < len(audiences):
-            entry = audiences[loc[1]]
+    nouns = {"audiences": "audience", "computed_traits": "computed trait"}
+    if len(loc) >= 2 and loc[0] in nouns and isinstance(loc[1], int):
+        entries = raw.get(str(loc[0]))
+        if isinstance(entries, list) and loc[1] < len(entries):
+            entry = entries[loc[1]]
             if isinstance(entry, dict) and isinstance(entry.get("name"), str):
-                text += f" (audience {entry['name']!r})"
+                text += f" ({nouns[str(loc[0])]} {entry['name']!r})"
     return text
 
 
@@ -291,7 +341,8 @@ def _format(path: Path, exc: ValidationError, raw: Mapping[str, Any], prefix: st
 class _Document(_Strict):
     state: StateConfig = StateConfig()
     destination: dict[str, Any]
-    audiences: list[AudienceConfig] = Field(min_length=1)
+    audiences: list[AudienceConfig] = []
+    computed_traits: list[ComputedTraitConfig] = []
     service: ServiceConfig = ServiceConfig()
     safeguards: SafeguardConfig = SafeguardConfig()
     alerts: AlertConfig = AlertConfig()
@@ -320,46 +371,56 @@ def _destination(path: Path, table: Mapping[str, Any], env: Mapping[str, str]) -
     return DestinationConfig(str(kind), name or cls.default_name(settings), settings)
 
 
-def _check_audiences(path: Path, audiences: list[AudienceConfig]) -> tuple[AudienceConfig, ...]:
-    seen: dict[str, str] = {}
-    names: set[str] = set()
+def _check_audiences(path: Path, entries: Sequence[AudienceConfig]) -> tuple[AudienceConfig, ...]:
+    """Names and trait keys unique across audiences and computed traits; sources resolved."""
+    if not entries:
+        raise ConfigError(
+            f"{path}: no [[audiences]] or [[computed_traits]]: configure at least one "
+            "(see config/audience-sync.toml for an example)"
+        )
+    seen: dict[str, AudienceConfig] = {}
+    names: dict[str, AudienceConfig] = {}
+    index = {"audiences": 0, "computed_traits": 0}
     resolved = []
-    for i, audience in enumerate(audiences):
-        if audience.name in names:
-            # `--audience NAME` and the run history address audiences by name.
+    for entry in entries:
+        i = index[entry.table]
+        index[entry.table] += 1
+        at = f"{path}: {entry.table}[{i}]"
+        this = f"{entry.noun} {entry.name!r}"
+        if entry.name in names:
+            # `--audience NAME` and the run history address syncs by name.
+            other = names[entry.name]
+            also = "" if other.kind is entry.kind else f" (also by {other.noun} {other.name!r})"
             raise ConfigError(
-                f"{path}: audiences[{i}].name: audience name {audience.name!r} is used twice; "
-                "give each audience its own name"
+                f"{at}.name: {entry.noun} name {entry.name!r} is used twice{also}; give each "
+                "audience and computed trait its own name"
             )
-        names.add(audience.name)
-        key = audience.trait_key
+        names[entry.name] = entry
+        key = entry.trait_key
         if key in RESERVED_TRAIT_KEYS:
             raise ConfigError(
-                f"{path}: audiences[{i}] (audience {audience.name!r}): trait key {key!r} is "
-                "reserved: it is an identity trait and would overwrite the user's "
-                f"{key} in the destination; give the audience a key of its own, e.g. key = "
-                f'"{key}_audience"'
+                f"{at} ({this}): trait key {key!r} is reserved: it is an identity trait and "
+                f"would overwrite the user's {key} in the destination; give the {entry.noun} a "
+                f'key of its own, e.g. key = "{key}_{entry.kind.value}"'
             )
         if key in seen:
+            other = seen[key]
             raise ConfigError(
-                f"{path}: audiences[{i}] (audience {audience.name!r}): trait key {key!r} is "
-                f"already used by audience {seen[key]!r}; give one of them an explicit `key`"
+                f"{at} ({this}): trait key {key!r} is already used by {other.noun} "
+                f"{other.name!r}; audiences and computed traits share one key namespace, so "
+                "give one of them an explicit `key`"
             )
-        seen[key] = audience.name
-        if audience.source is not None:
-            source = (
-                audience.source if audience.source.is_absolute() else path.parent / audience.source
-            )
+        seen[key] = entry
+        if entry.source is not None:
+            source = entry.source if entry.source.is_absolute() else path.parent / entry.source
             if not source.is_file() or not os.access(source, os.R_OK):
                 why = "does not exist" if not source.exists() else "is not a readable file"
-                raise ConfigError(
-                    f"{path}: audiences[{i}].source (audience {audience.name!r}): {source} {why}"
-                )
-            audience = audience.model_copy(update={"source": source})
-        elif audience.source_url is not None:
-            url = _resolve_sqlite(path, audience.source_url)
-            audience = audience.model_copy(update={"source_url": url})
-        resolved.append(audience)
+                raise ConfigError(f"{at}.source ({this}): {source} {why}")
+            entry = entry.model_copy(update={"source": source})
+        elif entry.source_url is not None:
+            url = _resolve_sqlite(path, entry.source_url)
+            entry = entry.model_copy(update={"source_url": url})
+        resolved.append(entry)
     return tuple(resolved)
 
 
@@ -400,7 +461,7 @@ def load_config(
         path=path,
         state=state,
         destination=_destination(path, doc.destination, env),
-        audiences=_check_audiences(path, doc.audiences),
+        audiences=_check_audiences(path, [*doc.audiences, *doc.computed_traits]),
         service=_resolve_service(path, doc.service),
         safeguards=doc.safeguards,
         alerts=(

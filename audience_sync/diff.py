@@ -1,7 +1,9 @@
 """The diff: compare a snapshot's members with the last synced state, as a pure function.
 
 No I/O, no clock: ids in, a ``Plan`` out. ``entered`` get ``true``, ``exited`` get ``false``;
-a full resync also re-sends ``true`` to every unchanged member (``resend``). The diff is one
+a full resync also re-sends ``true`` to every unchanged member (``resend``). A computed trait
+is diffed the same way with its values: a user whose value changed is ``entered`` again (with
+the new value) and one whose value disappeared is ``exited`` (a clear). The diff is one
 full outer join in an in-memory DuckDB over the ids' Arrow buffers (zero copy): measured 5x
 faster than pyarrow's ``is_in`` and 40x faster than ``pandas.Index.isin`` on millions of ids.
 """
@@ -15,6 +17,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from audience_sync.arrowtext import arrow_text
 
@@ -36,6 +39,11 @@ class Plan:
     was not made from an in-memory index, e.g. pushed down into the database)."""
     exits_held: int = 0
     """Users who left the snapshot but stay members this run (``planning.hold_exits``)."""
+    changed: int = 0
+    """A computed trait's users among ``entered`` who had another value (the rest are new)."""
+    previous: pd.Series | None = field(default=None, compare=False, repr=False)
+    """A computed trait's values before the run (canonical JSON) of the users it replaces or
+    clears, indexed by user id: the change log's old values."""
 
     @property
     def sends(self) -> int:
@@ -49,22 +57,35 @@ def plan(
     *,
     full: bool = False,
     held: Collection[str] = (),
+    values: tuple[pa.Array, pa.Array] | None = None,
 ) -> Plan:
     """Diff ``members`` (this snapshot) against ``synced`` (the state's members).
 
     Both are unique user ids. ``held`` users (rejected snapshot rows) are neither entered nor
     exited: whatever the state says about them stands. With ``full``, unchanged members are
-    re-sent as ``resend``. Results keep the order of their input.
+    re-sent as ``resend``. Results keep the order of their input. ``values``: a computed
+    trait's values of ``members`` and of ``synced`` (canonical JSON text, in their order); a
+    member whose value differs from the state's is entered again.
     """
     if len(synced) == 0:  # an initial sync: everyone enters, nothing to join
         everyone = np.arange(len(members))
         return Plan(entered=members, exited=synced, resend=_EMPTY, unchanged=0, sent_rows=everyone)
-    entered_at, exited_at = _anti_joins(members, synced)
+    entered_at, exited_at, replaced_at = _anti_joins(members, synced, values)
     entered = members.take(entered_at)
     exited = synced.take(exited_at)
     if len(held) and len(exited):
-        exited = exited[~exited.isin(list(held))]
-    unchanged = len(synced) - len(exited)  # state members who stay, held users included
+        keep = ~exited.isin(list(held))
+        exited, exited_at = exited[keep], exited_at[keep]
+    changed = len(replaced_at)
+    previous = None
+    if values is not None:
+        before = np.concatenate([replaced_at, exited_at])
+        previous = pd.Series(
+            pd.array(values[1].take(pa.array(before)), dtype="string[pyarrow]"),
+            index=synced.take(before),
+        )
+    # State members who stay with the same value, held users included.
+    unchanged = len(synced) - len(exited) - changed
     sent_rows = entered_at
     if full:
         keep = np.ones(len(members), dtype=bool)
@@ -74,7 +95,7 @@ def plan(
         sent_rows = np.concatenate([entered_at, resend_at])
     else:
         resend = _EMPTY
-    return Plan(entered, exited, resend, unchanged, sent_rows)
+    return Plan(entered, exited, resend, unchanged, sent_rows, changed=changed, previous=previous)
 
 
 def has_repeated(ids: pd.Index | pd.Series) -> bool:
@@ -99,28 +120,40 @@ def members_repeat(members: pd.Index, synced: pd.Index, the_plan: Plan) -> bool:
     not entered matched exactly one state row (state ids are unique), so those matches count
     distinct ids only when no matched id repeats; entered ids are checked directly.
     """
-    if len(members) - len(the_plan.entered) != len(synced) - len(the_plan.exited):
+    # A trait's changed users are entered though they matched a state row.
+    matched = len(members) - len(the_plan.entered) + the_plan.changed
+    if matched != len(synced) - len(the_plan.exited):
         return True
     return has_repeated(the_plan.entered)
 
 
-def _anti_joins(members: pd.Index, synced: pd.Index) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of ``members`` not in ``synced``, and of ``synced`` not in ``members``."""
+def _anti_joins(
+    members: pd.Index, synced: pd.Index, values: tuple[pa.Array, pa.Array] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions of ``members`` not in ``synced`` (or, with ``values``, whose value differs),
+    of ``synced`` not in ``members``, and of ``synced`` whose value a member replaces."""
     # Positions instead of ids keep the input order (a parallel join returns rows in any order)
     # and let pandas slice its own arrays without converting strings back. One full outer join
     # builds one hash table where two anti-joins build two: 0.26 s instead of 0.42 s for 2.5M.
+    differs = " OR m.v <> s.v" if values is not None else ""
     with duckdb.connect(":memory:") as con:
-        con.register("m", _positions_table(members))
-        con.register("s", _positions_table(synced))
+        con.register("m", _positions_table(members, None if values is None else values[0]))
+        con.register("s", _positions_table(synced, None if values is None else values[1]))
         unmatched = con.sql(
-            "SELECT m.i AS entered, s.i AS exited FROM m FULL JOIN s USING (u) "
-            "WHERE m.i IS NULL OR s.i IS NULL"
+            "SELECT m.i AS entered, s.i AS exited, "
+            "CASE WHEN m.i IS NOT NULL THEN s.i END AS replaced FROM m FULL JOIN s USING (u) "
+            f"WHERE m.i IS NULL OR s.i IS NULL{differs}"
         ).to_arrow_table()
-    entered, exited = (
-        np.sort(unmatched.column(side).drop_null().to_numpy()) for side in ("entered", "exited")
+    entered = unmatched.column("entered").drop_null().to_numpy()
+    exited = pc.if_else(unmatched.column("entered").is_null(), unmatched.column("exited"), None)
+    found = (entered, exited.drop_null().to_numpy(), unmatched.column("replaced").drop_null())
+    return tuple(  # type: ignore[return-value]
+        np.sort(np.asarray(side)).astype(np.int64, copy=False) for side in found
     )
-    return entered.astype(np.int64, copy=False), exited.astype(np.int64, copy=False)
 
 
-def _positions_table(ids: pd.Index) -> pa.Table:
-    return pa.table({"u": arrow_text(ids), "i": pa.array(np.arange(len(ids), dtype=np.int64))})
+def _positions_table(ids: pd.Index, values: pa.Array | None = None) -> pa.Table:
+    columns = {"u": arrow_text(ids), "i": pa.array(np.arange(len(ids), dtype=np.int64))}
+    if values is not None:
+        columns["v"] = values
+    return pa.table(columns)

@@ -24,7 +24,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from audience_sync.changes import AudienceChanges, RunChanges, input_hash
-from audience_sync.config import AudienceConfig, Config, sqlite_path
+from audience_sync.config import AudienceConfig, ComputedTraitConfig, Config, sqlite_path
 from audience_sync.destinations import Destination, destination_class
 from audience_sync.diff import Plan
 from audience_sync.errors import (
@@ -49,6 +49,7 @@ from audience_sync.model import (
     RunMode,
     RunStatus,
     Snapshot,
+    SyncKind,
     Trigger,
     UserUpdate,
 )
@@ -165,7 +166,14 @@ class _Run:
     def prepare(self, audience: AudienceConfig) -> AudienceResult | None:
         """Lock, start the run row, load and plan one audience; a result when it cannot go on."""
         dest = self.destination.name
-        ref = self.store.audience(dest, audience.trait_key, audience.name)
+        try:
+            ref = self.store.audience(dest, audience.trait_key, audience.name, audience.kind)
+        except ConfigError as exc:  # the key's state is of the other kind
+            log.error("audience=%s status=failed %s", audience.trait_key, exc)
+            mode = RunMode.FULL if self.full else RunMode.INCREMENTAL
+            return AudienceResult(
+                audience, RunStatus.FAILED, mode, error=str(exc), error_type=ConfigError
+            )
         mode = run_mode(self.store, ref.id, full=self.full)
         begun = self._begin(audience, ref, mode)
         if isinstance(begun, AudienceResult):
@@ -226,8 +234,15 @@ class _Run:
         if isinstance(begun, AudienceResult):
             return begun
         lease, run_id = begun
-        members = self.store.members(ref.id)
-        the_plan = Plan(entered=_NO_USERS, exited=members, resend=_NO_USERS, unchanged=0)
+        previous = None
+        if audience.computed:  # every value is cleared; the log keeps what it was
+            members, values = self.store.values(ref.id)
+            previous = pd.Series(pd.array(values, dtype="string[pyarrow]"), index=members)
+        else:
+            members = self.store.members(ref.id)
+        the_plan = Plan(
+            entered=_NO_USERS, exited=members, resend=_NO_USERS, unchanged=0, previous=previous
+        )
         counts = dict.fromkeys(COUNTERS[:5], 0) | {"exited": len(members)}
         no_identities = pd.DataFrame(index=_NO_USERS)
         self._enlist(
@@ -369,7 +384,13 @@ class _Run:
         )
         planned = planned[~planned.index.duplicated()]
         wanted = planned.reindex(retry.index)
-        stale = retry.index[wanted.isna() | (wanted != retry["value"])]
+        moved_on = wanted.isna() | (wanted != retry["value"])
+        if run.config.computed:  # a queued value the snapshot no longer has is not sent
+            sent = run.identities["value"] if len(run.identities) else pd.Series(dtype=object)
+            data = pd.concat([sent, pd.Series("null", index=run.plan.exited)])
+            data = data[~data.index.duplicated()].reindex(retry.index)
+            moved_on |= data.isna() | (data.astype(object) != retry["data"].astype(object))
+        stale = retry.index[moved_on]
         if len(stale):
             self.store.drop_retries(run.ref.id, list(stale))
         run.retry = retry.drop(index=stale)
@@ -383,7 +404,13 @@ class _Run:
             self.destination.name,
             [
                 AudienceChanges(
-                    run.ref.key, run.config.name, run.run_id, run.plan, run.identities, run.retry
+                    run.ref.key,
+                    run.config.name,
+                    run.run_id,
+                    run.plan,
+                    run.identities,
+                    run.retry,
+                    run.config.computed,
                 )
                 for run in self.runs
             ],
@@ -406,16 +433,25 @@ class _Run:
         for change in update.changes:
             run = self.by_key[change.audience_key]
             batch = run.applied()
+            # A computed trait's change: ``present`` says whether the user has a value after it.
+            present = change.value is not None if change.computed else bool(change.value)
+            data = change.json if change.computed else None
             if self.config.state.change_log:
                 batch.changes.append(
-                    update.user_id, change.value, outcome.status.value, outcome.reason
+                    update.user_id,
+                    present,
+                    outcome.status.value,
+                    outcome.reason,
+                    _old_new(run, update.user_id, data) if change.computed else None,
                 )
             run.counts["pending"] -= 1
             if outcome.status is DeliveryStatus.DELIVERED:
                 batch.delivered += 1
                 run.counts["delivered"] += 1
-                if not change.value:
+                if not present:
                     batch.removed.append(update.user_id)
+                elif data is not None:
+                    batch.values.append((update.user_id, data))
                 elif update.user_id not in run.resend:
                     batch.added.append(update.user_id)
                 if update.user_id in run.retry_ids:
@@ -431,12 +467,13 @@ class _Run:
             batch.pending.append(
                 {
                     "user_id": update.user_id,
-                    "value": change.value,
+                    "value": present,
+                    "data": data,
                     "status": outcome.status.value,
                     "reason": outcome.reason,
                     "status_code": outcome.status_code,
                     "retryable": outcome.retryable,
-                    "input_hash": input_hash(change.value, update.identity),
+                    "input_hash": input_hash(present, update.identity, data),
                     "message_id": change.message_id,
                     "attempts": 1 if previous is None else int(str(previous["attempts"])) + 1,
                     "first_run_id": (
@@ -463,12 +500,24 @@ class _Run:
             batch = run.applied()
             users: list[str] = user_ids.filter(rows).to_pylist()
             sent: list[bool] = values[rows].tolist()
-            if self.config.state.change_log:
-                batch.changes.extend(users, sent, DeliveryStatus.DELIVERED.value)
+            if run.config.computed:
+                data: list[str] = table.column("data").filter(rows).to_pylist()
+                if self.config.state.change_log:
+                    olds, news = zip(
+                        *(_old_new(run, u, d) for u, d in zip(users, data, strict=True)),
+                        strict=True,
+                    )
+                    batch.changes.extend(
+                        users, sent, DeliveryStatus.DELIVERED.value, (list(olds), list(news))
+                    )
+                batch.values.extend((u, d) for u, v, d in zip(users, sent, data, strict=True) if v)
+            else:
+                if self.config.state.change_log:
+                    batch.changes.extend(users, sent, DeliveryStatus.DELIVERED.value)
+                batch.added.extend(
+                    u for u, v in zip(users, sent, strict=True) if v and u not in run.resend
+                )
             batch.removed.extend(u for u, v in zip(users, sent, strict=True) if not v)
-            batch.added.extend(
-                u for u, v in zip(users, sent, strict=True) if v and u not in run.resend
-            )
             if run.retry_ids:
                 batch.cleared.extend(u for u in users if u in run.retry_ids)
             batch.delivered += count
@@ -688,6 +737,16 @@ class _Run:
         return results
 
 
+def _old_new(run: _AudienceRun, user_id: str, data: str | None) -> tuple[str | None, str | None]:
+    """A computed trait's change-log values: the user's value before the run (None: had none)
+    and the one sent (None: a clear)."""
+    previous = run.plan.previous
+    old = previous.get(user_id) if previous is not None else None
+    return (None if old is None or pd.isna(old) else str(old)), (
+        None if data is None or data == "null" else data
+    )
+
+
 def _partial_reason(counts: dict[str, int], run_id: int, held: int, exits_held: int) -> str:
     parts = []
     if counts["rejected_rows"]:
@@ -854,7 +913,8 @@ def retire(
                 f"{dest.name!r}: it was retired already, or never had any; nothing to send"
             )
         # The audience is no longer configured: it is known by its state's name and key only.
-        audience = AudienceConfig.model_construct(name=ref.name, key=ref.key)
+        kind = ComputedTraitConfig if ref.kind is SyncKind.TRAIT else AudienceConfig
+        audience = kind.model_construct(name=ref.name, key=ref.key)
         if dry_run:
             members = store.members(ref.id)
             counts = dict.fromkeys(COUNTERS[:5], 0) | {"exited": len(members)}
@@ -915,9 +975,15 @@ def _orphans(config: Config, store: StateStore, destination: str) -> list[str]:
     """A warning per audience the state holds members of but the config no longer lists."""
     configured = {a.trait_key for a in config.audiences}
     return [
-        f"audience {ref.name!r} ({ref.key}) has members in the state but is no longer in "
-        f"{config.path}: its trait stays true on their profiles. `audience-sync retire "
-        f"{ref.key}` sets it to false for them and drops its state."
+        (
+            f"computed trait {ref.name!r} ({ref.key}) has values in the state but is no longer "
+            f"in {config.path}: its values stay on the profiles. `audience-sync retire "
+            f"{ref.key}` clears them and drops its state."
+            if ref.kind is SyncKind.TRAIT
+            else f"audience {ref.name!r} ({ref.key}) has members in the state but is no longer "
+            f"in {config.path}: its trait stays true on their profiles. `audience-sync retire "
+            f"{ref.key}` sets it to false for them and drops its state."
+        )
         for ref in store.with_members(destination)
         if ref.key not in configured
     ]

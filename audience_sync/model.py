@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 if TYPE_CHECKING:  # pandas and pyarrow load when a run needs them, not for `--help` or `status`
     import pandas as pd
@@ -28,9 +30,15 @@ __all__ = [
     "RunMode",
     "RunStatus",
     "Snapshot",
+    "SyncKind",
+    "TraitValue",
     "Trigger",
     "UserUpdate",
 ]
+
+#: A computed trait's value as sent: what JSON (and Crisp's custom data) holds. ``None`` in a
+#: ``Change`` is a clear: the user no longer has a value.
+TraitValue = bool | int | float | str
 
 #: Optional snapshot columns that describe who a user is (Crisp needs ``email`` to create one).
 IDENTITY_TRAITS: tuple[str, ...] = ("email", "name", "phone", "avatar")
@@ -50,6 +58,17 @@ class RunMode(enum.StrEnum):
     FULL = "full"
     RETIRE = "retire"
     """``false`` to every member of an audience no longer configured, then its state dropped."""
+
+
+class SyncKind(enum.StrEnum):
+    """What a configured sync keeps in step: an audience's membership or a computed trait's value.
+
+    An audience is a computed trait whose value is ``true`` for members and ``false`` once they
+    leave; both share the pipeline, the state tables and one trait-key namespace.
+    """
+
+    AUDIENCE = "audience"
+    TRAIT = "trait"
 
 
 class Trigger(enum.StrEnum):
@@ -85,7 +104,9 @@ class Snapshot:
     """One audience's validated membership.
 
     ``members`` is indexed by ``user_id`` (unique, text) with the identity columns that the
-    source provided (a subset of ``IDENTITY_TRAITS``, nullable strings). ``held`` are users whose
+    source provided (a subset of ``IDENTITY_TRAITS``, nullable strings); for a computed trait
+    also ``value``, the user's value as canonical JSON text (users without a value are not
+    members). ``held`` are users whose
     rows were rejected for a conflict: they are neither entered nor exited this run.
     ``taken_at`` is when the snapshot was taken (``snapshot_at`` column or file mtime), if known.
     """
@@ -125,12 +146,31 @@ class Identity:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One audience membership change for one user: set ``trait_key`` to ``value``."""
+    """One change for one user: set trait ``audience_key`` to ``value``.
+
+    An audience's ``value`` is ``true`` (entered) or ``false`` (left); a computed trait's
+    (``computed``) is its new value, or ``None`` when the user no longer has one (a clear).
+    """
 
     audience_key: str
     audience_name: str
-    value: bool
+    value: TraitValue | None
     message_id: str
+    computed: bool = False
+    data: str | None = field(default=None, compare=False)
+    """A computed trait's value as the planned JSON text (what the state keeps and compares):
+    re-serialising ``value`` may spell a float differently."""
+
+    @property
+    def json(self) -> str:
+        """``value`` as the state's JSON text (``null``: a clear)."""
+        return self.data if self.data is not None else trait_json(self.value)
+
+    @property
+    def sets(self) -> bool:
+        """Whether the change puts something on the profile (entering an audience, or a trait
+        value), rather than taking it off (leaving, a clear): only that needs a profile."""
+        return self.value is not None if self.computed else self.value is True
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +186,14 @@ class UserUpdate:
     changes: tuple[Change, ...]
 
     @property
-    def traits(self) -> Mapping[str, bool]:
+    def traits(self) -> Mapping[str, TraitValue | None]:
+        """The traits to set, by key (``None``: clear a computed trait)."""
         return {c.audience_key: c.value for c in self.changes}
+
+    @property
+    def sets_data(self) -> bool:
+        """Whether any change puts something on the profile (``Change.sets``)."""
+        return any(c.sets for c in self.changes)
 
 
 @cache
@@ -163,6 +209,7 @@ def _batch_schema() -> pa.Schema:
             ("value", pa.bool_()),
             ("message_id", pa.string()),
             *((trait, pa.string()) for trait in IDENTITY_TRAITS),
+            ("data", pa.string()),
         ]
     )
 
@@ -177,13 +224,21 @@ def __getattr__(name: str) -> Any:
 _NO_IDENTITY = Identity()
 
 
+def trait_json(value: TraitValue | None) -> str:
+    """A trait value as the JSON text the state and ``ChangeBatch.data`` keep (``null``: none)."""
+    return orjson.dumps(value).decode()
+
+
 @dataclass(frozen=True, slots=True)
 class ChangeBatch:
     """Changes for whole users, in columns: what a destination that takes many at once gets.
 
     ``table`` follows ``BATCH_SCHEMA``: one row per change, each user's rows adjacent;
     ``audience_key`` and ``audience_name`` are dictionary-encoded, and the identity traits
-    (null when unknown) are the same on every row of a user. ``users`` counts distinct users.
+    (null when unknown) are the same on every row of a user. ``value`` is an audience's
+    ``true``/``false``; a computed trait's row has its value as JSON text in ``data``
+    (``null``: a clear) and ``value`` says whether the user has a value after the change;
+    ``data`` is null on every audience row. ``users`` counts distinct users.
     The same changes as per-user updates: ``updates()``; the way back: ``from_updates()``.
     """
 
@@ -196,7 +251,7 @@ class ChangeBatch:
     def updates(self) -> Iterator[UserUpdate]:
         """One ``UserUpdate`` per user, in the batch's order."""
         columns = [self.table.column(c).to_pylist() for c in _batch_schema().names]
-        users, keys, names, values, message_ids, *traits = columns
+        users, keys, names, values, message_ids, *traits, data = columns
         n = len(users)
         start = 0
         while start < n:
@@ -206,7 +261,10 @@ class ChangeBatch:
                 end += 1
             identity = Identity(*(t[start] for t in traits))
             changes = tuple(
-                Change(keys[i], names[i], values[i], message_ids[i]) for i in range(start, end)
+                Change(keys[i], names[i], values[i], message_ids[i])
+                if data[i] is None
+                else Change(keys[i], names[i], orjson.loads(data[i]), message_ids[i], True, data[i])
+                for i in range(start, end)
             )
             yield UserUpdate(
                 user_id, _NO_IDENTITY if identity == _NO_IDENTITY else identity, changes
@@ -223,9 +281,10 @@ class ChangeBatch:
             "user_id": [u.user_id for u, _ in rows],
             "audience_key": [c.audience_key for _, c in rows],
             "audience_name": [c.audience_name for _, c in rows],
-            "value": [c.value for _, c in rows],
+            "value": [c.value is not None if c.computed else c.value for _, c in rows],
             "message_id": [c.message_id for _, c in rows],
             **{t: [getattr(u.identity, t) for u, _ in rows] for t in IDENTITY_TRAITS},
+            "data": [c.json if c.computed else None for _, c in rows],
         }
         arrays = [
             pa.array(columns[f.name], pa.string()).dictionary_encode()

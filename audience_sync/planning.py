@@ -8,8 +8,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import orjson
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
@@ -17,12 +20,13 @@ from audience_sync import pushdown
 from audience_sync.arrowtext import large_text
 from audience_sync.config import AudienceConfig, Config
 from audience_sync.diff import Plan, members_repeat, plan
-from audience_sync.errors import SafeguardError, SnapshotError, StateMissing
+from audience_sync.errors import ConfigError, SafeguardError, SnapshotError, StateMissing
 from audience_sync.model import Identity, RunMode, RunStatus, Snapshot
 from audience_sync.result import AudienceResult
 from audience_sync.safeguards import check_initial_sync, check_snapshot
 from audience_sync.sources import load_snapshot
 from audience_sync.state import StateStore
+from audience_sync.state.store import kind_changed
 
 __all__ = [
     "SAMPLE_SIZE",
@@ -109,6 +113,8 @@ def load_and_plan(
 def _load_and_plan(
     audience: AudienceConfig, store: StateStore, audience_id: int | None, *, full: bool
 ) -> tuple[Snapshot, Plan]:
+    if audience.computed:
+        return _load_and_plan_values(audience, store, audience_id, full=full)
     if audience_id is not None and pushdown.applies(audience, store.engine):
         return pushdown.plan_in_database(store.engine, audience, audience_id, full=full)
     synced: pd.Index
@@ -129,6 +135,40 @@ def _load_and_plan(
         snapshot = load_snapshot(audience)
         the_plan = plan(snapshot.members.index, synced, full=full, held=snapshot.held)
     return snapshot, the_plan
+
+
+def _load_and_plan_values(
+    audience: AudienceConfig, store: StateStore, audience_id: int | None, *, full: bool
+) -> tuple[Snapshot, Plan]:
+    """A computed trait's diff: members are the users with a value, compared by value."""
+    synced: pd.Index
+    if audience_id is None:
+        snapshot = load_snapshot(audience)
+        synced = pd.Index([], dtype="string[pyarrow]", name="user_id")
+        synced_values = pa.array([], pa.large_string())
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-read") as pool:
+            reading = pool.submit(store.values, audience_id)
+            snapshot = load_snapshot(audience)
+            synced, synced_values = reading.result()
+    values = (pa.array(snapshot.members["value"].array), synced_values)
+    members = snapshot.members.index
+    return snapshot, plan(members, synced, full=full, held=snapshot.held, values=values)
+
+
+def sample_changes(
+    audience: AudienceConfig, p: Plan, members: pd.DataFrame
+) -> list[dict[str, Any]]:
+    """A few of the changes a plan sends, as ``{user_id, trait_key: value}`` (dry runs)."""
+    key = audience.trait_key
+    sample: list[dict[str, Any]] = []
+    for ids, value in ((p.entered, True), (p.resend, True), (p.exited, False)):
+        for u in ids[:SAMPLE_SIZE]:
+            shown: Any = value
+            if audience.computed:  # the value itself, or None for a clear
+                shown = orjson.loads(str(members["value"].get(u))) if value else None
+            sample.append({"user_id": str(u), key: shown})
+    return sample[: SAMPLE_SIZE * 2]
 
 
 def collect_changed(changed: dict[str, Identity], p: Plan, members: pd.DataFrame) -> None:
@@ -168,6 +208,14 @@ def plan_all(
     for audience in audiences:
         ref = store.find_audience(dest_name, audience.trait_key) if has_state else None
         mode = run_mode(store, ref.id if ref is not None else None, full=full)
+        if ref is not None and ref.kind is not audience.kind:  # as a run refuses it
+            error = kind_changed(dest_name, audience.trait_key, audience.name, ref.kind)
+            results.append(
+                AudienceResult(
+                    audience, RunStatus.FAILED, mode, error=str(error), error_type=ConfigError
+                )
+            )
+            continue
         try:
             snapshot, p = load_and_plan(
                 audience, store, ref.id if ref is not None else None, full=full
@@ -179,11 +227,7 @@ def plan_all(
                 )
             )
             continue
-        sample = [
-            {"user_id": str(u), audience.trait_key: value}
-            for ids, value in ((p.entered, True), (p.resend, True), (p.exited, False))
-            for u in ids[:SAMPLE_SIZE]
-        ][: SAMPLE_SIZE * 2]
+        sample = sample_changes(audience, p, snapshot.members)
         counts = plan_counts(snapshot, p) | {"pending": p.sends}
         result = AudienceResult(
             audience, RunStatus.SUCCEEDED, mode, None, counts, None, None, snapshot.rejected, sample

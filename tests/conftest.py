@@ -9,9 +9,11 @@ variable the PostgreSQL half is skipped locally, but fails under CI (``CI=true``
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,6 +65,7 @@ def write_config(
     audiences: list[dict[str, Any]],
     destination: dict[str, Any] | None = None,
     extra: str = "",
+    computed_traits: tuple[dict[str, Any], ...] | list[dict[str, Any]] = (),
 ) -> Path:
     """Write a TOML config (values rendered with repr-compatible TOML literals)."""
 
@@ -78,6 +81,8 @@ def write_config(
     lines += [f"{k} = {literal(v)}" for k, v in destination.items()]
     for audience in audiences:
         lines += ["", "[[audiences]]"] + [f"{k} = {literal(v)}" for k, v in audience.items()]
+    for trait in computed_traits:
+        lines += ["", "[[computed_traits]]"] + [f"{k} = {literal(v)}" for k, v in trait.items()]
     path.write_text("\n".join(lines) + "\n" + textwrap.dedent(extra), encoding="utf-8")
     return path
 
@@ -100,6 +105,24 @@ def cli(
         text=True,
         timeout=timeout,
     )
+
+
+def kill_when_written(config: Path, out: Path, size: int = 200_000) -> int:
+    """Start ``audience-sync run --config config`` and SIGKILL it once ``out`` holds ``size``
+    bytes; returns how many lines were written by then (the last one may be cut short)."""
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "audience-sync"), "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ},
+    )
+    # Generous: a loaded 2-core machine can take minutes to start writing.
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < size):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return out.read_text().count("\n") if out.exists() else 0
 
 
 # -- Crisp: the loopback server and a destination pointed at it ----------------------------------

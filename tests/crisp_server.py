@@ -88,14 +88,15 @@ def _valid_email(value: Any) -> bool:
     return isinstance(value, str) and "@" in value and value.strip() == value and len(value) > 2
 
 
-def _valid_data(value: Any) -> dict[str, bool | str | int | float]:
-    """Validate a Crisp custom data object: keys ``^[a-z0-9_-]+$``, values bool/str/number."""
+def _valid_data(value: Any, *, null: bool = False) -> dict[str, bool | str | int | float]:
+    """Validate a Crisp custom data object: keys ``^[a-z0-9_-]+$``, values bool/str/number
+    (and, with ``null``, JSON null: an account where null removes a key)."""
     if not isinstance(value, dict):
         raise _Fail(400, "invalid_data")
     for key, item in value.items():
         if not isinstance(key, str) or not DATA_KEY_RE.match(key):
             raise _Fail(400, "invalid_data")
-        if not isinstance(item, bool | str | int | float):
+        if not isinstance(item, bool | str | int | float) and not (null and item is None):
             raise _Fail(400, "invalid_data")
     return cast(dict[str, bool | str | int | float], value)
 
@@ -232,6 +233,7 @@ class CrispServer:
         batch_enabled: bool = True,
         batch_max: int = 100,
         batch_accepts_emails: bool = False,
+        null_removes_data: bool = False,
         verbose: bool = False,
     ) -> None:
         self.website_id = website_id
@@ -262,6 +264,9 @@ class CrispServer:
         # behaviour switches
         self.conflict_status = conflict_status
         self.email_as_people_id = email_as_people_id
+        # Crisp documents string, number and boolean data values only: null is refused unless
+        # a test says this account takes it as "remove the key".
+        self.null_removes_data = null_removes_data
         self.batch_enabled = batch_enabled
         self.batch_max = batch_max
         self.batch_accepts_emails = batch_accepts_emails
@@ -617,11 +622,13 @@ class CrispServer:
         if method in ("PATCH", "PUT"):
             if not isinstance(body, dict) or set(body) != {"data"}:
                 raise _Fail(400, "invalid_data")
-            data = _valid_data(body["data"])
+            data = _valid_data(body["data"], null=self.null_removes_data and method == "PATCH")
             if method == "PUT":
                 profile["data"] = dict(data)
             else:
                 profile["data"].update(data)
+                for key in [k for k, v in data.items() if v is None]:
+                    del profile["data"][key]
             return 200, "updated", {}
         raise _Fail(404, "not_found")
 

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import REPO, cli, write_config, write_csv
+from conftest import REPO, cli, kill_when_written, write_config, write_csv
 
 EXAMPLE = REPO / "config"
 
@@ -42,12 +37,20 @@ def test_example_day1_then_day2_sends_only_changes(example: Path):
     assert first.returncode == 0, first.stderr
     assert "Order Completed Last 30days" in first.stdout
     day1 = lines(out)
-    assert len(day1) == 8  # 5 + 3 members, every one `true`
-    assert all(True in m["traits"].values() for m in day1)
+    memberships = [m for m in day1 if "lifetime_value" not in m["traits"]]
+    assert len(memberships) == 8  # 5 + 3 members, every one `true`
+    assert all(True in m["traits"].values() for m in memberships)
+    # The computed trait: every user with a value is sent it.
+    assert {m["userId"]: m["traits"]["lifetime_value"] for m in day1 if m not in memberships} == {
+        "007": 523.4,
+        "u-1002": 112,
+        "u-1003": 89.9,
+        "u-1005": 12,
+    }
 
     again = cli("run", "--config", str(example))
     assert again.returncode == 0
-    assert len(lines(out)) == 8
+    assert len(lines(out)) == 12
 
     for f in (example.parent / "examples/day2").iterdir():
         shutil.copy(f, example.parent / "examples/current" / f.name)
@@ -57,17 +60,22 @@ def test_example_day1_then_day2_sends_only_changes(example: Path):
     assert [(a["key"], a["entered"], a["exited"], a["delivered"]) for a in report["audiences"]] == [
         ("order_completed_last_30days", 1, 1, 2),
         ("high_value_customers", 1, 1, 2),
+        ("lifetime_value", 2, 1, 3),
     ]
     sent = sorted(
         (m["userId"], k, v)
-        for m in lines(out)[8:]
+        for m in lines(out)[12:]
         for k, v in m["traits"].items()
-        if isinstance(v, bool)
+        if k not in ("email", "name", "phone")
     )
+    # u-1002's value is spelt 112.0 on day 2: the same number, not sent again.
     assert sent == [
+        ("007", "lifetime_value", 600),
         ("u-1002", "order_completed_last_30days", False),
         ("u-1003", "high_value_customers", False),
+        ("u-1003", "lifetime_value", None),
         ("u-1007", "high_value_customers", True),
+        ("u-1007", "lifetime_value", 42.5),
         ("u-1007", "order_completed_last_30days", True),
     ]
 
@@ -77,10 +85,13 @@ def test_example_day1_then_day2_sends_only_changes(example: Path):
     assert [
         (r["audience_key"], r["mode"], r["status"], r["entered"], r["exited"]) for r in rows
     ] == [
+        ("lifetime_value", "incremental", "succeeded", 2, 1),
         ("high_value_customers", "incremental", "succeeded", 1, 1),
         ("order_completed_last_30days", "incremental", "succeeded", 1, 1),
+        ("lifetime_value", "incremental", "succeeded", 0, 0),
         ("high_value_customers", "incremental", "succeeded", 0, 0),
         ("order_completed_last_30days", "incremental", "succeeded", 0, 0),
+        ("lifetime_value", "initial", "succeeded", 4, 0),
         ("high_value_customers", "initial", "succeeded", 3, 0),
         ("order_completed_last_30days", "initial", "succeeded", 5, 0),
     ]
@@ -158,20 +169,8 @@ def test_kill_9_mid_run_loses_nothing(tmp_path: Path, state_url: str):
         audiences=[{"name": "Big", "source": "big.csv"}],
         destination={"type": "jsonl", "path": "out.jsonl", "flush_every": 20},
     )
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "audience-sync"), "run", "--config", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ},
-    )
-    # Generous: a loaded 2-core machine can take minutes to start writing.
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < 200_000):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     # The kill may cut the last line short; the next run drops that unconfirmed fragment.
-    killed_at = out.read_text().count("\n")
+    killed_at = kill_when_written(path, out)
     assert 0 < killed_at < len(users), "the kill should land mid-run"
     killed = json.loads(cli("history", "--config", str(path), "--json").stdout)[0]
     assert killed["status"] == "running"

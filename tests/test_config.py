@@ -215,7 +215,8 @@ def test_missing_source_and_query(tmp_path: Path) -> None:
 def test_missing_audiences(tmp_path: Path) -> None:
     path = tmp_path / "a.toml"
     path.write_text('[destination]\ntype = "jsonl"\n', encoding="utf-8")
-    assert "audiences: missing required key" in config_error(path)
+    # A config of computed traits only is fine; one with neither is not.
+    assert "no [[audiences]] or [[computed_traits]]" in config_error(path)
 
 
 def test_missing_destination_table(tmp_path: Path, snapshot: Path) -> None:

@@ -118,5 +118,59 @@ def test_upgrading_from_0004_keeps_the_members_and_drops_their_foreign_key(state
         rows = conn.execute(sa.text("SELECT audience_id, user_id FROM sync_members")).all()
         assert sorted(tuple(r) for r in rows) == [(1, "u1"), (1, "u2")]
         with pytest.raises(sa.exc.IntegrityError):  # still one row per member
-            conn.execute(sa.text("INSERT INTO sync_members VALUES (1, 'u1')"))
+            conn.execute(
+                sa.text("INSERT INTO sync_members (audience_id, user_id) VALUES (1, 'u1')")
+            )
+    engine.dispose()
+
+
+def test_upgrading_to_0009_keeps_audiences_as_they_were_and_takes_trait_values(state_url: str):
+    """Issue 11: existing audiences stay audiences with their members, retry rows and log; the
+    new columns take a computed trait's values; and the downgrade drops them again."""
+    from alembic import command
+
+    from audience_sync.state.store import _alembic_config
+
+    engine = connect(state_url)
+    upgrade(engine, "0008")
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO sync_audiences (id, destination, audience_key, audience_name, "
+                "created_at) VALUES (1, 'jsonl', 'vip', 'VIP', CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(sa.text("INSERT INTO sync_members (audience_id, user_id) VALUES (1, 'u1')"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO sync_pending (audience_id, user_id, value, status, retryable, "
+                "input_hash, message_id, attempts, first_run_id, last_run_id, first_at, last_at) "
+                "VALUES (1, 'u2', TRUE, 'failed', TRUE, 'h', 'm', 1, 1, 1, CURRENT_TIMESTAMP, "
+                "CURRENT_TIMESTAMP)"
+            )
+        )
+    upgrade(engine)
+    assert schema_is_current(engine)
+    with engine.begin() as conn:
+        assert conn.execute(sa.text("SELECT kind FROM sync_audiences")).scalar_one() == "audience"
+        assert conn.execute(sa.text("SELECT user_id, value FROM sync_members")).one() == (
+            "u1",
+            None,
+        )
+        assert conn.execute(sa.text("SELECT data FROM sync_pending")).scalar_one() is None
+        conn.execute(
+            sa.text(
+                "INSERT INTO sync_audiences (id, destination, audience_key, audience_name, "
+                "created_at, kind) VALUES (2, 'jsonl', 'ltv', 'LTV', CURRENT_TIMESTAMP, 'trait')"
+            )
+        )
+        conn.execute(
+            sa.text("INSERT INTO sync_members (audience_id, user_id, value) VALUES (2, 'u1', '7')")
+        )
+    cfg = _alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0008")
+    columns = {c["name"] for c in sa.inspect(engine).get_columns("sync_members")}
+    assert columns == {"audience_id", "user_id"}
     engine.dispose()

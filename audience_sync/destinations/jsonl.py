@@ -49,9 +49,11 @@ class JsonlSettings(DestinationSettings):
 
 
 @functools.cache
-def computation_id(audience_key: str) -> str:
-    """A stable id for the audience in ``context.personas`` (Segment uses ``aud_...`` ids)."""
-    return "aud_" + hashlib.sha1(audience_key.encode()).hexdigest()[:24]
+def computation_id(audience_key: str, computation_class: str = "audience") -> str:
+    """A stable id for the audience (or computed trait) in ``context.personas``: Segment uses
+    ``aud_...`` ids for audiences and ``tra_...`` for computed traits."""
+    prefix = "tra_" if computation_class == "trait" else "aud_"
+    return prefix + hashlib.sha1(audience_key.encode()).hexdigest()[:24]
 
 
 def identify_lines(
@@ -60,8 +62,9 @@ def identify_lines(
     """The Segment Identify that Engage would send for each change of ``batch``, one JSON text
     per change, each ending in a newline (so the column's buffer is the file's bytes).
 
-    ``traits`` holds the user's known identity traits and the audience's trait; ``context`` says
-    which audience (computation) it came from, as Engage's ``context.personas`` does.
+    ``traits`` holds the user's known identity traits and the audience's trait (a computed
+    trait's value, ``null`` when cleared); ``context`` says which audience or computed trait
+    (computation) it came from, as Engage's ``context.personas`` does.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -69,14 +72,22 @@ def identify_lines(
     table = batch.table
     keys = table.column("audience_key").combine_chunks()
     audiences = keys.dictionary.to_pylist()
-    # Per audience, not per change: the JSON of its trait key and of its context.
+    # Per audience, not per change: the JSON of its trait key and of its context. A computed
+    # trait's rows carry their value in `data` (audiences' rows never do).
+    data = table.column("data")
+    computed = set(pc.unique(keys.indices.filter(data.is_valid())).to_pylist())
     trait = pa.array([orjson.dumps(k).decode() for k in audiences], pa.string())
     context = pa.array(
-        [orjson.dumps(_context(k, space_id)).decode() for k in audiences], pa.string()
+        [
+            orjson.dumps(_context(k, space_id, "trait" if i in computed else "audience")).decode()
+            for i, k in enumerate(audiences)
+        ],
+        pa.string(),
     )
     columns: dict[str, Any] = {
         "user_id": table.column("user_id"),
         "value": table.column("value"),
+        "data": data,
         "message_id": table.column("message_id"),
         "trait": trait.take(keys.indices),
         "context": context.take(keys.indices),
@@ -97,7 +108,8 @@ def identify_lines(
 _IDENTIFY_SQL = (
     """SELECT concat('{"type":"identify","userId":', to_json(user_id), ',"traits":{', """
     + ", ".join(f"""'"{t}":' || to_json({t}) || ','""" for t in IDENTITY_TRAITS)
-    + """, trait, CASE WHEN value THEN ':true' ELSE ':false' END, '},"context":', context, """
+    + """, trait, CASE WHEN data IS NOT NULL THEN ':' || data WHEN value THEN ':true' """
+    + """ELSE ':false' END, '},"context":', context, """
     + """',"messageId":', to_json(message_id), $1) AS line FROM batch"""
 )
 
@@ -112,13 +124,15 @@ _INTEGRATIONS: dict[str, bool] = {"All": False, "Crisp": True}
 
 
 @functools.cache
-def _context(audience_key: str, space_id: str) -> dict[str, Any]:
+def _context(
+    audience_key: str, space_id: str, computation_class: str = "audience"
+) -> dict[str, Any]:
     # The same for every message of an audience: built once, not 100,000s of times. Plain
     # dicts (orjson serialises no read-only mapping type), so nothing may modify them.
     personas = {
-        "computation_class": "audience",
+        "computation_class": computation_class,
         "computation_key": audience_key,
-        "computation_id": computation_id(audience_key),
+        "computation_id": computation_id(audience_key, computation_class),
         "space_id": space_id,
         "namespace": f"spa_{space_id}",
     }

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from audience_sync.config import AudienceConfig
+from audience_sync.config import AudienceConfig, ComputedTraitConfig
 from audience_sync.model import Snapshot
 from audience_sync.sources.files import file_header, read_file
 from audience_sync.sources.freshness import snapshot_time
 from audience_sync.sources.sql import query_header, read_query
-from audience_sync.sources.validate import require_user_id, validate
+from audience_sync.sources.validate import require_user_id, require_value_column, validate
 
 __all__ = ["SnapshotHeader", "load_snapshot", "snapshot_header", "validate"]
 
@@ -28,14 +28,24 @@ def load_snapshot(audience: AudienceConfig, *, check_repeats: bool = True) -> Sn
 
     ``check_repeats=False``: see ``validate``.
     """
+    trait = audience if isinstance(audience, ComputedTraitConfig) else None
+    # A computed trait's value column keeps its type (Parquet, SQL): equality is by value.
+    typed = trait.value_column if trait is not None else None
     if audience.source is not None:
-        frame = read_file(audience.source, multiline=audience.allow_multiline_values)
+        frame = read_file(audience.source, multiline=audience.allow_multiline_values, keep=typed)
         source = str(audience.source)
     else:
         assert audience.query is not None and audience.source_url is not None
-        frame = read_query(audience.source_url, audience.query)
+        frame = read_query(audience.source_url, audience.query, keep=typed)
         source = f"query for {audience.name!r}"
-    snapshot = validate(frame, source, check_repeats=check_repeats)
+    snapshot = validate(
+        frame,
+        source,
+        # A trait's repeated rows are compared by value as well: always looked for.
+        check_repeats=check_repeats or trait is not None,
+        value_column=typed,
+        value_type=trait.type if trait is not None else "auto",
+    )
     return dataclasses.replace(snapshot, taken_at=snapshot_time(frame, source, audience.source))
 
 
@@ -51,4 +61,6 @@ def snapshot_header(audience: AudienceConfig) -> SnapshotHeader:
         source = f"query for {audience.name!r}"
     stripped = [str(c).strip() for c in columns]
     require_user_id(stripped, source)
+    if isinstance(audience, ComputedTraitConfig):
+        require_value_column(stripped, source, audience.value_column)
     return SnapshotHeader(source, tuple(stripped), rows)

@@ -30,15 +30,16 @@ __all__ = ["file_header", "read_file"]
 _BLOCK = 1 << 24
 
 
-def read_file(path: Path, *, multiline: bool = False) -> pd.DataFrame:
+def read_file(path: Path, *, multiline: bool = False, keep: str | None = None) -> pd.DataFrame:
     """The rows of ``path`` as a frame; a ``SnapshotError`` says what is wrong with the file.
 
     ``multiline``: a CSV's quoted values may span lines (else that is an error naming the line).
+    ``keep``: a Parquet column read with its own type (a computed trait's values), not as text.
     """
     _require_content(path)
     try:
         if path.suffix.lower() == ".parquet":
-            return _read_parquet(path)
+            return _read_parquet(path, keep)
         return _read_csv(path, multiline)
     except SnapshotError:
         raise
@@ -246,11 +247,14 @@ def _raise_not_utf8(path: Path) -> None:
                 ) from None
 
 
-def _read_parquet(path: Path) -> pd.DataFrame:
+def _read_parquet(path: Path, keep: str | None = None) -> pd.DataFrame:
     table = pq.read_table(path)
     used = {"user_id", *IDENTITY_TRAITS}
     columns = {}
     for name, column in zip(table.column_names, table.columns, strict=True):
+        if name.strip() == keep and keep not in used:
+            columns[name] = column  # validation types it (sources/values.py)
+            continue
         if name.strip() not in used:
             # Only the column's name matters (for messages): a column of any type (lists,
             # structs) must not make the snapshot unreadable.
@@ -287,4 +291,5 @@ def _is_text_or_int(arrow_type: pa.DataType) -> bool:
 def _as_string_dtype(arrow_type: pa.DataType) -> Any:
     if pa.types.is_large_string(arrow_type):
         return pd.StringDtype("pyarrow")
-    return None
+    # A kept typed column stays Arrow: NumPy would turn an integer column with nulls into floats.
+    return pd.ArrowDtype(arrow_type)

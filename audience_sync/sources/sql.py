@@ -7,12 +7,16 @@ import sqlalchemy as sa
 
 from audience_sync.drivers import url_error
 from audience_sync.errors import SnapshotError
+from audience_sync.model import IDENTITY_TRAITS
 
 __all__ = ["query_header", "read_query", "wrappable"]
 
 
-def read_query(url: str, query: str) -> pd.DataFrame:
-    """The rows ``query`` selects at ``url``; errors never show the URL's password."""
+def read_query(url: str, query: str, *, keep: str | None = None) -> pd.DataFrame:
+    """The rows ``query`` selects at ``url``; errors never show the URL's password.
+
+    ``keep``: a column left with its own type (a computed trait's values), not made text.
+    """
     engine = _engine(url)
     where = engine.url.render_as_string(hide_password=True)
     try:
@@ -29,7 +33,8 @@ def read_query(url: str, query: str) -> pd.DataFrame:
             "7 into '7.0'; select it as text or an integer (e.g. CAST(... AS INTEGER))"
         )
     # Integers become text without a decimal point; everything else as its text form.
-    return frame.astype("string[pyarrow]")
+    text = [c for c in frame.columns if str(c).strip() != keep or keep in IDENTITY_TRAITS]
+    return frame.astype(dict.fromkeys(text, "string[pyarrow]"))
 
 
 def query_header(url: str, query: str) -> tuple[list[str], int]:

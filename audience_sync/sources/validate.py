@@ -26,6 +26,7 @@ __all__ = [
     "has_control",
     "printable",
     "require_user_id",
+    "require_value_column",
     "validate",
 ]
 
@@ -50,11 +51,31 @@ def require_user_id(columns: list[str], source: str) -> None:
         )
 
 
-def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) -> Snapshot:
+def require_value_column(columns: list[str], source: str, column: str) -> None:
+    """Raise the ``SnapshotError`` for a computed trait's snapshot without its value column."""
+    if column not in columns:
+        found = ", ".join(map(repr, columns))
+        raise SnapshotError(
+            f"{source}: no `{column}` column for the computed trait's values (columns found: "
+            f'{found}); name the value column with `column = "..."` in its [[computed_traits]]'
+        )
+
+
+def validate(
+    frame: pd.DataFrame,
+    source: str,
+    *,
+    check_repeats: bool = True,
+    value_column: str | None = None,
+    value_type: str = "auto",
+) -> Snapshot:
     """Validate ``frame`` (text columns) read from ``source`` into a ``Snapshot``.
 
     ``check_repeats=False`` skips looking for repeated ids: the members may then repeat one, and
     the caller must find out otherwise (the engine does, from the diff: ``members_repeat``).
+    ``value_column``: a computed trait's snapshot; its values (of any column type) become the
+    members' canonical ``value`` (``sources/values.py``), users without one are not members,
+    and a row whose value cannot be used is rejected and its user held.
     """
     frame = frame.rename(columns=lambda c: str(c).strip())
     require_user_id(list(frame.columns), source)
@@ -65,6 +86,9 @@ def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) ->
     rows = len(frame)
     data = pd.DataFrame({c: _clean(frame[c]) for c in ("user_id", *traits)})
     data.index = pd.RangeIndex(1, rows + 1, name="row")  # 1-based data row numbers
+    problems: dict[int, str] | None = None
+    if value_column is not None:
+        data["value"], problems = _values(frame, data.index, source, value_column, value_type)
 
     rejected: list[RejectedRow] = []
     missing = data["user_id"].isna()
@@ -80,16 +104,31 @@ def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) ->
             rejected.append(RejectedRow(int(str(row)), printable(str(user_id)), CONTROL_REASON))
         data = data[~control]
 
+    held: frozenset[str] = frozenset()
+    if problems is not None:
+        # A user whose value cannot be used is held: neither sent a new value nor cleared.
+        bad = data.index.isin(list(problems))
+        if bad.any():
+            rejected_count += int(bad.sum())
+            for row, user_id in data["user_id"][bad][:MAX_REPORTED_ROWS].items():
+                reason = problems[int(str(row))]
+                rejected.append(RejectedRow(int(str(row)), str(user_id), reason))
+            held = frozenset(data["user_id"][bad].tolist())
+            data = data[~data["user_id"].isin(held)]
+
     # Identical duplicates collapse; users whose duplicate rows disagree are held and every one
     # of their rows is reported (also a row identical to another of the held user's rows).
     # Row-wise duplicate checks cost seconds on millions of rows: only pay when an id repeats.
     repeats = check_repeats and has_repeated(data["user_id"])
-    held: frozenset[str] = frozenset()
     if repeats:
         distinct_ids = data.drop_duplicates()["user_id"]
-        held = frozenset(distinct_ids[distinct_ids.duplicated()].tolist())
-    if held:
-        repeated = data["user_id"].isin(held)
+        conflicting = frozenset(distinct_ids[distinct_ids.duplicated()].tolist())
+    else:
+        conflicting = frozenset()
+    if conflicting:
+        held |= conflicting
+    if conflicting:
+        repeated = data["user_id"].isin(conflicting)
         conflicts = data[repeated]
         rejected_count += len(conflicts)
         for row, user_id in conflicts["user_id"][:MAX_REPORTED_ROWS].items():
@@ -98,13 +137,16 @@ def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) ->
                     int(str(row)),
                     str(user_id),
                     "conflicting duplicate: the same user_id appears with different "
-                    f"{', '.join(traits)}; fix the export so each user has one row",
+                    f"{', '.join([*traits, *([value_column] if value_column else [])])}; fix "
+                    "the export so each user has one row",
                 )
             )
         data = data[~repeated]
     if repeats:
         data = data.drop_duplicates()
 
+    if value_column is not None:
+        data = data[data["value"].notna()]  # no value: not a member of the trait
     members = data.set_index("user_id")
     members.index = members.index.astype("string[pyarrow]")
     return Snapshot(
@@ -115,6 +157,32 @@ def validate(frame: pd.DataFrame, source: str, *, check_repeats: bool = True) ->
         held=held,
         rejected_count=rejected_count,
     )
+
+
+def _values(
+    frame: pd.DataFrame, rows: pd.Index, source: str, column: str, value_type: str
+) -> tuple[pd.Series, dict[int, str]]:
+    """A computed trait's canonical values by row, and why each unusable one is, by row."""
+    from audience_sync.sources.values import canonical_values
+
+    if column not in frame.columns:
+        found = ", ".join(map(repr, frame.columns))
+        raise SnapshotError(
+            f"{source}: no `{column}` column for the computed trait's values (columns found: "
+            f'{found}); name the value column with `column = "..."` in its [[computed_traits]]'
+        )
+    raw = frame[column]
+    values, problems = canonical_values(
+        pa.array(raw.array), value_type=value_type, source=source, name=column
+    )
+    value = pd.Series(pd.array(values, dtype="string[pyarrow]"), index=rows)
+    at = np.flatnonzero(problems.is_valid().to_numpy(zero_copy_only=False))
+    shown = raw.iloc[at].tolist()
+    reasons = problems.take(pa.array(at)).to_pylist()
+    return value, {
+        int(rows[i]): f"{column} {printable(str(v))!r} {why}; fix the export (or set `type`)"
+        for i, v, why in zip(at.tolist(), shown, reasons, strict=True)
+    }
 
 
 def has_control(ids: pd.Series) -> np.ndarray:

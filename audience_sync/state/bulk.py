@@ -32,7 +32,9 @@ __all__ = [
     "log_changes",
     "read_members",
     "read_members_arrow",
+    "read_values",
     "remove_members",
+    "set_values",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,32 +51,8 @@ def read_members(conn: sa.Connection, audience_id: int) -> pa.Array:
     """The audience's member ids as Arrow text, read in bulk."""
     pg = _postgres(conn)
     if pg is not None:
-        # CSV (not text) format: its quoting round-trips any id, tabs and newlines included.
-        buffer = io.BytesIO()
-        with (
-            pg.cursor() as cursor,
-            cursor.copy(
-                "COPY (SELECT user_id FROM sync_members WHERE audience_id = %s) "
-                "TO STDOUT (FORMAT csv)",
-                (audience_id,),
-            ) as copy,
-        ):
-            for block in copy:
-                buffer.write(block)
-        if buffer.tell() == 0:
-            return pa.array([], pa.large_string())
-        buffer.seek(0)
-        table = pacsv.read_csv(
-            buffer,
-            read_options=pacsv.ReadOptions(column_names=["user_id"]),
-            parse_options=pacsv.ParseOptions(newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(
-                column_types={"user_id": pa.large_string()},
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-            ),
-        )
-        return table.column("user_id").combine_chunks()
+        query = "SELECT user_id FROM sync_members WHERE audience_id = %s"
+        return _copy_out(pg, query, audience_id, ["user_id"]).column("user_id").combine_chunks()
     select = sa.select(sync_members.c.user_id).where(sync_members.c.audience_id == audience_id)
     if conn.dialect.name == "sqlite":
         # One JSON array built by SQLite in C and parsed by orjson: no tuple per row, and none
@@ -83,6 +61,60 @@ def read_members(conn: sa.Connection, audience_id: int) -> pa.Array:
         text = conn.execute(select.with_only_columns(array)).scalar_one()
         return pa.array(orjson.loads(text), pa.large_string())
     return pa.array(conn.execute(select).scalars().all(), pa.large_string())
+
+
+def _copy_out(pg: Any, query: str, audience_id: int, columns: list[str]) -> pa.Table:
+    """The text columns ``query`` selects, through ``COPY ... TO STDOUT`` parsed by Arrow."""
+    # CSV (not text) format: its quoting round-trips any id, tabs and newlines included.
+    buffer = io.BytesIO()
+    with (
+        pg.cursor() as cursor,
+        cursor.copy(f"COPY ({query}) TO STDOUT (FORMAT csv)", (audience_id,)) as copy,
+    ):
+        for block in copy:
+            buffer.write(block)
+    if buffer.tell() == 0:
+        return pa.table({c: pa.array([], pa.large_string()) for c in columns})
+    buffer.seek(0)
+    return pacsv.read_csv(
+        buffer,
+        read_options=pacsv.ReadOptions(column_names=columns),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(
+            column_types=dict.fromkeys(columns, pa.large_string()),
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+
+
+def read_values(conn: sa.Connection, audience_id: int) -> pa.Table:
+    """A computed trait's ``user_id`` and ``value`` (canonical JSON) columns, read in bulk."""
+    pg = _postgres(conn)
+    if pg is not None:
+        query = "SELECT user_id, value FROM sync_members WHERE audience_id = %s"
+        return _copy_out(pg, query, audience_id, ["user_id", "value"])
+    m = sync_members.c
+    select = sa.select(m.user_id, m.value).where(m.audience_id == audience_id)
+    if conn.dialect.name == "sqlite":
+        # As read_members: two JSON arrays built by SQLite in C (one scan feeds both in order).
+        arrays = select.with_only_columns(
+            sa.func.json_group_array(m.user_id), sa.func.json_group_array(m.value)
+        )
+        ids, values = conn.execute(arrays).one()
+        return pa.table(
+            {
+                "user_id": pa.array(orjson.loads(ids), pa.large_string()),
+                "value": pa.array(orjson.loads(values), pa.large_string()),
+            }
+        )
+    rows = conn.execute(select).all()
+    return pa.table(
+        {
+            "user_id": pa.array([r.user_id for r in rows], pa.large_string()),
+            "value": pa.array([r.value for r in rows], pa.large_string()),
+        }
+    )
 
 
 def read_members_arrow(url: sa.URL, audience_id: int) -> pa.Array | None:
@@ -196,6 +228,36 @@ def add_members(conn: sa.Connection, rows: Sequence[Membership]) -> None:
         conn.execute(sync_members.insert(), [{"audience_id": a, "user_id": u} for a, u in rows])
 
 
+def set_values(conn: sa.Connection, rows: Sequence[tuple[int, str, str]]) -> None:
+    """Insert or replace computed-trait values: ``(audience_id, user_id, value)`` rows."""
+    if not rows:
+        return
+    pg = _postgres(conn)
+    upsert = " ON CONFLICT (audience_id, user_id) DO UPDATE SET value = excluded.value"
+    if pg is not None:
+        # One statement over three array parameters; COPY cannot replace a row.
+        with pg.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO sync_members (audience_id, user_id, value) "
+                "SELECT * FROM unnest(%s::int[], %s::text[], %s::text[])" + upsert,
+                ([a for a, _, _ in rows], [u for _, u, _ in rows], [v for _, _, v in rows]),
+            )
+    elif conn.dialect.name == "sqlite":
+        _sqlite_executemany(
+            conn,
+            "INSERT INTO sync_members (audience_id, user_id, value) VALUES (?, ?, ?)" + upsert,
+            rows,
+        )
+    else:
+        for a, u, v in rows:
+            conn.execute(
+                sync_members.delete().where(
+                    sync_members.c.audience_id == a, sync_members.c.user_id == u
+                )
+            )
+            conn.execute(sync_members.insert().values(audience_id=a, user_id=u, value=v))
+
+
 def remove_members(conn: sa.Connection, rows: Sequence[Membership]) -> None:
     """Delete member rows, for any number of audiences, in one statement."""
     if not rows:
@@ -245,33 +307,70 @@ class ChangeRows:
     values: list[bool] = field(default_factory=list)
     outcomes: list[str] = field(default_factory=list)
     reasons: list[str | None] = field(default_factory=list)
+    old_values: list[str | None] | None = None
+    """A computed trait's ``old_value`` / ``new_value`` columns (None for an audience's log,
+    whose rows leave them NULL)."""
+    new_values: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.user_ids)
 
-    def append(self, user_id: str, value: bool, outcome: str, reason: str | None) -> None:
+    def append(
+        self,
+        user_id: str,
+        value: bool,
+        outcome: str,
+        reason: str | None,
+        values: tuple[str | None, str | None] | None = None,
+    ) -> None:
+        """One row; ``values``: a computed trait's ``(old, new)`` values."""
         self.user_ids.append(user_id)
         self.values.append(value)
         self.outcomes.append(outcome)
         self.reasons.append(reason)
+        if values is not None:
+            self._trait_values(values[0:1], values[1:2])
+
+    def _trait_values(self, old: Sequence[str | None], new: Sequence[str | None]) -> None:
+        if self.old_values is None or self.new_values is None:
+            self.old_values, self.new_values = [], []
+        self.old_values.extend(old)
+        self.new_values.extend(new)
 
     def rows(self) -> Iterator[tuple[str, bool, str, str | None]]:
         """``(user_id, value, outcome, reason)`` per row."""
         return zip(self.user_ids, self.values, self.outcomes, self.reasons, strict=True)
 
-    def extend(self, user_ids: list[str], values: list[bool], outcome: str) -> None:
+    def extend(
+        self,
+        user_ids: list[str],
+        values: list[bool],
+        outcome: str,
+        trait_values: tuple[list[str | None], list[str | None]] | None = None,
+    ) -> None:
         """Many rows with the same outcome and no reason (a confirmed batch)."""
         self.user_ids.extend(user_ids)
         self.values.extend(values)
         self.outcomes.extend([outcome] * len(user_ids))
         self.reasons.extend([None] * len(user_ids))
+        if trait_values is not None:
+            self._trait_values(*trait_values)
 
 
 def log_changes(conn: sa.Connection, at: datetime, logs: Sequence[ChangeRows]) -> None:
-    """Append ``sync_changes`` rows, for any number of runs, in one statement."""
+    """Append ``sync_changes`` rows, for any number of runs, in one statement (two when some
+    are a computed trait's, which also fill ``old_value`` and ``new_value``)."""
     logs = [log for log in logs if len(log)]
-    if not logs:
-        return
+    for part, values in (
+        ([log for log in logs if log.new_values is None], False),
+        ([log for log in logs if log.new_values is not None], True),
+    ):
+        if part:
+            _log(conn, at, part, values)
+
+
+def _log(conn: sa.Connection, at: datetime, logs: Sequence[ChangeRows], values: bool) -> None:
+    extra = ("old_value", "new_value") if values else ()
     pg = _postgres(conn)
     if pg is not None:
         sizes = [len(log) for log in logs]
@@ -284,19 +383,35 @@ def log_changes(conn: sa.Connection, at: datetime, logs: Sequence[ChangeRows]) -
             "reason": _joined([log.reasons for log in logs], pa.string()),
             "at": pa.repeat(pa.scalar(at.isoformat()), sum(sizes)),
         }
+        if values:
+            columns["old_value"] = _joined([log.old_values or () for log in logs], pa.string())
+            columns["new_value"] = _joined([log.new_values or () for log in logs], pa.string())
         _copy_csv(pg, "sync_changes", pa.table(columns))
         return
+
+    def rows(log: ChangeRows) -> Iterable[tuple[Any, ...]]:
+        if not values:
+            return log.rows()
+        return (
+            (*row, old, new)
+            for row, old, new in zip(
+                log.rows(), log.old_values or (), log.new_values or (), strict=True
+            )
+        )
+
     if conn.dialect.name == "sqlite":
         # The timestamp as SQLAlchemy stores it in SQLite, converted once rather than per row.
         stamp = sync_changes.c.at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
         at_value = stamp(at) if stamp is not None else at
+        names = ", ".join(("user_id", "value", "outcome", "reason", *extra))
+        marks = ", ".join("?" * (6 + len(extra)))
         _sqlite_executemany(
             conn,
-            "INSERT INTO sync_changes (run_id, trait_key, user_id, value, outcome, reason, at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            ((log.run_id, log.trait_key, *row, at_value) for log in logs for row in log.rows()),
+            f"INSERT INTO sync_changes (run_id, trait_key, {names}, at) VALUES ({marks}, ?)",
+            ((log.run_id, log.trait_key, *row, at_value) for log in logs for row in rows(log)),
         )
         return
+    keys = ("user_id", "value", "outcome", "reason", *extra)
     conn.execute(
         sync_changes.insert(),
         [
@@ -304,13 +419,10 @@ def log_changes(conn: sa.Connection, at: datetime, logs: Sequence[ChangeRows]) -
                 "run_id": log.run_id,
                 "trait_key": log.trait_key,
                 "at": at,
-                "user_id": u,
-                "value": v,
-                "outcome": o,
-                "reason": r,
+                **dict(zip(keys, row, strict=True)),
             }
             for log in logs
-            for u, v, o, r in log.rows()
+            for row in rows(log)
         ],
     )
 

@@ -2,7 +2,8 @@
 
 Audiences are numbered per destination in ``sync_audiences`` so the large tables
 (``sync_members``, ``sync_changes``) carry a small integer instead of two strings per row.
-Only current members are stored: a user who left is deleted, not flagged.
+Only current members are stored: a user who left is deleted, not flagged. A computed trait is
+stored the same way, its members being the users who have a value (``sync_members.value``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ sync_audiences = sa.Table(
     sa.Column("audience_key", sa.String(200), nullable=False),
     sa.Column("audience_name", sa.String(500), nullable=False),
     sa.Column("created_at", _ts, nullable=False),
+    # "audience" or "trait" (a computed trait): both kinds share one key namespace.
+    sa.Column("kind", sa.String(16), nullable=False, server_default="audience"),
     sa.UniqueConstraint("destination", "audience_key", name="uq_sync_audiences_destination_key"),
 )
 
@@ -44,6 +47,8 @@ sync_members = sa.Table(
     # No foreign key: PostgreSQL would check it once per inserted member (migration 0005).
     sa.Column("audience_id", sa.Integer, primary_key=True),
     sa.Column("user_id", sa.String(255), primary_key=True),
+    # A computed trait's last confirmed value, as canonical JSON; NULL for an audience member.
+    sa.Column("value", sa.Text),
 )
 
 sync_runs = sa.Table(
@@ -80,6 +85,8 @@ sync_pending = sa.Table(
     sa.Column("audience_id", sa.Integer, sa.ForeignKey("sync_audiences.id"), primary_key=True),
     sa.Column("user_id", sa.String(255), primary_key=True),
     sa.Column("value", sa.Boolean, nullable=False),
+    # A computed trait's value to send (canonical JSON, "null" for a clear); NULL for audiences.
+    sa.Column("data", sa.Text),
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("reason", sa.Text),
     sa.Column("status_code", sa.Integer),
@@ -106,6 +113,10 @@ sync_changes = sa.Table(
     sa.Column("outcome", sa.String(16), nullable=False),
     sa.Column("reason", sa.Text),
     sa.Column("at", _ts, nullable=False),
+    # A computed trait's value before and after the change (canonical JSON; NULL: none);
+    # ``value`` then says whether the user has a value after it. NULL for audiences.
+    sa.Column("old_value", sa.Text),
+    sa.Column("new_value", sa.Text),
     sa.Index("ix_sync_changes_user", "user_id"),
     sa.Index("ix_sync_changes_run", "run_id"),
 )

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from audience_sync.drivers import url_error
-from audience_sync.errors import StateError
-from audience_sync.model import MAX_REJECTED_ROWS, RejectedRow, RunMode, RunStatus
+from audience_sync.errors import ConfigError, StateError
+from audience_sync.model import MAX_REJECTED_ROWS, RejectedRow, RunMode, RunStatus, SyncKind
 from audience_sync.state.schema import (
     destination_requests,
     sync_audiences,
@@ -36,6 +36,7 @@ from audience_sync.state.schema import (
 
 if TYPE_CHECKING:  # Alembic, pandas and the bulk paths load when used: `status` needs none
     import pandas as pd
+    import pyarrow as pa
     from alembic.config import Config as AlembicConfig
 
     from audience_sync.state import bulk
@@ -282,6 +283,7 @@ class AudienceRef:
     destination: str
     key: str
     name: str
+    kind: SyncKind = SyncKind.AUDIENCE
 
 
 @dataclass(slots=True)
@@ -293,6 +295,8 @@ class Applied:
     trait_key: str
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    values: list[tuple[str, str]] = field(default_factory=list)
+    """A computed trait's ``(user_id, value)`` set (inserted or replaced) in the state."""
     pending: list[dict[str, Any]] = field(default_factory=list)
     cleared: list[str] = field(default_factory=list)
     changes: bulk.ChangeRows = field(init=False)
@@ -321,11 +325,16 @@ class StateStore:
 
     # -- audiences and members ------------------------------------------------------------
 
-    def audience(self, destination: str, key: str, name: str) -> AudienceRef:
-        """The audience's row, created on first use; its name follows the config."""
+    def audience(
+        self, destination: str, key: str, name: str, kind: SyncKind = SyncKind.AUDIENCE
+    ) -> AudienceRef:
+        """The audience's (or computed trait's) row, created on first use; its name follows the
+        config. A ``ConfigError`` when the key was the other kind: its state cannot serve."""
         with self.engine.begin() as conn:
             row = conn.execute(
-                sa.select(sync_audiences.c.id, sync_audiences.c.audience_name).where(
+                sa.select(
+                    sync_audiences.c.id, sync_audiences.c.audience_name, sync_audiences.c.kind
+                ).where(
                     sync_audiences.c.destination == destination,
                     sync_audiences.c.audience_key == key,
                 )
@@ -337,17 +346,20 @@ class StateStore:
                         audience_key=key,
                         audience_name=name,
                         created_at=self.clock(),
+                        kind=kind.value,
                     )
                 ).inserted_primary_key[0]  # type: ignore[index]
             else:
                 audience_id = row.id
+                if row.kind != kind.value:
+                    raise kind_changed(destination, key, name, SyncKind(row.kind))
                 if row.audience_name != name:
                     conn.execute(
                         sync_audiences.update()
                         .where(sync_audiences.c.id == audience_id)
                         .values(audience_name=name)
                     )
-        return AudienceRef(int(audience_id), destination, key, name)
+        return AudienceRef(int(audience_id), destination, key, name, kind)
 
     def find_audience(
         self, destination: str, key: str, *, by_name: bool = False
@@ -364,7 +376,7 @@ class StateStore:
             ).first()
         if row is None:
             return None
-        return AudienceRef(row.id, row.destination, row.audience_key, row.audience_name)
+        return _ref(row)
 
     def members(self, audience_id: int) -> pd.Index:
         """The user ids the destination was last confirmed to hold as members."""
@@ -379,6 +391,18 @@ class StateStore:
         index: pd.Index = pd.Index(pd.array(ids, dtype="string[pyarrow]"), name="user_id")
         return index
 
+    def values(self, audience_id: int) -> tuple[pd.Index, pa.Array]:
+        """A computed trait's users with a confirmed value, and those values (canonical JSON)."""
+        import pandas as pd
+
+        from audience_sync.state import bulk
+
+        with self.engine.connect() as conn:
+            table = bulk.read_values(conn, audience_id)
+        ids = table.column("user_id").combine_chunks()
+        index: pd.Index = pd.Index(pd.array(ids, dtype="string[pyarrow]"), name="user_id")
+        return index, table.column("value").combine_chunks()
+
     def with_members(self, destination: str) -> list[AudienceRef]:
         """The destination's audiences that have at least one member in the state."""
         if not sa.inspect(self.engine).has_table("sync_audiences"):
@@ -390,10 +414,7 @@ class StateStore:
             .order_by(sync_audiences.c.id)
         )
         with self.engine.connect() as conn:
-            return [
-                AudienceRef(r.id, r.destination, r.audience_key, r.audience_name)
-                for r in conn.execute(query)
-            ]
+            return [_ref(r) for r in conn.execute(query)]
 
     def has_history(self) -> bool:
         """Whether the database has the run history's table (a run or ``db upgrade`` made it)."""
@@ -620,6 +641,7 @@ class StateStore:
         # number of audiences (the engine commits every few hundred users).
         with self.engine.begin() as conn:
             bulk.add_members(conn, [(b.audience_id, u) for b in batches for u in b.added])
+            bulk.set_values(conn, [(b.audience_id, u, v) for b in batches for u, v in b.values])
             bulk.remove_members(conn, [(b.audience_id, u) for b in batches for u in b.removed])
             for b in batches:
                 _delete_retries(conn, b.audience_id, b.cleared + [p["user_id"] for p in b.pending])
@@ -693,7 +715,11 @@ class StateStore:
         )
         query = _scoped(query, sync_audiences.c, destination, audience_keys)
         with self.engine.connect() as conn:
-            return [_row(r) for r in conn.execute(query).mappings()]
+            rows = [_row(r) for r in conn.execute(query).mappings()]
+        for row in rows:  # a computed trait's value to send (JSON; null: a clear)
+            if row.get("data") is not None:
+                row["value"] = row["data"]
+        return rows
 
     def retry_reasons(
         self, *, destination: str | None = None, audience_keys: Iterable[str] = ()
@@ -735,7 +761,15 @@ class StateStore:
         )
         query = _scoped(query, sync_runs.c, destination, ())
         with self.engine.connect() as conn:
-            return [_row(r) for r in conn.execute(query).mappings()]
+            rows = [_row(r) for r in conn.execute(query).mappings()]
+        for row in rows:
+            # A computed trait's row: its value before and after, as JSON (audiences: true/false).
+            old, new = row.pop("old_value", None), row.pop("new_value", None)
+            if old is not None or new is not None:
+                row["value"] = (new if new is not None else "cleared") + (
+                    f" (was {old})" if old is not None else ""
+                )
+        return rows
 
     def requests_used(self, day: date) -> dict[str, int]:
         """Requests each destination counted on ``day`` (UTC) against its daily budget."""
@@ -783,6 +817,22 @@ def _delete_retries(conn: sa.Connection, audience_id: int, user_ids: Sequence[st
                 sync_pending.c.user_id.in_(chunk),
             )
         )
+
+
+def kind_changed(destination: str, key: str, name: str, was: SyncKind) -> ConfigError:
+    """The error for a key the state holds as the other kind (audience or computed trait)."""
+    what = "a computed trait" if was is SyncKind.TRAIT else "an audience"
+    return ConfigError(
+        f"trait key {key!r} ({name!r}) was synced to {destination!r} as {what}; the state of "
+        f"one kind cannot serve the other. Retire it first (`audience-sync retire {key}`, with "
+        "it removed from the config) or give this one another `key`"
+    )
+
+
+def _ref(row: sa.Row[Any]) -> AudienceRef:
+    return AudienceRef(
+        row.id, row.destination, row.audience_key, row.audience_name, SyncKind(row.kind)
+    )
 
 
 def _row(row: sa.RowMapping) -> dict[str, Any]:

@@ -548,7 +548,7 @@ class _Delivery:
             return
         if person is None or person.address is None:
             if not update.identity.email:
-                if not any(update.traits.values()):
+                if not update.sets_data:
                     # Leaving audiences on a profile Crisp never had: nothing to unset.
                     self._emit(Outcome.delivered(update.user_id))
                 else:
@@ -557,7 +557,13 @@ class _Delivery:
         elif self._batchable(update, person):
             self._group(
                 update,
-                UserSequence(update.user_id, update.identity, person, data=dict(update.traits)),
+                UserSequence(
+                    update.user_id,
+                    update.identity,
+                    person,
+                    data=self._custom_data(update),
+                    sets=update.sets_data,
+                ),
             )
             return
         self.user_jobs += 1
@@ -572,11 +578,16 @@ class _Delivery:
             cost = int(self.profiles.needs_update(update.identity, person))
             if person.people_id is None and self.profiles.email_addressing is False:
                 cost += 1  # search
-        if not self.batching or tuple(sorted(update.traits.items())) not in self.groups:
+        if not self.batching or tuple(sorted(self._custom_data(update).items())) not in self.groups:
             cost += 1  # the data update, or the batch of a group not open yet
         if self.settings.audience_events:
-            cost += len(update.changes)
+            cost += sum(not c.computed for c in update.changes)
         return cost
+
+    def _custom_data(self, update: UserUpdate) -> dict[str, DataValue]:
+        """The user's custom data to ``PATCH``: a computed trait's clear as ``clear_with`` says."""
+        clear: DataValue = "" if self.settings.clear_with == "empty" else None
+        return {k: clear if v is None else v for k, v in update.traits.items()}
 
     def _affordable(self, cost: int) -> bool:
         """Whether today's budget covers ``cost`` more requests beyond what started users and
@@ -602,7 +613,7 @@ class _Delivery:
         if self.stopping is not None:
             self._settle(1)  # no batch will be sent any more: stays pending
             return
-        key = tuple(sorted(update.traits.items()))
+        key = tuple(sorted(self._custom_data(update).items()))
         group = self.groups.get(key)
         if group is None:
             group = self.groups[key] = _Group(time.monotonic())
@@ -687,7 +698,7 @@ class _Delivery:
         update = job.update
         named = (self.settings.entered_event, self.settings.exited_event)
         events = (
-            [audience_event(c, *named) for c in update.changes]
+            [audience_event(c, *named) for c in update.changes if not c.computed]
             if self.settings.audience_events
             else []
         )
@@ -695,8 +706,9 @@ class _Delivery:
             update.user_id,
             update.identity,
             job.person,
-            data=dict(update.traits),
+            data=self._custom_data(update),
             events=events,
+            sets=update.sets_data,
             stop_before_data=self.batching,
         )
         self.running[id(job)] = (job, seq)

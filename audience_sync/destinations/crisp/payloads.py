@@ -32,7 +32,7 @@ __all__ = [
     "profile_card",
 ]
 
-DataValue = bool | str | int | float
+DataValue = bool | str | int | float | None
 DATA_KEY = re.compile(r"\A[a-z0-9_-]+\Z")
 
 # Identity traits -> the profile's ``person`` fields.

@@ -83,6 +83,9 @@ class UserSequence:
     events: Sequence[dict[str, Any]] = ()
     stop_before_data: bool = False
     """Return the resolved profile at SET_DATA (its data goes in a batch instead)."""
+    sets: bool = True
+    """Whether ``data`` puts something on the profile (``UserUpdate.sets_data``); leaving
+    audiences and clearing traits need no profile, so none is created for them."""
     requests: int = 0
     """Requests started (each with its retries), counted against the cap."""
     answered: int = 0
@@ -424,7 +427,7 @@ class Profiles:
     async def _gone(self, seq: UserSequence) -> _Next:
         """The profile was deleted in Crisp: forget it; create it again if it must carry data."""
         await self.people.forget(seq.user_id)
-        if not any(seq.data.values()):
+        if not seq.sets:
             if seq.events_sent < len(seq.events):
                 return Outcome.skipped(
                     seq.user_id, "dropped: the user's Crisp profile no longer exists"

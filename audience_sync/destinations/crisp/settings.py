@@ -62,7 +62,13 @@ class CrispSettings(DestinationSettings):
     batch_linger: float = Field(2.0, ge=0, le=300)
     """Seconds a partly filled batch waits for more users with the same change."""
     audience_events: bool = False
-    """Also add an event per change to the profile's event stream (named below)."""
+    """Also add an event per audience change to the profile's event stream (named below)."""
+    clear_with: Literal["empty", "null"] = "empty"
+    """What a computed trait's cleared value is sent as in the data ``PATCH``: ``"empty"``, an
+    empty string (always accepted; the key stays, blank), or ``"null"`` (JSON null, for an
+    account whose Crisp accepts it as "remove the key"; Crisp's docs list only string, number
+    and boolean values, and a refused null fails the user's whole update). Never a ``PUT`` of
+    the whole data object, which would wipe the keys other tools write."""
     entered_event: str = ENTERED_EVENT
     """Name of the event for a user who entered an audience (Engage's); ``{audience}`` and
     ``{key}`` are replaced by the audience's name and key: ``"Audience Entered: {audience}"``
