@@ -25,6 +25,7 @@ and `postgres` extras (pip install -e '.[test,bench]').
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
@@ -46,7 +48,14 @@ AUDIENCES = 8
 CHURN = 0.01
 SEED = 20261125
 PG_URL_ENV = "AUDIENCE_SYNC_TEST_PG_URL"
-CASES = ("initial", "zero-change", "incremental")
+CASES = ("initial", "zero-change", "incremental", "pushdown")
+#: Each case's anchor (a mode of this script).
+ANCHORS = {
+    "initial": "_initial",
+    "zero-change": "_read",
+    "incremental": "_diff",
+    "pushdown": "_diff",
+}
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -79,7 +88,9 @@ def generate(folder: Path, n: int) -> None:
             )
 
 
-def write_config(folder: Path, url: str, db: str, snapshot: str) -> Path:
+def write_config(folder: Path, url: str, db: str, snapshot: str, *, pushed: bool) -> Path:
+    """The run's config: audiences read from the Parquet snapshots, or (``pushed``) queried from
+    the state database's ``bench_snap_*`` table, so the diff is pushed down into it."""
     lines = [
         "[state]",
         f'url = "{url}"',
@@ -88,14 +99,48 @@ def write_config(folder: Path, url: str, db: str, snapshot: str) -> Path:
         f'path = "out_{db}.jsonl"',
     ]
     for a in range(AUDIENCES):
-        lines += [
-            "[[audiences]]",
-            f'name = "Audience {a}"',
-            f'source = "snap_{snapshot}_{a}.parquet"',
-        ]
-    path = folder / f"{db}_{snapshot}.toml"
+        lines += ["[[audiences]]", f'name = "Audience {a}"']
+        if pushed:
+            query = f"select user_id, email from bench_snap_{snapshot} where audience_id = {a}"
+            lines += [f'query = "{query}"', f'source_url = "{url}"']
+        else:
+            lines += [f'source = "snap_{snapshot}_{a}.parquet"']
+    path = folder / f"{db}_{snapshot}{'_pushed' if pushed else ''}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def load_sources(folder: Path, url: str) -> None:
+    """Both sets of snapshots as tables ``bench_snap_A`` and ``bench_snap_B`` of the state
+    database (audience_id, user_id, email), indexed by audience (not measured)."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for name in ("A", "B"):
+            table = f"bench_snap_{name}"
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+            conn.execute(
+                sa.text(f"CREATE TABLE {table} (audience_id INT, user_id TEXT, email TEXT)")
+            )
+            for a in range(AUDIENCES):
+                snap = pq.read_table(folder / f"snap_{name}_{a}.parquet")
+                if engine.dialect.name == "postgresql":
+                    block = io.BytesIO()
+                    with_audience = snap.add_column(0, "audience_id", pa.array([a] * snap.num_rows))
+                    pacsv.write_csv(with_audience, block, pacsv.WriteOptions(include_header=False))
+                    raw: Any = conn.connection.dbapi_connection
+                    copy_sql = f"COPY {table} FROM STDIN (FORMAT csv)"
+                    with raw.cursor() as cur, cur.copy(copy_sql) as copy:
+                        copy.write(block.getvalue())
+                else:
+                    ids, emails = snap["user_id"].to_pylist(), snap["email"].to_pylist()
+                    conn.exec_driver_sql(
+                        f"INSERT INTO {table} VALUES (?, ?, ?)",
+                        [(a, u, e) for u, e in zip(ids, emails, strict=True)],
+                    )
+            conn.execute(sa.text(f"CREATE INDEX {table}_audience ON {table} (audience_id)"))
+    engine.dispose()
+    if engine.dialect.name == "postgresql":
+        _vacuum(url)
 
 
 # -- anchors (each runs in its own process) ------------------------------------------------------
@@ -120,7 +165,7 @@ def anchor_initial(folder: Path, snapshot: str) -> dict[str, Any]:
         con.execute(f"INSERT INTO members SELECT {a}, user_id FROM '{snap}'")
         parts.append(
             f"SELECT 'identify' AS type, user_id AS userId, "
-            f"{{'email': email, 'audience_{a}': true}} AS traits, "
+            f"json_object('email', email, 'audience_{a}', true) AS traits, "
             f"sha1(user_id || '/audience_{a}') AS messageId FROM '{snap}'"
         )
     con.execute(f"COPY ({' UNION ALL '.join(parts)}) TO '{out}' (FORMAT json)")
@@ -254,53 +299,46 @@ def run_size(
             _log("PostgreSQL's processes are not readable here: its CPU time is left out")
         out = folder / f"out_{db}.jsonl"
 
-        def sync(snapshot: str, url: str = url, db: str = db) -> list[str]:
-            return [cli, "run", "--config", str(write_config(folder, url, db, snapshot))]
+        def sync(snapshot: str, pushed: bool = False, url: str = url, db: str = db) -> list[str]:
+            config = write_config(folder, url, db, snapshot, pushed=pushed)
+            return [cli, "run", "--config", str(config)]
 
-        def prepare(url: str = url, db: str = db) -> None:
-            """Unmeasured: PostgreSQL vacuumed, as autovacuum would leave it between runs."""
-            if db == "postgresql":
-                _vacuum(url)
-
-        # Each case: per round, what to do first (unmeasured), the anchor, the measured run.
-        plans: dict[str, Callable[[int], tuple[Callable[[], None], list[str], list[str]]]] = {
-            "initial": lambda r, url=url: (
-                lambda: _reset(url),
-                [*me, "_initial", str(folder), "A"],
-                sync("A"),
-            ),
-            "zero-change": lambda r: (prepare, [*me, "_read", str(folder), "A"], sync("A")),
-            # A -> B, B -> A, ...: each round 1% entered + 1% exited against the state the
-            # previous sync left (the zero-change case leaves A).
-            "incremental": lambda r: (
-                prepare,
-                [*me, "_diff", str(folder), "AB"[r % 2], "BA"[r % 2]],
-                sync("BA"[r % 2]),
-            ),
-        }
+        synced = "A"  # the snapshots the state was last synced to
         for case in CASES:
             if case not in cases:
                 continue
             if case != "initial" and not any(row["db"] == db for row in rows):
                 _reset(url)  # the other cases start from an initial sync to A
                 child(sync("A"), folder, None)
+                synced = "A"
+            if case == "pushdown":
+                load_sources(folder, url)
             pairs = []
             for r in range(rounds):
-                before, anchor_argv, run_argv = plans[case](r)
-                before()
+                # Initial: from an empty state to A. Zero-change: the synced snapshots again.
+                # Incremental and pushdown: A -> B, B -> A, ... (1% entered + 1% exited each).
+                then = {"initial": "A", "zero-change": synced}.get(
+                    case, "B" if synced == "A" else "A"
+                )
+                anchor_argv = [*me, ANCHORS[case], str(folder)]
+                anchor_argv += [then] if case in ("initial", "zero-change") else [synced, then]
+                run_argv = sync(then, case == "pushdown")
+                if case == "initial":
+                    _reset(url)
+                elif db == "postgresql":  # as autovacuum would leave it between runs
+                    _vacuum(url)
                 out.unlink(missing_ok=True)
                 a = child(anchor_argv, folder, None)
                 b = child(run_argv, folder, server_cpu)
                 b["lines"] = _lines(out) if out.exists() else 0
                 pairs.append((a, b))
+                synced = then
                 _log(
                     f"[{n:,}] {case} on {db}, round {r + 1}: anchor {a['wall']:.2f} s "
                     f"({a['cpu']:.2f} s CPU), run {b['wall']:.2f} s ({b['cpu']:.2f} s CPU, "
                     f"{b['server_cpu']:.2f} of it the server's), {b['rss_mb']:.0f} MB, "
                     f"{b['lines']:,} lines; load {os.getloadavg()[0]:.2f}"
                 )
-            if case == "incremental" and rounds % 2:
-                _log(f"[{n:,}] the state is now B's")
             rows.append({"n": n, "case": case, "db": db, "pairs": pairs})
     shutil.rmtree(folder)
     return rows
