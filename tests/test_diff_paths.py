@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from audience_sync.config import AudienceConfig
 from audience_sync.diff import Plan, plan
+from audience_sync.errors import SnapshotError
 from audience_sync.model import Snapshot
 from audience_sync.planning import load_and_plan
 from audience_sync.pushdown import applies, plan_in_database, plan_on_connection
@@ -233,3 +234,24 @@ def test_pushdown_only_for_the_state_database(tmp_path: pytest.TempPathFactory) 
     assert not applies(other, engine)
     assert not applies(AudienceConfig(name="A", source=tmp_path / "a.csv"), engine)
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("SELECT user_id FROM no_such_table", r"query for 'Broken' on .* failed: .*no_such_table"),
+        ("SELECT 'a' AS id, 'b' AS email", r"query for 'Broken': no `user_id` column"),
+        ("SELECT 'a' AS user_id, 'b' AS \"user_id \"", r"duplicate column names \['user_id'\]"),
+    ],
+)
+def test_a_pushed_down_query_that_cannot_be_diffed_names_itself(
+    sandbox: tuple[StateStore, int, str], query: str, error: str
+) -> None:
+    store, audience_id, url = sandbox
+    audience = AudienceConfig(name="Broken", query=query, source_url=url)
+    with pytest.raises(SnapshotError, match=error):
+        plan_in_database(store.engine, audience, audience_id, full=False)
+    # The connection is usable again: the next diff starts from a clean temporary table.
+    fine = AudienceConfig(name="Fine", query="SELECT 'u1' AS user_id", source_url=url)
+    _, the_plan = plan_in_database(store.engine, fine, audience_id, full=False)
+    assert list(the_plan.entered) == ["u1"]
