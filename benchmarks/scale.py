@@ -2,10 +2,12 @@
 
     scripts/with-postgres .venv/bin/python benchmarks/scale.py --sizes 1000000,4000000,20000000
 
+(default: 200,000 memberships, 3 rounds; --cases and --databases pick a subset.)
+
 For each size N it generates seeded data: 8 audiences of N/8 memberships (users overlap across
 audiences), as two sets of Parquet snapshots, A and B, where B has 1% of each audience exited
 and 1% newly entered. Then, on SQLite and (when AUDIENCE_SYNC_TEST_PG_URL is set) PostgreSQL,
-three cases, each as rounds of anchor then measured run (A B A B ...), every one a fresh process:
+four cases, each as rounds of anchor then measured run (A B A B ...), every one a fresh process:
 
 - initial: an empty state synced to snapshot A. Anchor: the floor, DuckDB writing the same
   JSON lines (one per membership, fsync-ed) and inserting the member rows into a keyed table;
@@ -13,7 +15,9 @@ three cases, each as rounds of anchor then measured run (A B A B ...), every one
   pyarrow;
 - incremental: 1% entered + 1% exited, alternating A -> B -> A (each round undoes the last, so
   every round starts from the state a previous sync left). Anchor: DuckDB anti-joins both ways
-  between the snapshot files and the state as Parquet, materialising the changed ids.
+  between the snapshot files and the state as Parquet, materialising the changed ids;
+- pushdown: the same churn with the audiences as queries of a table in the state database, so
+  the diff runs there (``pushdown.py``). Anchor: the same anti-joins.
 
 Each round's ratio is measured run / anchor of that round; the table gives the median ratio and
 the min-max spread, by wall time and by CPU time (the child's user + system time from wait4; on
