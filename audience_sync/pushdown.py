@@ -9,10 +9,13 @@ what the in-memory path plans; the property tests in ``tests/test_diff_paths.py`
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pandas as pd
 import sqlalchemy as sa
+from sqlalchemy.schema import DropTable
+from sqlalchemy.sql.elements import ColumnElement
 
 from audience_sync.config import AudienceConfig
 from audience_sync.diff import Plan
@@ -25,20 +28,57 @@ from audience_sync.sources.validate import (
     printable,
     require_user_id,
 )
+from audience_sync.state.schema import sync_members
 
-__all__ = ["applies", "plan_in_database"]
+__all__ = ["applies", "plan_in_database", "plan_on_connection"]
 
 #: The materialised, cleaned query result (a temporary table: private to the connection).
 _SRC = "audience_sync_pushdown_src"
 #: The whitespace Python's ``str.strip`` removes from ASCII text.
 _BLANKS = " \t\n\r\x0b\x0c"
+#: Control characters as ``validate`` rejects them, less NUL (which PostgreSQL text cannot
+#: hold and SQLite's GLOB would read as the pattern's end); regex escapes PostgreSQL and RE2 read.
+_CONTROL_REGEX = r"[\x01-\x1f\x7f-\x9f]"
+#: The state dialects the engine pushes down into (``applies``).
+_STATE_DIALECTS = ("postgresql", "sqlite")
+
+Text = ColumnElement[str]
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    """What Core cannot hide: how a database trims given characters, finds a control character,
+    and whether the temporary table wants an index (row stores do; column stores have none)."""
+
+    trim: Callable[[Text], Text]
+    has_control: Callable[[Text], ColumnElement[bool]]
+    index: bool
+
+
+_DIALECTS = {
+    "postgresql": _Dialect(
+        trim=lambda c: sa.func.btrim(c, sa.literal(_BLANKS)),
+        has_control=lambda c: c.regexp_match(_CONTROL_REGEX),
+        index=True,
+    ),
+    "sqlite": _Dialect(  # no regular expressions without a Python callback per row: GLOB
+        trim=lambda c: sa.func.trim(c, sa.literal(_BLANKS)),
+        has_control=lambda c: c.op("GLOB", is_comparison=True)("*[\x01-\x1f\x7f-\x9f]*"),
+        index=True,
+    ),
+    "duckdb": _Dialect(  # its own function, which finds a match anywhere in the text
+        trim=lambda c: sa.func.trim(c, sa.literal(_BLANKS)),
+        has_control=lambda c: sa.func.regexp_matches(c, _CONTROL_REGEX, type_=sa.Boolean),
+        index=False,
+    ),
+}
 
 
 def applies(audience: AudienceConfig, state: sa.Engine) -> bool:
     """Whether the audience's query runs in the state database (same URL, same credentials)."""
     if audience.query is None or audience.source_url is None:
         return False
-    if state.dialect.name not in ("postgresql", "sqlite"):
+    if state.dialect.name not in _STATE_DIALECTS:
         return False
     try:
         source = sa.make_url(audience.source_url)
@@ -57,62 +97,70 @@ def plan_in_database(
     """
     assert audience.query is not None
     where = f"query for {audience.name!r}"
-    query = wrappable(audience.query)
     try:
         with state.connect() as conn:
-            traits = _materialise(conn, query, where)
-            snapshot, the_plan = _diff(conn, audience_id, traits, where, full=full)
-            conn.exec_driver_sql(f"DROP TABLE {_SRC}")
+            result = plan_on_connection(conn, audience.query, audience_id, full=full, where=where)
             conn.commit()
     except sa.exc.DBAPIError as exc:
         detail = str(exc.orig).strip().splitlines()[0]
         where_db = state.url.render_as_string(hide_password=True)
         raise SnapshotError(f"{where} on {where_db} failed: {detail}") from None
-    return snapshot, the_plan
+    return result
 
 
-def _materialise(conn: sa.Connection, query: str, where: str) -> list[str]:
-    """Run the query once into a temporary table of trimmed text columns; its identity traits."""
-    raw = list(conn.execute(sa.text(f"SELECT * FROM ({query}\n) q LIMIT 0")).keys())
-    columns = [str(c).strip() for c in raw]
+def plan_on_connection(
+    conn: sa.Connection, query: str, audience_id: int, *, full: bool, where: str
+) -> tuple[Snapshot, Plan]:
+    """``plan_in_database`` on an open connection that sees both the query's tables and a
+    ``sync_members`` table (``state.schema``): SQLite, PostgreSQL or DuckDB.
+
+    Leaves the connection's transaction open (the caller commits or rolls back).
+    """
+    dialect = _DIALECTS.get(conn.dialect.name)
+    if dialect is None:
+        raise SnapshotError(f"{where}: cannot diff in a {conn.dialect.name} database")
+    src = _materialise(conn, dialect, wrappable(query), where)
+    result = _diff(conn, dialect, src, audience_id, where, full=full)
+    conn.execute(DropTable(src))
+    return result
+
+
+def _materialise(conn: sa.Connection, dialect: _Dialect, query: str, where: str) -> sa.Table:
+    """Run the query once into a temporary table of trimmed text columns (ids and identity
+    traits), each row numbered in the order the database returned them."""
+    star = sa.literal_column("*", sa.Text)
+    header = conn.execute(sa.select(star).select_from(_wrap(query, [])).limit(0))
+    raw = list(map(str, header.keys()))
+    columns = [c.strip() for c in raw]
     require_user_id(columns, where)
     if len(set(columns)) != len(columns):
         dupes = sorted({c for c in columns if columns.count(c) > 1})
         raise SnapshotError(f"{where}: duplicate column names {dupes}")
-    traits = [k for k in IDENTITY_TRAITS if k in columns]
-    quote = conn.dialect.identifier_preparer.quote
-    cleaned = ", ".join(
-        f"{_clean(conn, 'q.' + quote(raw[columns.index(c)]))} AS {quote(c)}"
-        for c in ("user_id", *traits)
+    kept = ["user_id", *(k for k in IDENTITY_TRAITS if k in columns)]
+    src = sa.Table(
+        _SRC,
+        sa.MetaData(),
+        sa.Column("row_", sa.BigInteger),
+        *(sa.Column(c, sa.Text) for c in kept),
+        prefixes=["TEMPORARY"],
     )
-    conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_SRC}")
-    conn.execute(
-        sa.text(
-            f"CREATE TEMPORARY TABLE {_SRC} AS "
-            f"SELECT ROW_NUMBER() OVER () AS row_, {cleaned} FROM ({query}\n) q"
-        )
-    )
-    conn.exec_driver_sql(f"CREATE INDEX {_SRC}_user ON {_SRC} (user_id)")
-    return traits
+    conn.execute(DropTable(src, if_exists=True))  # left by a failed run on a pooled connection
+    src.create(conn)
+    q = _wrap(query, raw)
+    # Each column as text, blanks trimmed, empty as NULL (``validate._clean``).
+    cleaned = [
+        sa.func.nullif(dialect.trim(sa.cast(q.c[raw[columns.index(c)]], sa.Text)), "") for c in kept
+    ]
+    numbered = sa.select(sa.func.row_number().over(), *cleaned)
+    conn.execute(src.insert().from_select(["row_", *kept], numbered))
+    if dialect.index:
+        sa.Index(f"{_SRC}_user", src.c.user_id).create(conn)
+    return src
 
 
-def _clean(conn: sa.Connection, column: str) -> str:
-    """SQL for: the column as text, blanks trimmed, empty as NULL (``validate._clean``)."""
-    if conn.dialect.name == "postgresql":
-        blanks = "E' \\t\\n\\r\\x0b\\x0c'"
-        return f"NULLIF(BTRIM(CAST({column} AS TEXT), {blanks}), '')"
-    blanks = "char(" + ",".join(str(ord(c)) for c in _BLANKS) + ")"
-    return f"NULLIF(TRIM(CAST({column} AS TEXT), {blanks}), '')"
-
-
-def _unusable(conn: sa.Connection) -> str:
-    """SQL for: the row's user_id is missing or holds a control character (as ``validate``)."""
-    if conn.dialect.name == "postgresql":  # PostgreSQL text never holds NUL
-        control = "user_id ~ '[\\x01-\\x1f\\x7f-\\x9f]'"
-    else:
-        ranges = "char(1) || '-' || char(31) || char(127) || '-' || char(159)"
-        control = f"user_id GLOB '*[' || {ranges} || ']*'"
-    return f"(user_id IS NULL OR {control})"
+def _wrap(query: str, columns: list[str]) -> sa.Subquery:
+    """The query as ``(query) AS q`` with the given columns; the newline ends a ``--`` comment."""
+    return sa.text(query + "\n").columns(*(sa.column(c) for c in columns)).subquery("q")
 
 
 def _unusable_why(user_id: str | None) -> tuple[str | None, str]:
@@ -122,81 +170,99 @@ def _unusable_why(user_id: str | None) -> tuple[str | None, str]:
 
 
 def _diff(
-    conn: sa.Connection, audience_id: int, traits: list[str], where: str, *, full: bool
+    conn: sa.Connection,
+    dialect: _Dialect,
+    src: sa.Table,
+    audience_id: int,
+    where: str,
+    *,
+    full: bool,
 ) -> tuple[Snapshot, Plan]:
-    cols = ", ".join(["user_id", *traits])
+    traits = [c.name for c in src.c if c.name not in ("row_", "user_id")]
+    cols = [src.c.user_id, *(src.c[t] for t in traits)]
+    # Rejected rows: no user_id, or one with a control character (as ``validate``).
+    unusable = sa.or_(src.c.user_id.is_(None), dialect.has_control(src.c.user_id))
+    usable = sa.not_(unusable)
     # Distinct rows per user: one means a member, more means conflicting rows (held).
-    unusable = _unusable(conn)  # rejected rows: no user_id, or one with a control character
+    distinct = sa.select(*cols).where(usable).distinct().subquery("d")
     per_user = (
-        f"SELECT user_id, COUNT(*) AS n FROM (SELECT DISTINCT {cols} FROM {_SRC} "
-        f"WHERE NOT {unusable}) d GROUP BY user_id"
+        sa.select(distinct.c.user_id, sa.func.count().label("n"))
+        .group_by(distinct.c.user_id)
+        .subquery("u")
     )
-    in_state = (
-        "EXISTS (SELECT 1 FROM sync_members m WHERE m.audience_id = :aid AND m.user_id = s.user_id)"
-    )
-    first_rows = (
-        f"SELECT MIN(row_) AS row_, {cols} FROM {_SRC} s WHERE NOT {unusable} GROUP BY {cols}"
-    )
-    params = {"aid": audience_id}
+    conflict = per_user.c.user_id == src.c.user_id
+    members_table = sync_members.alias("m")
+    in_audience = members_table.c.audience_id == audience_id
 
-    def rows(sql: str) -> list[Any]:
-        return list(conn.execute(sa.text(sql), params))
-
-    total, missing = rows(
-        f"SELECT COUNT(*), COALESCE(SUM(CASE WHEN {unusable} THEN 1 ELSE 0 END), 0) FROM {_SRC}"
-    )[0]
+    total, missing = conn.execute(
+        sa.select(
+            sa.func.count(),
+            sa.func.coalesce(sa.func.sum(sa.case((unusable, 1), else_=0)), 0),
+        ).select_from(src)
+    ).one()
     # Every row of a held user is rejected, identical repeats included (as ``validate``).
-    conflicting = rows(
-        f"SELECT u.user_id, COUNT(*) AS n FROM ({per_user}) u JOIN {_SRC} s "
-        "ON s.user_id = u.user_id WHERE u.n > 1 GROUP BY u.user_id"
-    )
+    conflicting = conn.execute(
+        sa.select(per_user.c.user_id, sa.func.count().label("n"))
+        .join_from(per_user, src, conflict)
+        .where(per_user.c.n > 1)
+        .group_by(per_user.c.user_id)
+    ).all()
     held = frozenset(str(r.user_id) for r in conflicting)
+    first_rejected = sa.select(src.c.row_, src.c.user_id).order_by(src.c.row_)
     rejected = [
         RejectedRow(int(r.row_), *_unusable_why(r.user_id))
-        for r in rows(
-            f"SELECT row_, user_id FROM {_SRC} WHERE {unusable} "
-            f"ORDER BY row_ LIMIT {MAX_REPORTED_ROWS}"
-        )
+        for r in conn.execute(first_rejected.where(unusable).limit(MAX_REPORTED_ROWS))
     ]
     if conflicting:
         reason = (
             "conflicting duplicate: the same user_id appears with different "
             f"{', '.join(traits)}; fix the export so each user has one row"
         )
+        held_rows = first_rejected.join_from(src, per_user, conflict).where(per_user.c.n > 1)
         rejected += [
             RejectedRow(int(r.row_), str(r.user_id), reason)
-            for r in rows(
-                f"SELECT s.row_, s.user_id FROM {_SRC} s "
-                f"JOIN ({per_user}) u ON u.user_id = s.user_id WHERE u.n > 1 "
-                f"ORDER BY s.row_ LIMIT {MAX_REPORTED_ROWS}"
-            )
+            for r in conn.execute(held_rows.limit(MAX_REPORTED_ROWS))
         ]
     rejected = sorted(rejected, key=lambda r: r.row)[:MAX_REPORTED_ROWS]
     # A member's row: its first occurrence, for users with exactly one distinct row.
-    members = (
-        f"SELECT s.row_, s.user_id{''.join(', s.' + t for t in traits)} FROM ({first_rows}) s "
-        f"JOIN ({per_user}) u ON u.user_id = s.user_id WHERE u.n = 1"
+    first_rows = (
+        sa.select(sa.func.min(src.c.row_).label("row_"), *cols)
+        .where(usable)
+        .group_by(*cols)
+        .subquery("s")
     )
-    flag = f"CASE WHEN {in_state} THEN 0 ELSE 1 END AS entered_"
-    only_entered = "" if full else "WHERE t.entered_ = 1"
+    members = (
+        sa.select(*first_rows.c)
+        .join_from(first_rows, per_user, per_user.c.user_id == first_rows.c.user_id)
+        .where(per_user.c.n == 1)
+        .subquery("t")
+    )
+    in_state = (
+        sa.exists()
+        .where(in_audience, members_table.c.user_id == members.c.user_id)
+        .correlate(members)
+    )
+    sends_query = sa.select(*members.c, sa.case((in_state, 0), else_=1).label("entered_")).order_by(
+        members.c.row_
+    )
+    if not full:
+        sends_query = sends_query.where(sa.not_(in_state))
     sends = pd.DataFrame(
-        [
-            tuple(r)
-            for r in rows(
-                f"SELECT t.* FROM (SELECT s.*, {flag} FROM ({members}) s) t {only_entered} "
-                "ORDER BY t.row_"
-            )
-        ],
+        [tuple(r) for r in conn.execute(sends_query)],
         columns=["row_", "user_id", *traits, "entered_"],
     )
+    in_snapshot = sa.exists().where(src.c.user_id == members_table.c.user_id)
     exited = [
-        str(r.user_id)
-        for r in rows(
-            "SELECT m.user_id FROM sync_members m WHERE m.audience_id = :aid AND NOT EXISTS "
-            f"(SELECT 1 FROM {_SRC} s WHERE s.user_id = m.user_id) ORDER BY m.user_id"
-        )
+        str(user_id)
+        for user_id in conn.execute(
+            sa.select(members_table.c.user_id)
+            .where(in_audience, sa.not_(in_snapshot))
+            .order_by(members_table.c.user_id)
+        ).scalars()
     ]
-    synced = rows("SELECT COUNT(*) FROM sync_members WHERE audience_id = :aid")[0][0]
+    synced = conn.execute(
+        sa.select(sa.func.count()).select_from(members_table).where(in_audience)
+    ).scalar_one()
     entered_mask = sends["entered_"].to_numpy(dtype=bool)
     frame = sends.drop(columns=["row_", "entered_"]).astype(
         {c: "string[pyarrow]" for c in ["user_id", *traits]}

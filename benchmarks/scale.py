@@ -1,32 +1,50 @@
-"""Scale benchmark: audience-sync's diff and whole run against a DuckDB anti-join anchor.
+"""Scale benchmark: whole `audience-sync run`s against DuckDB anchors, in interleaved rounds.
 
-    scripts/with-postgres .venv/bin/python benchmarks/scale.py [--sizes 1000000,5000000,20000000]
+    scripts/with-postgres .venv/bin/python benchmarks/scale.py --sizes 1000000,4000000,20000000
 
-For each size N it generates seeded data (8 audiences of N/8 memberships as Parquet snapshots,
-a prior state with 1% of each audience since exited and 1% newly entered), loads the prior state
-into SQLite and (when AUDIENCE_SYNC_TEST_PG_URL is set) PostgreSQL, then measures, each in a
-fresh process: (1) the anchor, DuckDB anti-joins between the snapshot and state Parquet files;
-(2) audience-sync's diff split into read snapshot / read state / diff / write state changes;
-(3) the whole `audience-sync run` on the jsonl destination. Prints wall seconds, rows/s, peak
-RSS and the ratios to the anchor. Needs the `bench` extra (pip install -e '.[bench]').
+(default: 200,000 memberships, 3 rounds; --cases and --databases pick a subset.)
+
+For each size N it generates seeded data: 8 audiences of N/8 memberships (users overlap across
+audiences), as two sets of Parquet snapshots, A and B, where B has 1% of each audience exited
+and 1% newly entered. Then, on SQLite and (when AUDIENCE_SYNC_TEST_PG_URL is set) PostgreSQL,
+four cases, each as rounds of anchor then measured run (A B A B ...), every one a fresh process:
+
+- initial: an empty state synced to snapshot A. Anchor: the floor, DuckDB writing the same
+  JSON lines (one per membership, fsync-ed) and inserting the member rows into a keyed table;
+- zero-change: the state synced to A, run on A again. Anchor: reading A's Parquet files with
+  pyarrow;
+- incremental: 1% entered + 1% exited, alternating A -> B -> A (each round undoes the last, so
+  every round starts from the state a previous sync left). Anchor: DuckDB anti-joins both ways
+  between the snapshot files and the state as Parquet, materialising the changed ids;
+- pushdown: the same churn with the audiences as queries of a table in the state database, so
+  the diff runs there (``pushdown.py``). Anchor: the same anti-joins.
+
+Each round's ratio is measured run / anchor of that round; the table gives the median ratio and
+the min-max spread, by wall time and by CPU time (the child's user + system time from wait4; on
+a local PostgreSQL plus the server's: its processes' time, read from /proc). Peak RSS is the
+measured process's. The machine's load average is printed at start and end. Needs the `bench`
+and `postgres` extras (pip install -e '.[test,bench]').
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
-import sqlite3
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import sqlalchemy as sa
 
@@ -34,6 +52,14 @@ AUDIENCES = 8
 CHURN = 0.01
 SEED = 20261125
 PG_URL_ENV = "AUDIENCE_SYNC_TEST_PG_URL"
+CASES = ("initial", "zero-change", "incremental", "pushdown")
+#: Each case's anchor (a mode of this script).
+ANCHORS = {
+    "initial": "_initial",
+    "zero-change": "_read",
+    "incremental": "_diff",
+    "pushdown": "_diff",
+}
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -46,241 +72,375 @@ def _ids(numbers: np.ndarray) -> pa.Array:
 
 
 def generate(folder: Path, n: int) -> None:
-    """Snapshot and prior-state Parquet files per audience; users overlap across audiences."""
+    """Snapshots ``snap_{A,B}_{a}.parquet`` and the matching state ``state_{A,B}_{a}.parquet``."""
     rng = np.random.default_rng(SEED + n)
     per = n // AUDIENCES
     churn = int(per * CHURN)
     universe = max(n // 2, per + churn)
     folder.mkdir(parents=True, exist_ok=True)
     for a in range(AUDIENCES):
-        prior = rng.permutation(universe)[:per]
+        before = rng.permutation(universe)[:per]
         entered = universe + a * churn + np.arange(churn)  # users never seen before
-        now = rng.permutation(np.concatenate([prior[churn:], entered]))
-        ids = _ids(now)
-        emails = pc.binary_join_element_wise(ids, "@example.com", "")
-        pq.write_table(pa.table({"user_id": ids, "email": emails}), folder / f"snap_{a}.parquet")
-        pq.write_table(pa.table({"user_id": _ids(np.sort(prior))}), folder / f"state_{a}.parquet")
-
-
-def load_state(folder: Path, url: str) -> None:
-    """The prior state, as a previous successful sync left it (bulk-loaded, not measured)."""
-    from audience_sync.model import RunStatus
-    from audience_sync.state import StateStore, connect, upgrade
-
-    engine = connect(url)
-    upgrade(engine)
-    store = StateStore(engine)
-    ids = []
-    for a in range(AUDIENCES):
-        ref = store.audience("jsonl", f"audience_{a}", f"Audience {a}")
-        run = store.start_run(ref, mode="initial", trigger="manual")
-        store.finish_run(run, RunStatus.SUCCEEDED)
-        ids.append(ref.id)
-    engine.dispose()
-    if url.startswith("sqlite"):
-        con = sqlite3.connect(sa.make_url(url).database or "")
-        con.execute("PRAGMA synchronous = OFF")
-        for a, audience_id in enumerate(ids):
-            users = pq.read_table(folder / f"state_{a}.parquet")["user_id"].to_pylist()
-            con.executemany(
-                "INSERT INTO sync_members (audience_id, user_id) VALUES (?, ?)",
-                ((audience_id, u) for u in users),
+        after = rng.permutation(np.concatenate([before[churn:], entered]))
+        for name, members in (("A", before), ("B", after)):
+            ids = _ids(members)
+            emails = pc.binary_join_element_wise(ids, "@example.com", "")
+            table = pa.table({"user_id": ids, "email": emails})
+            pq.write_table(table, folder / f"snap_{name}_{a}.parquet")
+            pq.write_table(
+                pa.table({"user_id": _ids(np.sort(members))}), folder / f"state_{name}_{a}.parquet"
             )
-        con.commit()
-        con.close()
-        return
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        raw: Any = conn.connection.dbapi_connection
-        for a, audience_id in enumerate(ids):
-            users = pq.read_table(folder / f"state_{a}.parquet")["user_id"].to_pylist()
-            block = "".join(f"{audience_id}\t{u}\n" for u in users).encode()
-            with raw.cursor() as cur, cur.copy("COPY sync_members FROM STDIN") as copy:
-                for start in range(0, len(block), 1 << 24):
-                    copy.write(block[start : start + (1 << 24)])
-    engine.dispose()
-    _vacuum(url)
 
 
-def write_config(folder: Path, url: str, name: str) -> Path:
+def write_config(folder: Path, url: str, db: str, snapshot: str, *, pushed: bool) -> Path:
+    """The run's config: audiences read from the Parquet snapshots, or (``pushed``) queried from
+    the state database's ``bench_snap_*`` table, so the diff is pushed down into it."""
     lines = [
         "[state]",
         f'url = "{url}"',
         "[destination]",
         'type = "jsonl"',
-        f'path = "out_{name}.jsonl"',
+        f'path = "out_{db}.jsonl"',
     ]
     for a in range(AUDIENCES):
-        lines += ["[[audiences]]", f'name = "Audience {a}"', f'source = "snap_{a}.parquet"']
-    path = folder / f"{name}.toml"
+        lines += ["[[audiences]]", f'name = "Audience {a}"']
+        if pushed:
+            query = f"select user_id, email from bench_snap_{snapshot} where audience_id = {a}"
+            lines += [f'query = "{query}"', f'source_url = "{url}"']
+        else:
+            lines += [f'source = "snap_{snapshot}_{a}.parquet"']
+    path = folder / f"{db}_{snapshot}{'_pushed' if pushed else ''}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-# -- measurements (each runs in its own process) -------------------------------------------------
+def load_sources(folder: Path, url: str) -> None:
+    """Both sets of snapshots as tables ``bench_snap_A`` and ``bench_snap_B`` of the state
+    database (audience_id, user_id, email), indexed by audience (not measured)."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for name in ("A", "B"):
+            table = f"bench_snap_{name}"
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
+            conn.execute(
+                sa.text(f"CREATE TABLE {table} (audience_id INT, user_id TEXT, email TEXT)")
+            )
+            for a in range(AUDIENCES):
+                snap = pq.read_table(folder / f"snap_{name}_{a}.parquet")
+                if engine.dialect.name == "postgresql":
+                    block = io.BytesIO()
+                    with_audience = snap.add_column(0, "audience_id", pa.array([a] * snap.num_rows))
+                    pacsv.write_csv(with_audience, block, pacsv.WriteOptions(include_header=False))
+                    raw: Any = conn.connection.dbapi_connection
+                    copy_sql = f"COPY {table} FROM STDIN (FORMAT csv)"
+                    with raw.cursor() as cur, cur.copy(copy_sql) as copy:
+                        copy.write(block.getvalue())
+                else:
+                    ids, emails = snap["user_id"].to_pylist(), snap["email"].to_pylist()
+                    conn.exec_driver_sql(
+                        f"INSERT INTO {table} VALUES (?, ?, ?)",
+                        [(a, u, e) for u, e in zip(ids, emails, strict=True)],
+                    )
+            conn.execute(sa.text(f"CREATE INDEX {table}_audience ON {table} (audience_id)"))
+    engine.dispose()
+    if engine.dialect.name == "postgresql":
+        _vacuum(url)
 
 
-def measure_anchor(folder: Path) -> dict[str, float]:
+# -- anchors (each runs in its own process) ------------------------------------------------------
+
+
+def anchor_initial(folder: Path, snapshot: str) -> dict[str, Any]:
+    """The floor of an initial sync: DuckDB writes one identify line per membership and inserts
+    the member rows into a table keyed like ``sync_members``."""
+    import duckdb
+
+    database, out = folder / "floor.duckdb", folder / "floor.jsonl"
+    for path in (database, out):
+        path.unlink(missing_ok=True)
+    con = duckdb.connect(str(database))
+    con.execute(
+        "CREATE TABLE members (audience_id INTEGER, user_id VARCHAR, "
+        "PRIMARY KEY (audience_id, user_id))"
+    )
+    parts = []
+    for a in range(AUDIENCES):
+        snap = folder / f"snap_{snapshot}_{a}.parquet"
+        con.execute(f"INSERT INTO members SELECT {a}, user_id FROM '{snap}'")
+        parts.append(
+            f"SELECT 'identify' AS type, user_id AS userId, "
+            f"json_object('email', email, 'audience_{a}', true) AS traits, "
+            f"sha1(user_id || '/audience_{a}') AS messageId FROM '{snap}'"
+        )
+    con.execute(f"COPY ({' UNION ALL '.join(parts)}) TO '{out}' (FORMAT json)")
+    con.close()
+    with out.open("rb") as f:
+        os.fsync(f.fileno())
+    return {"lines": _lines(out)}
+
+
+def anchor_read(folder: Path, snapshot: str) -> dict[str, Any]:
+    """Reading the snapshot files: the least a zero-change run must do."""
+    rows = sum(
+        pq.read_table(folder / f"snap_{snapshot}_{a}.parquet").num_rows for a in range(AUDIENCES)
+    )
+    return {"rows": rows}
+
+
+def anchor_diff(folder: Path, state: str, snapshot: str) -> dict[str, Any]:
+    """DuckDB anti-joins both ways between each audience's snapshot and its state as Parquet."""
     import duckdb
 
     con = duckdb.connect()
     changes = 0
     for a in range(AUDIENCES):
-        snap, state = folder / f"snap_{a}.parquet", folder / f"state_{a}.parquet"
-        for left, right in ((snap, state), (state, snap)):
+        snap, synced = (
+            folder / f"snap_{snapshot}_{a}.parquet",
+            folder / f"state_{state}_{a}.parquet",
+        )
+        for left, right in ((snap, synced), (synced, snap)):
             result = con.sql(
                 f"SELECT user_id FROM '{left}' ANTI JOIN '{right}' USING (user_id)"
             ).to_arrow_table()
             changes += result.num_rows
-    return {"changes": changes}
+    return {"lines": changes}
 
 
-def measure_diff(folder: Path, url: str) -> dict[str, float]:
-    from audience_sync.config import AudienceConfig
-    from audience_sync.diff import members_repeat, plan
-    from audience_sync.sources import load_snapshot
-    from audience_sync.state import StateStore, connect
-    from audience_sync.state.bulk import add_members, remove_members
-
-    engine = connect(url)
-    store = StateStore(engine)
-    stages = dict.fromkeys(("read snapshot", "read state", "diff", "write changes"), 0.0)
-    changes = 0
-    for a in range(AUDIENCES):
-        ref = store.find_audience("jsonl", f"audience_{a}")
-        assert ref is not None
-        t0 = time.perf_counter()
-        # As the engine does it (planning.load_and_plan, less its overlap of the two reads):
-        # repeated ids are looked for by the diff.
-        audience = AudienceConfig(name="x", source=folder / f"snap_{a}.parquet")
-        snapshot = load_snapshot(audience, check_repeats=False)
-        t1 = time.perf_counter()
-        synced = store.members(ref.id)
-        t2 = time.perf_counter()
-        the_plan = plan(snapshot.members.index, synced)
-        assert not members_repeat(snapshot.members.index, synced, the_plan)
-        t3 = time.perf_counter()
-        conn = engine.connect()
-        with conn.begin() as tx:  # measured, then rolled back: the next measurement needs it
-            add_members(conn, [(ref.id, u) for u in the_plan.entered])
-            remove_members(conn, [(ref.id, u) for u in the_plan.exited])
-            t4 = time.perf_counter()
-            tx.rollback()
-        conn.close()
-        changes += the_plan.sends
-        for stage, took in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-            stages[stage] += took
-        del snapshot, synced, the_plan
-    engine.dispose()
-    return {"changes": changes, **stages}
+def _lines(path: Path) -> int:
+    count = 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            count += block.count(b"\n")
+    return count
 
 
-def child(argv: list[str]) -> dict[str, Any]:
-    """Run ``argv`` in a fresh process; its wall time, peak RSS and JSON result."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    out, err = proc.stdout.read(), proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{err.decode()[-3000:]}")
-    lines = out.decode().strip().splitlines()
+# -- measuring a process -------------------------------------------------------------------------
+
+
+def child(argv: list[str], logs: Path, server_cpu: Callable[[], float] | None) -> dict[str, Any]:
+    """Run ``argv`` in a fresh process: wall time, CPU time (its own and, given ``server_cpu``,
+    the database server's over the same span), peak RSS, and its JSON result (last line)."""
+    out_path, err_path = logs / "child.out", logs / "child.err"
+    server0 = server_cpu() if server_cpu else 0.0
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's own rusage
+        wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if server_cpu:
+        time.sleep(0.1)  # the run's backends exit (and are reaped) just after it does
+    server = server_cpu() - server0 if server_cpu else 0.0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{err_path.read_text()[-3000:]}")
+    lines = out_path.read_text().strip().splitlines()
     result = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
-    return {"wall": wall, "rss_mb": usage.ru_maxrss / 1024, **result}
+    return {
+        "wall": wall,
+        "cpu": usage.ru_utime + usage.ru_stime + server,
+        "server_cpu": server,
+        "rss_mb": usage.ru_maxrss / 1024,
+        **result,
+    }
 
 
-# -- the table ----------------------------------------------------------------------------------
+def postgres_cpu(url: str) -> Callable[[], float] | None:
+    """A reader of the CPU seconds a local PostgreSQL server has used so far (postmaster, its
+    live processes and the ones it reaped), or None when its processes cannot be read."""
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        backend = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+    engine.dispose()
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(pid: int | str) -> list[str] | None:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        return text[text.rindex(")") + 2 :].split()  # fields from the 3rd (state) on
+
+    fields = stat(backend)
+    if fields is None:
+        return None
+    postmaster = int(fields[1])
+
+    def used() -> float:
+        total = 0.0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            f = stat(entry)
+            if f is None:
+                continue
+            if int(entry) == postmaster:  # utime, stime, and its reaped children's
+                total += sum(int(x) for x in f[11:15])
+            elif int(f[1]) == postmaster:
+                total += int(f[11]) + int(f[12])
+        return total / tick
+
+    return used
 
 
-def run_size(n: int, root: Path, pg_url: str | None) -> list[dict[str, Any]]:
+# -- the rounds ----------------------------------------------------------------------------------
+
+
+def run_size(
+    n: int, root: Path, databases: list[tuple[str, str]], cases: list[str], rounds: int
+) -> list[dict[str, Any]]:
     folder = root / f"n{n}"
     if folder.exists():
         shutil.rmtree(folder)
     t = time.perf_counter()
     generate(folder, n)
-    print(f"[{n:,}] data generated in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    _log(f"[{n:,}] data generated in {time.perf_counter() - t:.1f}s")
     me = [sys.executable, __file__]
+    cli = str(Path(sys.executable).parent / "audience-sync")
     rows: list[dict[str, Any]] = []
-    anchor = child([*me, "_anchor", str(folder)])
-    rows.append({"n": n, "what": "anchor: DuckDB anti-joins (Parquet)", **anchor})
-    databases = [("sqlite", f"sqlite:///{folder / 'state.db'}")]
-    if pg_url:
-        databases.append(("postgresql", pg_url))
-    for name, url in databases:
-        if name == "postgresql":
-            _reset_postgres(url)
-        t = time.perf_counter()
-        load_state(folder, url)
-        print(f"[{n:,}] {name} state loaded in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-        split = child([*me, "_diff", str(folder), url])
-        rows.append({"n": n, "what": f"diff, state in {name}", **split})
-        if name == "postgresql":
-            # The diff measurement's rolled-back writes leave dead rows behind; vacuum them so
-            # the whole run starts from the state as a previous sync (and autovacuum) left it.
-            _vacuum(url)
-        for stage in ("read snapshot", "read state", "diff", "write changes"):
-            rows.append({"n": n, "what": f"  {stage}", "wall": split[stage], "rss_mb": None})
-        config = write_config(folder, url, name)
-        cli = str(Path(sys.executable).parent / "audience-sync")
-        whole = child([cli, "run", "--config", str(config)])
-        rows.append({"n": n, "what": f"whole run, {name} + jsonl", **whole})
-    for row in rows:
-        row["ratio"] = row["wall"] / anchor["wall"]
+    for db, url in databases:
+        server_cpu = postgres_cpu(url) if db == "postgresql" else None
+        if db == "postgresql" and server_cpu is None:
+            _log("PostgreSQL's processes are not readable here: its CPU time is left out")
+        out = folder / f"out_{db}.jsonl"
+
+        def sync(snapshot: str, pushed: bool = False, url: str = url, db: str = db) -> list[str]:
+            config = write_config(folder, url, db, snapshot, pushed=pushed)
+            return [cli, "run", "--config", str(config)]
+
+        synced = "A"  # the snapshots the state was last synced to
+        for case in CASES:
+            if case not in cases:
+                continue
+            if case != "initial" and not any(row["db"] == db for row in rows):
+                _reset(url)  # the other cases start from an initial sync to A
+                child(sync("A"), folder, None)
+                synced = "A"
+            if case == "pushdown":
+                load_sources(folder, url)
+            pairs = []
+            for r in range(rounds):
+                # Initial: from an empty state to A. Zero-change: the synced snapshots again.
+                # Incremental and pushdown: A -> B, B -> A, ... (1% entered + 1% exited each).
+                then = {"initial": "A", "zero-change": synced}.get(
+                    case, "B" if synced == "A" else "A"
+                )
+                anchor_argv = [*me, ANCHORS[case], str(folder)]
+                anchor_argv += [then] if case in ("initial", "zero-change") else [synced, then]
+                run_argv = sync(then, case == "pushdown")
+                if case == "initial":
+                    _reset(url)
+                elif db == "postgresql":  # as autovacuum would leave it between runs
+                    _vacuum(url)
+                out.unlink(missing_ok=True)
+                a = child(anchor_argv, folder, None)
+                b = child(run_argv, folder, server_cpu)
+                b["lines"] = _lines(out) if out.exists() else 0
+                pairs.append((a, b))
+                synced = then
+                _log(
+                    f"[{n:,}] {case} on {db}, round {r + 1}: anchor {a['wall']:.2f} s "
+                    f"({a['cpu']:.2f} s CPU), run {b['wall']:.2f} s ({b['cpu']:.2f} s CPU, "
+                    f"{b['server_cpu']:.2f} of it the server's), {b['rss_mb']:.0f} MB, "
+                    f"{b['lines']:,} lines; load {os.getloadavg()[0]:.2f}"
+                )
+            rows.append({"n": n, "case": case, "db": db, "pairs": pairs})
     shutil.rmtree(folder)
     return rows
+
+
+def _reset(url: str) -> None:
+    """An empty state at the current schema (not measured)."""
+    from audience_sync.state import connect, upgrade
+
+    if url.startswith("sqlite"):
+        database = Path(sa.make_url(url).database or "")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{database}{suffix}").unlink(missing_ok=True)
+    else:
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP SCHEMA public CASCADE"))
+            conn.execute(sa.text("CREATE SCHEMA public"))
+        engine.dispose()
+    engine = connect(url)
+    upgrade(engine)
+    engine.dispose()
 
 
 def _vacuum(url: str) -> None:
     engine = sa.create_engine(url)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text("VACUUM ANALYZE sync_members"))
+        conn.execute(sa.text("VACUUM ANALYZE"))
     engine.dispose()
 
 
-def _reset_postgres(url: str) -> None:
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("DROP SCHEMA public CASCADE"))
-        conn.execute(sa.text("CREATE SCHEMA public"))
-    engine.dispose()
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(
-        f"| {'N':>10} | {'measurement':<38} | {'wall s':>7} | {'rows/s':>10} | "
-        f"{'peak RSS MB':>11} | {'x anchor':>8} |"
+        "| memberships | case | state | rounds | anchor s (median) | run s (median) "
+        "| x anchor, wall: median (min-max) | x anchor, CPU: median (min-max) "
+        "| run peak RSS MB (max) | lines written |"
     )
-    print(f"|{'-' * 12}|{'-' * 40}|{'-' * 9}|{'-' * 12}|{'-' * 13}|{'-' * 10}|")
-    for r in rows:
-        rate = f"{r['n'] / r['wall']:,.0f}" if r["rss_mb"] is not None else ""
-        rss = f"{r['rss_mb']:,.0f}" if r["rss_mb"] is not None else ""
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        anchors = [a for a, _ in row["pairs"]]
+        runs = [b for _, b in row["pairs"]]
+        wall = [b["wall"] / a["wall"] for a, b in row["pairs"]]
+        cpu = [b["cpu"] / a["cpu"] for a, b in row["pairs"]]
+        lines = sorted({b["lines"] for b in runs})
         print(
-            f"| {r['n']:>10,} | {r['what']:<38} | {r['wall']:>7.2f} | {rate:>10} | "
-            f"{rss:>11} | {r['ratio']:>8.2f} |"
+            f"| {row['n']:,} | {row['case']} | {row['db']} | {len(runs)} "
+            f"| {statistics.median(a['wall'] for a in anchors):.2f} "
+            f"| {statistics.median(b['wall'] for b in runs):.2f} "
+            f"| {_spread(wall)} | {_spread(cpu)} "
+            f"| {max(b['rss_mb'] for b in runs):,.0f} | {', '.join(f'{x:,}' for x in lines)} |"
         )
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "_anchor":
-        print(json.dumps(measure_anchor(Path(sys.argv[2]))))
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "_diff":
-        print(json.dumps(measure_diff(Path(sys.argv[2]), sys.argv[3])))
+    anchors = {"_initial": anchor_initial, "_read": anchor_read, "_diff": anchor_diff}
+    if len(sys.argv) > 1 and sys.argv[1] in anchors:
+        print(json.dumps(anchors[sys.argv[1]](Path(sys.argv[2]), *sys.argv[3:])))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1000000,5000000,20000000")
+    parser.add_argument("--sizes", default="200000", help="memberships, comma-separated")
+    parser.add_argument("--rounds", type=int, default=3, help="anchor/run pairs per case")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"some of {','.join(CASES)}")
+    parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/audience-sync-bench"))
     args = parser.parse_args()
-    pg_url = os.environ.get(PG_URL_ENV)
-    if not pg_url:
-        print(
-            f"{PG_URL_ENV} not set: PostgreSQL rows skipped (use scripts/with-postgres)",
-            file=sys.stderr,
-        )
+    cases = args.cases.split(",")
+    if unknown := set(cases) - set(CASES):
+        parser.error(f"unknown cases {sorted(unknown)}")
+    databases = []
+    for db in args.databases.split(","):
+        if db == "sqlite":
+            databases.append((db, f"sqlite:///{args.workdir / 'state.db'}"))
+        elif db == "postgresql" and os.environ.get(PG_URL_ENV):
+            databases.append((db, os.environ[PG_URL_ENV]))
+        elif db == "postgresql":
+            _log(f"{PG_URL_ENV} not set: PostgreSQL skipped (use scripts/with-postgres)")
+        else:
+            parser.error(f"unknown database {db!r}")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    load = os.getloadavg()
+    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", end="")
+    print(f" ({os.cpu_count()} CPUs)")
     rows: list[dict[str, Any]] = []
     for n in (int(s) for s in args.sizes.split(",")):
-        rows += run_size(n, args.workdir, pg_url)
+        rows += run_size(n, args.workdir, databases, cases, args.rounds)
+    load = os.getloadavg()
+    print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print_table(rows)
 
 

@@ -1,6 +1,7 @@
 """Every diff path plans the same changes: the in-memory DuckDB diff, the engine's file path
 (repeated ids found by the diff), the one fed by the bulk state reads, and the one pushed down
-into the state database (SQLite and PostgreSQL).
+into the state database (SQLite and PostgreSQL), and that pushed-down SQL on DuckDB through its
+SQLAlchemy dialect (a stand-in for a column-store warehouse).
 
 Each is checked against a plain set-based model of the rules (trim ids, reject empty ones and
 ones with a control character, collapse identical rows, hold users with conflicting rows) on
@@ -25,13 +26,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from audience_sync.config import AudienceConfig
-from audience_sync.diff import plan
+from audience_sync.diff import Plan, plan
+from audience_sync.errors import SnapshotError
+from audience_sync.model import Snapshot
 from audience_sync.planning import load_and_plan
-from audience_sync.pushdown import applies, plan_in_database
+from audience_sync.pushdown import applies, plan_in_database, plan_on_connection
 from audience_sync.sources.sql import read_query
 from audience_sync.sources.validate import validate
 from audience_sync.state import StateStore, connect, upgrade
 from audience_sync.state.bulk import add_members
+from audience_sync.state.schema import sync_members
 
 # Ids with the characters that break naive CSV/COPY handling, padded with blanks to trim.
 _ID_CHARS = st.sampled_from(list("abc019,\"'\\\n\t é"))
@@ -52,6 +56,7 @@ class Expected:
     held: set[str]
     unchanged: int
     rejected: int
+    emails: dict[str, str | None]
 
 
 def expected(rows: list[tuple[str | None, str | None]], state: set[str], full: bool) -> Expected:
@@ -80,7 +85,30 @@ def expected(rows: list[tuple[str | None, str | None]], state: set[str], full: b
         held=held,
         unchanged=len(state) - len(exited),
         rejected=missing + sum(1 for u, _ in cleaned if u in held),
+        emails={u: e for u, e in distinct if u in members},
     )
+
+
+def assert_plans(
+    want: Expected, got: Plan, snap: Snapshot, rows: int, *, held_exits: bool = False
+) -> None:
+    """``got`` and ``snap`` plan what the model says (``held_exits``: the engine's plan holds
+    every exit while the snapshot has rejected rows)."""
+    assert set(got.entered) == want.entered
+    assert set(got.exited) == (set() if held_exits else want.exited)
+    assert set(got.resend) == want.resend
+    assert got.unchanged == want.unchanged + (len(want.exited) if held_exits else 0)
+    assert set(snap.held) == want.held
+    assert snap.rejected_count == want.rejected
+    assert snap.rows == rows
+
+
+def assert_pushed_sends(want: Expected, snap: Snapshot) -> None:
+    """The pushed-down snapshot carries the rows of users it sends ``true``, with their email."""
+    assert set(snap.members.index) == want.entered | want.resend
+    for user_id in snap.members.index:
+        email = snap.members.at[user_id, "email"]
+        assert (None if pd.isna(email) else email) == want.emails[user_id]
 
 
 @pytest.fixture
@@ -143,28 +171,37 @@ def test_in_memory_and_pushed_down_diffs_agree(
             AudienceConfig(name="Diff paths", source=parquet), store, audience_id, full=full
         )
 
-    for got, snap, holds in (
-        (memory, snapshot, False),
-        (pushed, pushed_snapshot, False),
-        (engine_plan, engine_snapshot, True),
-    ):
-        # The engine's plan holds every exit while the snapshot has rejected rows.
-        held_exits = holds and want.rejected > 0
-        assert set(got.entered) == want.entered
-        assert set(got.exited) == (set() if held_exits else want.exited)
-        assert set(got.resend) == want.resend
-        assert got.unchanged == want.unchanged + (len(want.exited) if held_exits else 0)
-        assert set(snap.held) == want.held
-        assert snap.rejected_count == want.rejected
-        assert snap.rows == len(rows)
-    # The pushed-down snapshot carries the rows of users it sends ``true``, with their email.
-    assert set(pushed_snapshot.members.index) == want.entered | want.resend
-    for user_id in pushed_snapshot.members.index:
-        assert pushed_snapshot.members.at[user_id, "email"] is snapshot.members.at[
-            user_id, "email"
-        ] or (pushed_snapshot.members.at[user_id, "email"] == snapshot.members.at[user_id, "email"])
+    assert_plans(want, memory, snapshot, len(rows))
+    assert_plans(want, pushed, pushed_snapshot, len(rows))
+    assert_plans(want, engine_plan, engine_snapshot, len(rows), held_exits=want.rejected > 0)
+    assert_pushed_sends(want, pushed_snapshot)
     with store.engine.begin() as conn:
         conn.execute(sa.text(f"DROP TABLE {table}"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=_rows, state=st.sets(_ids, max_size=15), full=st.booleans())
+def test_pushed_down_diff_on_duckdb(
+    rows: list[tuple[str | None, str | None]], state: set[str], full: bool
+) -> None:
+    """The portable SQL layer on DuckDB, on the cases above: the state schema does not run there
+    (Alembic has no DuckDB dialect), so only ``sync_members`` is created, from ``state.schema``."""
+    engine = sa.create_engine("duckdb:///:memory:")
+    with engine.connect() as conn:
+        sync_members.create(conn)
+        if state:
+            conn.execute(sync_members.insert(), [{"audience_id": 7, "user_id": u} for u in state])
+        conn.execute(sa.text("CREATE TABLE src (user_id TEXT, email TEXT)"))
+        if rows:
+            conn.execute(
+                sa.text("INSERT INTO src VALUES (:u, :e)"), [{"u": u, "e": e} for u, e in rows]
+            )
+        query = "SELECT user_id, email FROM src -- a trailing comment;"
+        snap, got = plan_on_connection(conn, query, 7, full=full, where="duckdb")
+    engine.dispose()
+    want = expected(rows, state, full)
+    assert_plans(want, got, snap, len(rows))
+    assert_pushed_sends(want, snap)
 
 
 @settings(max_examples=200, deadline=None)
@@ -197,3 +234,24 @@ def test_pushdown_only_for_the_state_database(tmp_path: pytest.TempPathFactory) 
     assert not applies(other, engine)
     assert not applies(AudienceConfig(name="A", source=tmp_path / "a.csv"), engine)
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("SELECT user_id FROM no_such_table", r"query for 'Broken' on .* failed: .*no_such_table"),
+        ("SELECT 'a' AS id, 'b' AS email", r"query for 'Broken': no `user_id` column"),
+        ("SELECT 'a' AS user_id, 'b' AS \"user_id \"", r"duplicate column names \['user_id'\]"),
+    ],
+)
+def test_a_pushed_down_query_that_cannot_be_diffed_names_itself(
+    sandbox: tuple[StateStore, int, str], query: str, error: str
+) -> None:
+    store, audience_id, url = sandbox
+    audience = AudienceConfig(name="Broken", query=query, source_url=url)
+    with pytest.raises(SnapshotError, match=error):
+        plan_in_database(store.engine, audience, audience_id, full=False)
+    # The connection is usable again: the next diff starts from a clean temporary table.
+    fine = AudienceConfig(name="Fine", query="SELECT 'u1' AS user_id", source_url=url)
+    _, the_plan = plan_in_database(store.engine, fine, audience_id, full=False)
+    assert list(the_plan.entered) == ["u1"]
