@@ -140,20 +140,32 @@ def _load_and_plan(
 def _load_and_plan_values(
     audience: AudienceConfig, store: StateStore, audience_id: int | None, *, full: bool
 ) -> tuple[Snapshot, Plan]:
-    """A computed trait's diff: members are the users with a value, compared by value."""
+    """A computed trait's diff: members are the users with a value, compared by value.
+
+    As for an audience, repeated ids are looked for by the diff (``members_repeat``), and only a
+    snapshot that repeats one is validated in full (its conflicting users held) and diffed again.
+    """
     synced: pd.Index
     if audience_id is None:
-        snapshot = load_snapshot(audience)
         synced = pd.Index([], dtype="string[pyarrow]", name="user_id")
         synced_values = pa.array([], pa.large_string())
+        snapshot = load_snapshot(audience, check_repeats=False)
     else:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-read") as pool:
             reading = pool.submit(store.values, audience_id)
-            snapshot = load_snapshot(audience)
+            snapshot = load_snapshot(audience, check_repeats=False)
             synced, synced_values = reading.result()
-    values = (pa.array(snapshot.members["value"].array), synced_values)
-    members = snapshot.members.index
-    return snapshot, plan(members, synced, full=full, held=snapshot.held, values=values)
+
+    def diffed(snapshot: Snapshot) -> Plan:
+        values = (pa.array(snapshot.members["value"].array), synced_values)
+        members = snapshot.members.index
+        return plan(members, synced, full=full, held=snapshot.held, values=values)
+
+    the_plan = diffed(snapshot)
+    if members_repeat(snapshot.members.index, synced, the_plan):
+        snapshot = load_snapshot(audience)
+        the_plan = diffed(snapshot)
+    return snapshot, the_plan
 
 
 def sample_changes(

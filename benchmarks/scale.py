@@ -17,7 +17,11 @@ four cases, each as rounds of anchor then measured run (A B A B ...), every one 
   every round starts from the state a previous sync left). Anchor: DuckDB anti-joins both ways
   between the snapshot files and the state as Parquet, materialising the changed ids;
 - pushdown: the same churn with the audiences as queries of a table in the state database, so
-  the diff runs there (``pushdown.py``). Anchor: the same anti-joins.
+  the diff runs there (``pushdown.py``). Anchor: the same anti-joins;
+- trait: one computed trait of N users (a float each) with 1% of the values changed, alternating
+  A -> B -> A like incremental. Anchor: a DuckDB full join between the snapshot and the state as
+  Parquet comparing the values, materialising the changed ids (issue 11: the same ratio as an
+  audience of the same size, the incremental case).
 
 Each round's ratio is measured run / anchor of that round; the table gives the median ratio and
 the min-max spread, by wall time and by CPU time (the child's user + system time from wait4; on
@@ -52,13 +56,14 @@ AUDIENCES = 8
 CHURN = 0.01
 SEED = 20261125
 PG_URL_ENV = "AUDIENCE_SYNC_TEST_PG_URL"
-CASES = ("initial", "zero-change", "incremental", "pushdown")
+CASES = ("initial", "zero-change", "incremental", "pushdown", "trait")
 #: Each case's anchor (a mode of this script).
 ANCHORS = {
     "initial": "_initial",
     "zero-change": "_read",
     "incremental": "_diff",
     "pushdown": "_diff",
+    "trait": "_values",
 }
 
 
@@ -90,11 +95,25 @@ def generate(folder: Path, n: int) -> None:
             pq.write_table(
                 pa.table({"user_id": _ids(np.sort(members))}), folder / f"state_{name}_{a}.parquet"
             )
+    # One computed trait over n users: a value each, 1% of them different in B.
+    ids = _ids(np.arange(n))
+    values = np.round(rng.uniform(0, 5000, n), 2)
+    changed = rng.permutation(n)[: int(n * CHURN)]
+    after = values.copy()
+    after[changed] += 1.5
+    emails = pc.binary_join_element_wise(ids, "@example.com", "")
+    for name, column in (("A", values), ("B", after)):
+        table = pa.table({"user_id": ids, "email": emails, "value": pa.array(column)})
+        pq.write_table(table, folder / f"trait_{name}.parquet")
+        pq.write_table(table.select(["user_id", "value"]), folder / f"tstate_{name}.parquet")
 
 
-def write_config(folder: Path, url: str, db: str, snapshot: str, *, pushed: bool) -> Path:
+def write_config(
+    folder: Path, url: str, db: str, snapshot: str, *, pushed: bool, trait: bool = False
+) -> Path:
     """The run's config: audiences read from the Parquet snapshots, or (``pushed``) queried from
-    the state database's ``bench_snap_*`` table, so the diff is pushed down into it."""
+    the state database's ``bench_snap_*`` table, so the diff is pushed down into it; or
+    (``trait``) the one computed trait."""
     lines = [
         "[state]",
         f'url = "{url}"',
@@ -102,6 +121,11 @@ def write_config(folder: Path, url: str, db: str, snapshot: str, *, pushed: bool
         'type = "jsonl"',
         f'path = "out_{db}.jsonl"',
     ]
+    if trait:
+        lines += ["[[computed_traits]]", 'name = "Value"', f'source = "trait_{snapshot}.parquet"']
+        path = folder / f"{db}_{snapshot}_trait.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
     for a in range(AUDIENCES):
         lines += ["[[audiences]]", f'name = "Audience {a}"']
         if pushed:
@@ -206,6 +230,18 @@ def anchor_diff(folder: Path, state: str, snapshot: str) -> dict[str, Any]:
     return {"lines": changes}
 
 
+def anchor_values(folder: Path, state: str, snapshot: str) -> dict[str, Any]:
+    """DuckDB full join between the trait's snapshot and its state as Parquet, comparing values."""
+    import duckdb
+
+    snap, synced = folder / f"trait_{snapshot}.parquet", folder / f"tstate_{state}.parquet"
+    result = duckdb.connect().sql(
+        f"SELECT user_id FROM '{snap}' s FULL JOIN '{synced}' t USING (user_id) "
+        "WHERE s.value IS DISTINCT FROM t.value"
+    )
+    return {"lines": result.to_arrow_table().num_rows}
+
+
 def _lines(path: Path) -> int:
     count = 0
     with path.open("rb") as f:
@@ -303,8 +339,10 @@ def run_size(
             _log("PostgreSQL's processes are not readable here: its CPU time is left out")
         out = folder / f"out_{db}.jsonl"
 
-        def sync(snapshot: str, pushed: bool = False, url: str = url, db: str = db) -> list[str]:
-            config = write_config(folder, url, db, snapshot, pushed=pushed)
+        def sync(
+            snapshot: str, pushed: bool = False, url: str = url, db: str = db, trait: bool = False
+        ) -> list[str]:
+            config = write_config(folder, url, db, snapshot, pushed=pushed, trait=trait)
             return [cli, "run", "--config", str(config)]
 
         synced = "A"  # the snapshots the state was last synced to
@@ -317,6 +355,9 @@ def run_size(
                 synced = "A"
             if case == "pushdown":
                 load_sources(folder, url)
+            if case == "trait":  # the trait's own initial sync to A (not measured)
+                child(sync("A", trait=True), folder, None)
+                synced = "A"
             pairs = []
             for r in range(rounds):
                 # Initial: from an empty state to A. Zero-change: the synced snapshots again.
@@ -326,7 +367,7 @@ def run_size(
                 )
                 anchor_argv = [*me, ANCHORS[case], str(folder)]
                 anchor_argv += [then] if case in ("initial", "zero-change") else [synced, then]
-                run_argv = sync(then, case == "pushdown")
+                run_argv = sync(then, case == "pushdown", trait=case == "trait")
                 if case == "initial":
                     _reset(url)
                 elif db == "postgresql":  # as autovacuum would leave it between runs
@@ -408,7 +449,12 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    anchors = {"_initial": anchor_initial, "_read": anchor_read, "_diff": anchor_diff}
+    anchors = {
+        "_initial": anchor_initial,
+        "_read": anchor_read,
+        "_diff": anchor_diff,
+        "_values": anchor_values,
+    }
     if len(sys.argv) > 1 and sys.argv[1] in anchors:
         print(json.dumps(anchors[sys.argv[1]](Path(sys.argv[2]), *sys.argv[3:])))
         return

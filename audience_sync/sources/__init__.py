@@ -41,8 +41,7 @@ def load_snapshot(audience: AudienceConfig, *, check_repeats: bool = True) -> Sn
     snapshot = validate(
         frame,
         source,
-        # A trait's repeated rows are compared by value as well: always looked for.
-        check_repeats=check_repeats or trait is not None,
+        check_repeats=check_repeats,
         value_column=typed,
         value_type=trait.type if trait is not None else "auto",
     )

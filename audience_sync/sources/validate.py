@@ -105,7 +105,7 @@ def validate(
         data = data[~control]
 
     held: frozenset[str] = frozenset()
-    if problems is not None:
+    if problems:
         # A user whose value cannot be used is held: neither sent a new value nor cleared.
         bad = data.index.isin(list(problems))
         if bad.any():
