@@ -31,6 +31,11 @@ def own_names(namespace: dict[str, object]) -> set[str]:
     }
 
 
+def in_fresh_interpreter(code: str) -> None:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
 def python_section() -> str:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     start = readme.index("\n## Using it from Python\n")
@@ -63,8 +68,7 @@ def test_no_name_is_public_in_the_package_but_missing_from_all() -> None:
         "assert set(namespace) - {'__builtins__'} == set(audience_sync.__all__)\n"
         "assert not [n for n, v in namespace.items() if isinstance(v, types.ModuleType)]\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    in_fresh_interpreter(code)
 
 
 def test_every_error_is_exported_with_its_exit_code() -> None:
@@ -106,5 +110,4 @@ def test_lazy_names_are_the_functions_whatever_the_import_order() -> None:
         "assert callable(track) and track.__name__ == 'track', track\n"
         "assert audience_sync.track is track\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    in_fresh_interpreter(code)
