@@ -169,6 +169,7 @@ def _drop_torn_line(path: Path) -> None:
 class JsonlDestination(Destination):
     kind = "jsonl"
     settings_model = JsonlSettings
+    takes_batches = True
     settings: JsonlSettings
     _file: IO[bytes] | None = None
 
