@@ -69,7 +69,8 @@ def identify_lines(
     table = batch.table
     keys = table.column("audience_key").combine_chunks()
     audiences = keys.dictionary.to_pylist()
-    # Per audience, not per change: the JSON of its trait key and of its context.
+    # Per audience, not per change: the JSON of its trait key and of its context. The trait
+    # column holds the key's JSON string ('"vip"'); the query writes ':true' or ':false' after it.
     trait = pa.array([orjson.dumps(k).decode() for k in audiences], pa.string())
     context = pa.array(
         [orjson.dumps(_context(k, space_id)).decode() for k in audiences], pa.string()
@@ -104,6 +105,11 @@ _IDENTIFY_SQL = (
 
 def _tail(timestamp: str) -> str:
     """The end of every line of a run: its timestamp and the integrations."""
+    # orjson writes '{"timestamp":"...","integrations":{...}}'. Without its opening brace, the
+    # text's last brace closes the message that _IDENTIFY_SQL opened with '{"type":"identify"',
+    # and the comma put in front follows the messageId's value: every line ends
+    # ...,"messageId":"...","timestamp":"...","integrations":{...}}\n. Built once per run and
+    # appended by the query as $1, so no line is parsed or re-serialised.
     end = orjson.dumps({"timestamp": timestamp, "integrations": _INTEGRATIONS}).decode()
     return "," + end[1:] + "\n"
 
