@@ -1,9 +1,12 @@
 """audience-sync: keep Crisp in step with audiences computed in a warehouse or exported as files.
 
-The library API: ``load_config`` -> ``sync`` -> ``SyncResult``; ``trait_key`` names a trait;
-``retire`` sets a dropped audience's trait to false; ``track`` sends Track (and Identify) calls
-outside an audience sync.
-The ``audience-sync`` command is a thin shell over these.
+The library API, and all of it (``tests/test_public_api.py`` pins it to README's *Using it from
+Python*): ``load_config`` -> ``sync`` -> ``SyncResult``; ``retire`` sets a dropped audience's
+trait to false; ``track`` sends Track (and Identify) calls outside an audience sync;
+``trait_key`` names a trait; the errors, each with its ``ExitCode``; and ``Destination`` with the
+values it takes and returns, for a destination of your own (``sync(..., destination=...)``).
+The ``audience-sync`` command is a thin shell over these. Everything else (plans, snapshots,
+change batches, the state) is internal and may change between versions.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from audience_sync.config import AudienceConfig, Config, load_config
-from audience_sync.destinations import IdentifyCall, TrackEvent
+from audience_sync.destinations import Destination, DestinationSettings, IdentifyCall, TrackEvent
 from audience_sync.errors import (
     AlreadyRunning,
     AudienceSyncError,
     ConfigError,
     CredentialsError,
     DestinationError,
+    ExitCode,
     NotFound,
     QuotaExhausted,
     SafeguardError,
@@ -28,13 +32,11 @@ from audience_sync.errors import (
 )
 from audience_sync.model import (
     Change,
-    ChangeBatch,
     DeliveryStatus,
     Identity,
     Outcome,
     RunMode,
     RunStatus,
-    Snapshot,
     Trigger,
     UserUpdate,
 )
@@ -42,19 +44,14 @@ from audience_sync.naming import trait_key
 from audience_sync.result import AudienceResult, SyncResult
 
 if TYPE_CHECKING:
-    from audience_sync.diff import Plan, plan
     from audience_sync.engine import retire, sync
-    from audience_sync.sources import load_snapshot
     from audience_sync.track import CallFile, CallResult, read_calls, track
 
-# The engine and the sources bring pandas, pyarrow and DuckDB (~1 s to import): they load on
-# first use, so `audience-sync --help`, `status` and `history` start without them.
+# The engine (and the sources it reads) bring pandas, pyarrow and DuckDB (~1 s to import): they
+# load on first use, so `audience-sync --help`, `status` and `history` start without them.
 _LAZY = {
-    "Plan": "audience_sync.diff",
-    "plan": "audience_sync.diff",
     "retire": "audience_sync.engine",
     "sync": "audience_sync.engine",
-    "load_snapshot": "audience_sync.sources",
     "CallFile": "audience_sync.track",
     "CallResult": "audience_sync.track",
     "read_calls": "audience_sync.track",
@@ -84,22 +81,22 @@ __all__ = [
     "CallFile",
     "CallResult",
     "Change",
-    "ChangeBatch",
     "Config",
     "ConfigError",
     "CredentialsError",
     "DeliveryStatus",
+    "Destination",
     "DestinationError",
+    "DestinationSettings",
+    "ExitCode",
     "IdentifyCall",
     "Identity",
     "NotFound",
     "Outcome",
-    "Plan",
     "QuotaExhausted",
     "RunMode",
     "RunStatus",
     "SafeguardError",
-    "Snapshot",
     "SnapshotError",
     "StateError",
     "StateMissing",
@@ -108,8 +105,6 @@ __all__ = [
     "Trigger",
     "UserUpdate",
     "load_config",
-    "load_snapshot",
-    "plan",
     "read_calls",
     "retire",
     "sync",

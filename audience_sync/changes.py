@@ -55,6 +55,8 @@ def message_ids(keys: pa.Array | pa.ChunkedArray, con: duckdb.DuckDBPyConnection
     if n == 0:
         return pa.array([], pa.string())
     table = pa.table({"k": keys})
+    # uuid5 is SHA-1 over the namespace's 16 bytes followed by the name's UTF-8 bytes: from_hex
+    # gives the first, encode(k) the second, and sha1 returns the digest as 40 hex characters.
     con.register("message_keys", table)
     try:
         hexes = (
@@ -78,6 +80,9 @@ for _digit in "0123456789abcdef":
 
 def _hex_matrix(hexes: pa.Array, width: int) -> np.ndarray:
     """Fixed-width ASCII strings as an ``(n, width)`` byte matrix, without copying."""
+    # An Arrow string array keeps its values back to back in one data buffer, value i between
+    # offsets i and i + 1. When every value is ``width`` bytes (checked below), the bytes from
+    # the first offset on are a row-major matrix: row i is value i, one ASCII code per column.
     offsets, data = text_buffers(hexes)
     start = int(offsets[0])
     assert hexes.null_count == 0 and int(offsets[-1]) - start == width * len(hexes)
@@ -86,6 +91,11 @@ def _hex_matrix(hexes: pa.Array, width: int) -> np.ndarray:
 
 def _uuid_text(digest: np.ndarray) -> pa.Array:
     """Version-5 UUIDs in their 36-character form from SHA-1 hex digests (rows of ``digest``)."""
+    # The UUID is the digest's first 16 bytes, i.e. its first 32 hex characters, written
+    # 8-4-4-4-12 with dashes at columns 8, 13, 18 and 23 (the last 8 hex characters are unused).
+    # Two nibbles are overwritten, as uuid.uuid5 does: hex character 12 (column 14) becomes the
+    # version, "5"; hex character 16 (column 19) keeps its two low bits under the variant bits
+    # 10, looked up per ASCII code in _VARIANT. Column by column, all rows at once.
     n = len(digest)
     out = np.empty((n, 36), dtype=np.uint8)
     out[:, 0:8] = digest[:, 0:8]
@@ -99,6 +109,8 @@ def _uuid_text(digest: np.ndarray) -> pa.Array:
     out[:, 20:23] = digest[:, 17:20]
     out[:, 23] = _DASH
     out[:, 24:36] = digest[:, 20:32]
+    # Each row is one 36-byte value, so the offsets are 0, 36, 72... and the matrix's bytes are
+    # the data buffer as they are (no validity buffer: no nulls).
     offsets = np.arange(0, 36 * (n + 1), 36, dtype=np.int32)
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(out)])
 
@@ -226,6 +238,8 @@ class RunChanges:
         with duckdb.connect(":memory:") as con:
             for first in range(0, self.users, users):
                 last = min(first + users, self.users)
+                # Users first..last-1 are the rows from where user first-1 ends to where user
+                # last-1 ends (``_user_ends`` holds each user's end, exclusive).
                 start = int(self._user_ends[first - 1]) if first else 0
                 end = int(self._user_ends[last - 1])
                 yield self._batch(self._table.slice(start, end - start), last - first, con)
@@ -234,6 +248,9 @@ class RunChanges:
         audience = rows.column("audience").combine_chunks()
         value = rows.column("value").combine_chunks()
         user_id = rows.column("user_id").cast(pa.string()).combine_chunks()
+        # A change's key is prefix[audience] + user_id + suffix[2 * audience + value]: the
+        # suffixes are laid out per audience as (False, True), so 2 * audience + value picks
+        # the right one, and three takes and one join build every key without a Python loop.
         suffix_at = pc.add(pc.multiply(audience, 2), pc.cast(value, pa.int32()))
         keys = pc.binary_join_element_wise(
             self._prefixes.take(audience), user_id, self._suffixes.take(suffix_at), ""
@@ -310,6 +327,8 @@ def _user_ends(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
     n = len(ids)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
+    # Row i + 1 starts a new user where it differs from row i: compare the ids shifted by one,
+    # and each such i + 1 is where the previous user ends; the last user ends at n.
     changed = pc.not_equal(ids.slice(1), ids.slice(0, n - 1))
     return np.append(np.flatnonzero(changed.to_numpy(zero_copy_only=False)) + 1, n)
 
@@ -321,6 +340,7 @@ def _share_identities(table: pa.Table) -> pa.Table:
     if len(ends) == table.num_rows:  # one row per user: nothing to share
         return table
     starts = np.concatenate([[0], ends[:-1]])
+    # group[row] is the row's user number: user u's number repeated once per row it has.
     group = np.repeat(np.arange(len(ends)), np.diff(np.concatenate([[0], ends])))
     n = table.num_rows
     for t in IDENTITY_TRAITS:
@@ -328,6 +348,11 @@ def _share_identities(table: pa.Table) -> pa.Table:
         if column.null_count in (0, n):
             continue  # every row knows it, or none does
         valid = column.is_valid().to_numpy(zero_copy_only=False)
+        # Each row's own position where it has the trait, else n: a sentinel above every
+        # position. minimum.reduceat takes the minimum over each user's rows (starts[u] up to
+        # starts[u + 1]), i.e. the user's first row with the trait, or n when none has it;
+        # [group] copies it to each of the user's rows. n becomes a null index (mask), which
+        # ``take`` turns into a null value.
         first_valid = np.minimum.reduceat(np.where(valid, np.arange(n), n), starts)[group]
         picked = pa.array(first_valid, mask=first_valid == n)
         table = table.set_column(table.schema.get_field_index(t), t, column.take(picked))

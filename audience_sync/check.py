@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from audience_sync.config import AudienceConfig, Config, sqlite_path
 from audience_sync.destinations import Destination, destination_class
-from audience_sync.errors import AudienceSyncError, DestinationError, StateError
+from audience_sync.errors import AudienceSyncError, DestinationError, ExitCode, StateError
 from audience_sync.model import RunMode
 from audience_sync.planning import run_mode
 from audience_sync.schedule import describe
@@ -60,9 +60,9 @@ class CheckReport:
     audiences: list[AudienceCheck] = field(default_factory=list)
 
     @property
-    def exit_code(self) -> int:
-        """The first problem's exit code (snapshots, then state, then destination); else 0."""
-        return next((f.error.exit_code for f in self.findings if f.error is not None), 0)
+    def exit_code(self) -> ExitCode:
+        """The first problem's exit code (snapshots, then state, then destination); else OK."""
+        return next((f.error.exit_code for f in self.findings if f.error is not None), ExitCode.OK)
 
 
 @dataclass(slots=True)

@@ -30,6 +30,7 @@ from audience_sync.durations import format_duration, parse_duration
 from audience_sync.errors import (
     AudienceSyncError,
     ConfigError,
+    ExitCode,
     NotFound,
     SafeguardError,
     StateMissing,
@@ -1038,7 +1039,7 @@ def main() -> None:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         err.print("aborted")
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -1049,4 +1050,4 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)

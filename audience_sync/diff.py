@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from audience_sync.arrowtext import arrow_text
+from audience_sync.repeats import has_repeated
 
-__all__ = ["Plan", "has_repeated", "members_repeat", "plan"]
+__all__ = ["Plan", "members_repeat", "plan"]
 
 _EMPTY = pd.Index([], dtype="string[pyarrow]")
 
@@ -96,21 +97,6 @@ def plan(
     else:
         resend = _EMPTY
     return Plan(entered, exited, resend, unchanged, sent_rows, changed=changed, previous=previous)
-
-
-def has_repeated(ids: pd.Index | pd.Series) -> bool:
-    """Whether any id occurs twice.
-
-    A DuckDB ``GROUP BY`` over the Arrow buffers: 0.17 s for 2.5M ids on two cores, where
-    Arrow's ``unique`` takes 0.6 s and pandas' ``duplicated`` several seconds.
-    """
-    if len(ids) < 2:
-        return False
-    table = pa.table({"u": arrow_text(ids)})
-    with duckdb.connect(":memory:") as con:
-        con.register("ids", table)
-        found = con.sql("SELECT 1 AS found FROM ids GROUP BY u HAVING count(*) > 1 LIMIT 1")
-        return len(found.fetchnumpy()["found"]) > 0
 
 
 def members_repeat(members: pd.Index, synced: pd.Index, the_plan: Plan) -> bool:

@@ -826,8 +826,7 @@ def sync(
             if sa.inspect(engine).has_table("sync_audiences") and not schema_is_current(engine):
                 raise StateError("the state database needs `audience-sync db upgrade` first")
             # Only a destination that prices a plan (Crisp: requests) pays for collecting it.
-            prices = type(dest).describe_plan is not Destination.describe_plan
-            changed: dict[str, Identity] | None = {} if prices else None
+            changed: dict[str, Identity] | None = {} if dest.prices_plans else None
             planned = plan_all(
                 config,
                 store,

@@ -1,77 +1,137 @@
-"""The one exception tree of audience-sync.
+"""The one exception tree of audience-sync, and ``ExitCode``, the one table of exit codes.
 
 Per-user delivery problems are *values* (see ``model.Outcome``); these exceptions are for
-problems that stop a whole run or a whole audience. Each class carries the CLI exit code it
+problems that stop a whole run or a whole audience. Each class carries the ``ExitCode`` it
 maps to, so the CLI needs no table of its own::
 
-    AudienceSyncError                 exit 1  unexpected failure
-    ├── NotFound                      exit 2  the run or audience named on the command line
-    │                                         does not exist
-    ├── ConfigError                   exit 3  bad config file, key or environment value
-    ├── SnapshotError                 exit 4  a snapshot is missing, unreadable or malformed
-    ├── SafeguardError                exit 4  a snapshot looks broken (empty, wipes an audience)
-    ├── DestinationError              exit 6  the destination refused the whole run
-    │   ├── CredentialsError                  missing or rejected API credentials
-    │   └── QuotaExhausted                    daily request budget spent (run ends partial)
-    ├── StateError                    exit 6  the state database is unusable or not migrated
-    ├── StateMissing                  exit 9  the state looks lost: moved, or empty for a
-    │                                         destination that was synced before
-    └── AlreadyRunning                exit 7  another process holds the audience's run lock
+    AudienceSyncError                 FAILURE          unexpected failure
+    ├── NotFound                      USAGE            the run or audience named on the command
+    │                                                  line does not exist
+    ├── ConfigError                   CONFIG           bad config file, key or environment value
+    ├── SnapshotError                 SNAPSHOT         a snapshot is missing, unreadable or
+    │                                                  malformed
+    ├── SafeguardError                SNAPSHOT         a snapshot looks broken (empty, wipes an
+    │                                                  audience)
+    ├── DestinationError              UNAVAILABLE      the destination refused the whole run
+    │   ├── CredentialsError                           missing or rejected API credentials
+    │   └── QuotaExhausted                             daily request budget spent (run ends
+    │                                                  partial)
+    ├── StateError                    UNAVAILABLE      the state database is unusable or not
+    │                                                  migrated
+    ├── StateMissing                  STATE_MISSING    the state looks lost: moved, or empty for
+    │                                                  a destination that was synced before
+    └── AlreadyRunning                ALREADY_RUNNING  another process holds the audience's run
+                                                       lock
 """
 
 from __future__ import annotations
 
+import enum
 import math
+from collections.abc import Iterable
+from typing import ClassVar
 
 __all__ = [
+    "SEVERITY",
     "AlreadyRunning",
     "AudienceSyncError",
     "ConfigError",
     "CredentialsError",
     "DestinationError",
+    "ExitCode",
     "NotFound",
     "QuotaExhausted",
     "SafeguardError",
     "SnapshotError",
     "StateError",
     "StateMissing",
+    "most_severe",
 ]
+
+
+class ExitCode(enum.IntEnum):
+    """Every exit code of the ``audience-sync`` command (README's *Exit codes* table lists the
+    same; ``tests/test_docs.py`` compares them)."""
+
+    OK = 0
+    FAILURE = 1
+    """An unexpected failure (a bug)."""
+    USAGE = 2
+    """Wrong command-line usage (click's own code), or what it names does not exist."""
+    CONFIG = 3
+    SNAPSHOT = 4
+    """A snapshot is unusable or was refused by a safeguard, or some of its rows were rejected."""
+    PARTIAL = 5
+    """Some users failed, were skipped or are still pending (``track``: calls not delivered)."""
+    UNAVAILABLE = 6
+    """The destination refused the run, or the state database is unusable."""
+    ALREADY_RUNNING = 7
+    UNHEALTHY = 8
+    """``status`` only: an audience's last run failed or is overdue."""
+    STATE_MISSING = 9
+    INTERRUPTED = 130
+    """Stopped by SIGINT (128 + 2): Ctrl-C, or a second SIGINT to the service."""
+    TERMINATED = 143
+    """Stopped at once by a second SIGTERM (128 + 15) to the service."""
+
+    @classmethod
+    def killed_by(cls, signum: int) -> ExitCode:
+        """The shell's code for a process stopped by signal ``signum``: 128 + its number."""
+        return cls(128 + signum)
+
+
+#: When the audiences of one run end differently, the latest of these codes wins.
+SEVERITY = (
+    ExitCode.OK,
+    ExitCode.PARTIAL,
+    ExitCode.SNAPSHOT,
+    ExitCode.FAILURE,
+    ExitCode.UNAVAILABLE,
+    ExitCode.STATE_MISSING,
+    ExitCode.ALREADY_RUNNING,
+    ExitCode.CONFIG,
+)
+
+
+def most_severe(codes: Iterable[ExitCode]) -> ExitCode:
+    """The code of a run whose audiences ended with ``codes`` (``OK`` when there are none)."""
+    return max(codes, key=SEVERITY.index, default=ExitCode.OK)
 
 
 class AudienceSyncError(Exception):
     """Root of every error audience-sync raises on purpose."""
 
-    exit_code = 1
+    exit_code: ClassVar[ExitCode] = ExitCode.FAILURE
 
 
 class NotFound(AudienceSyncError):
     """What the command line names (a run id, an audience) is not in the state database."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class ConfigError(AudienceSyncError):
     """The configuration is invalid; nothing was sent."""
 
-    exit_code = 3
+    exit_code = ExitCode.CONFIG
 
 
 class SnapshotError(AudienceSyncError):
     """A snapshot cannot be used; the audience was not synced and its state is untouched."""
 
-    exit_code = 4
+    exit_code = ExitCode.SNAPSHOT
 
 
 class SafeguardError(AudienceSyncError):
     """A snapshot was refused by a safeguard (e.g. it would wipe the audience)."""
 
-    exit_code = 4
+    exit_code = ExitCode.SNAPSHOT
 
 
 class DestinationError(AudienceSyncError):
     """The destination refused the run as a whole (not one user)."""
 
-    exit_code = 6
+    exit_code = ExitCode.UNAVAILABLE
 
 
 class CredentialsError(DestinationError):
@@ -112,7 +172,7 @@ class QuotaExhausted(DestinationError):
 class StateError(AudienceSyncError):
     """The state database cannot be used."""
 
-    exit_code = 6
+    exit_code = ExitCode.UNAVAILABLE
 
 
 class StateMissing(AudienceSyncError):
@@ -120,10 +180,10 @@ class StateMissing(AudienceSyncError):
     database moved, or it holds nothing for a destination that shows earlier syncs. Nothing
     was sent (a run from an empty state would re-send every member)."""
 
-    exit_code = 9
+    exit_code = ExitCode.STATE_MISSING
 
 
 class AlreadyRunning(AudienceSyncError):
     """Another process is syncing the same (destination, audience)."""
 
-    exit_code = 7
+    exit_code = ExitCode.ALREADY_RUNNING

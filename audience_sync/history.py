@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from audience_sync.config import AudienceConfig, Config
+from audience_sync.errors import ExitCode
 from audience_sync.model import DeliveryStatus, RunStatus
 from audience_sync.schedule import describe, due_after, trigger
 from audience_sync.state.lock import RunLock
@@ -21,7 +22,6 @@ from audience_sync.state.schema import sync_changes, sync_pending, sync_rejected
 from audience_sync.state.store import MAX_STORED_ROWS, StateStore, as_utc
 
 __all__ = [
-    "UNHEALTHY_EXIT_CODE",
     "AudienceStatus",
     "DestinationQuota",
     "Pruned",
@@ -34,9 +34,6 @@ __all__ = [
 ]
 
 _TICK = timedelta(microseconds=1)
-
-#: ``audience-sync status`` exits with this when an audience's last run failed or is overdue.
-UNHEALTHY_EXIT_CODE = 8
 
 
 @dataclass(slots=True)
@@ -138,8 +135,8 @@ class StatusReport:
         return all(a.healthy for a in self.audiences)
 
     @property
-    def exit_code(self) -> int:
-        return 0 if self.healthy else UNHEALTHY_EXIT_CODE
+    def exit_code(self) -> ExitCode:
+        return ExitCode.OK if self.healthy else ExitCode.UNHEALTHY
 
 
 def status(config: Config, engine: sa.Engine, *, now: datetime, recent: int = 5) -> StatusReport:

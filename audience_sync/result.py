@@ -7,13 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from audience_sync.config import AudienceConfig
-from audience_sync.errors import AudienceSyncError, SnapshotError
+from audience_sync.errors import AudienceSyncError, ExitCode, most_severe
 from audience_sync.model import RejectedRow, RunMode, RunStatus
 
-__all__ = ["PARTIAL_EXIT_CODE", "AudienceResult", "SyncResult"]
-
-#: Exit code of a run that left users failed, skipped or pending.
-PARTIAL_EXIT_CODE = 5
+__all__ = ["AudienceResult", "SyncResult"]
 
 
 @dataclass(slots=True)
@@ -30,6 +27,19 @@ class AudienceResult:
     rejected: tuple[RejectedRow, ...] = ()
     sample: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def exit_code(self) -> ExitCode:
+        """What this audience alone would exit with."""
+        if self.error_type is not None:
+            return self.error_type.exit_code
+        if self.status is RunStatus.FAILED:
+            return AudienceSyncError.exit_code
+        if self.counts.get("rejected_rows"):
+            return ExitCode.SNAPSHOT
+        if self.status in (RunStatus.PARTIAL, RunStatus.INTERRUPTED):
+            return ExitCode.PARTIAL
+        return ExitCode.OK
+
 
 @dataclass(slots=True)
 class SyncResult:
@@ -43,17 +53,6 @@ class SyncResult:
     """Things the operator should act on that did not stop the run (e.g. audiences to retire)."""
 
     @property
-    def exit_code(self) -> int:
-        """0 when all succeeded; else the most severe audience's code (see ``errors``)."""
-        codes = [0]
-        for r in self.audiences:
-            if r.error_type is not None:
-                codes.append(r.error_type.exit_code)
-            elif r.status is RunStatus.FAILED:
-                codes.append(AudienceSyncError.exit_code)
-            elif r.counts.get("rejected_rows"):
-                codes.append(SnapshotError.exit_code)
-            elif r.status in (RunStatus.PARTIAL, RunStatus.INTERRUPTED):
-                codes.append(PARTIAL_EXIT_CODE)
-        severity = [0, PARTIAL_EXIT_CODE, 4, 1, 6, 9, 7, 3]
-        return max(codes, key=severity.index)
+    def exit_code(self) -> ExitCode:
+        """``OK`` when all succeeded; else the most severe audience's code (see ``errors``)."""
+        return most_severe(r.exit_code for r in self.audiences)

@@ -28,7 +28,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from audience_sync.alerts import Alerter
 from audience_sync.config import AudienceConfig, Config, load_config
 from audience_sync.engine import prepare_schema, sync
-from audience_sync.errors import AudienceSyncError
+from audience_sync.errors import AudienceSyncError, ExitCode
 from audience_sync.history import status
 from audience_sync.metrics import RunMetrics
 from audience_sync.model import Trigger
@@ -232,7 +232,7 @@ class Service:
             # Confirmed changes are already committed or will be re-sent by the next run: the
             # state never moves ahead of the destination, so leaving now loses nothing.
             os.write(2, f"second {signal.Signals(signum).name}: exiting now\n".encode())
-            os._exit(128 + signum)
+            os._exit(ExitCode.killed_by(signum))
         self.stopping.set()
         self._wake.set()
 
@@ -255,7 +255,7 @@ class Service:
         self._log_next_runs()
         return True
 
-    def run(self, *, ready: Callable[[], None] | None = None) -> int:
+    def run(self, *, ready: Callable[[], None] | None = None) -> ExitCode:
         """Schedule, then block until SIGTERM/SIGINT; returns the exit code."""
         handlers = {
             signal.SIGTERM: self._on_stop,
@@ -297,7 +297,7 @@ class Service:
             while self._running:
                 time.sleep(0.05)
             log.info("stopped")
-            return 0
+            return ExitCode.OK
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)

@@ -19,10 +19,9 @@ from typing import Any
 from audience_sync.config import Config
 from audience_sync.destinations import Call, Destination, IdentifyCall, TrackEvent
 from audience_sync.engine import open_destination, prepare_schema
-from audience_sync.errors import SnapshotError
+from audience_sync.errors import ExitCode, SnapshotError
 from audience_sync.model import DeliveryStatus, Outcome
 from audience_sync.planning import SAMPLE_SIZE
-from audience_sync.result import PARTIAL_EXIT_CODE
 from audience_sync.state import connect
 
 __all__ = ["CallFile", "CallResult", "SkippedLine", "read_calls", "sends_here", "track"]
@@ -74,11 +73,12 @@ class CallResult:
         return Counter(o.reason or o.status.value for o in self.outcomes if o.reason)
 
     @property
-    def exit_code(self) -> int:
-        """5 when a call was not delivered or a line was skipped (a turned-off call is fine)."""
+    def exit_code(self) -> ExitCode:
+        """``PARTIAL`` when a call was not delivered or a line was skipped (a turned-off call is
+        fine)."""
         delivered = self.count(DeliveryStatus.DELIVERED)
         complete = delivered == len(self.outcomes) and not self.skipped_lines
-        return 0 if complete else PARTIAL_EXIT_CODE
+        return ExitCode.OK if complete else ExitCode.PARTIAL
 
 
 class _BadLine(ValueError):

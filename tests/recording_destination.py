@@ -89,6 +89,7 @@ class BatchRecordingDestination(Destination):
 
     kind = "batch_recording"
     settings_model = RecordingSettings
+    takes_batches = True
 
     def __init__(
         self,

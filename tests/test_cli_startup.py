@@ -70,7 +70,7 @@ def test_status_and_history_load_no_data_stack(tmp_path: Path) -> None:
 def test_the_lazy_public_api_still_resolves_every_name() -> None:
     code = (
         "import sys, audience_sync as a; assert 'pandas' not in sys.modules; "
-        "[getattr(a, n) for n in a.__all__]; print(a.sync.__module__, a.plan.__module__)"
+        "[getattr(a, n) for n in a.__all__]; print(a.sync.__module__, a.track.__module__)"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert proc.stdout.split() == ["audience_sync.engine", "audience_sync.diff"]
+    assert proc.stdout.split() == ["audience_sync.engine", "audience_sync.track"]

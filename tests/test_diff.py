@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audience_sync.diff import Plan, has_repeated, members_repeat, plan
+from audience_sync.diff import Plan, members_repeat, plan
+from audience_sync.repeats import has_repeated
 
 
 def index(ids: Iterable[str]) -> pd.Index:

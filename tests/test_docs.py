@@ -1,8 +1,10 @@
 """The README documents every command and option of the CLI: a new one fails this test until
-it is described. Commands and options come from click itself, not from parsing `--help`."""
+it is described. Commands and options come from click itself, not from parsing `--help`. Its
+exit-code table is ``errors.ExitCode``."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import click
@@ -10,6 +12,7 @@ import pytest
 from conftest import REPO
 
 from audience_sync.cli import cli
+from audience_sync.errors import SEVERITY, ExitCode
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
@@ -74,3 +77,25 @@ def test_every_option_is_in_the_readme_next_to_its_command(
 def test_the_walk_finds_the_commands() -> None:
     found = {" ".join(p) for p, _ in ALL}
     assert {"run", "check", "init", "history prune", "history RUN_ID", "db upgrade"} <= found
+
+
+def readme_section(title: str) -> str:
+    """The README's text under the heading ``title`` up to the next heading of any level."""
+    start = README.index(f"\n{title}\n") + len(title) + 2
+    end = README.find("\n#", start)
+    return README[start:] if end < 0 else README[start:end]
+
+
+def test_the_exit_code_table_is_the_one_in_errors() -> None:
+    section = readme_section("### Exit codes")
+    documented = {
+        int(code)
+        for line in section.splitlines()
+        if line.startswith("| ") and line[2].isdigit()
+        for code in line.split("|")[1].split(",")
+    }
+    assert documented == set(ExitCode)
+    assert click.UsageError.exit_code == ExitCode.USAGE  # click's code for bad usage is ours
+    # "the most severe code wins (3 > 7 > ...)" lists SEVERITY, most severe first
+    (order,) = re.findall(r"the most severe code wins \(([\d >]+)\)", section)
+    assert [int(c) for c in order.split(" > ")] == list(reversed(SEVERITY[1:]))

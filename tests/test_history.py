@@ -10,7 +10,8 @@ import sqlalchemy as sa
 from conftest import cli, write_config, write_csv
 
 from audience_sync.config import load_config
-from audience_sync.history import UNHEALTHY_EXIT_CODE, status
+from audience_sync.errors import ExitCode
+from audience_sync.history import status
 
 
 def execute(url: str, sql: str, **params: object) -> None:
@@ -105,7 +106,7 @@ def test_status_exit_codes(tmp_path: Path, state_url: str) -> None:
     write_csv(tmp_path / "a.csv", "user_id\n")
     assert cli("run", "--config", str(config)).returncode == 4
     failed = cli("status", "--config", str(config))
-    assert failed.returncode == UNHEALTHY_EXIT_CODE
+    assert failed.returncode == ExitCode.UNHEALTHY
     assert "last run 2 failed" in failed.stdout
     assert "UNHEALTHY" in failed.stdout
 
@@ -116,7 +117,7 @@ def test_status_exit_codes(tmp_path: Path, state_url: str) -> None:
     three_hours_ago = datetime.now(UTC) - timedelta(hours=3)
     execute(state_url, "update sync_runs set started_at = :t", t=three_hours_ago)
     overdue = cli("status", "--config", str(config), "--json")
-    assert overdue.returncode == UNHEALTHY_EXIT_CODE
+    assert overdue.returncode == ExitCode.UNHEALTHY
     report = json.loads(overdue.stdout)
     (entry,) = report["audiences"]
     assert entry["problems"][0].startswith("overdue: a run was due at")

@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 from conftest import cli, write_config, write_csv
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from audience_sync.config import AudienceConfig, SafeguardConfig
 from audience_sync.diff import plan
@@ -66,9 +68,21 @@ def test_check(members: pd.Index, overrides: dict[str, object], refused: str | N
     assert "--force" in str(exc.value)
 
 
-def test_first_sync_and_empty_state_are_never_refused() -> None:
-    guard(TEN, ids())
-    guard(ids(), ids())
+@settings(max_examples=40, deadline=None)
+@given(members=st.integers(0, 10), max_exit_ratio=st.floats(0, 0.99), allow_empty=st.booleans())
+def test_first_sync_and_empty_state_are_never_refused(
+    members: int, max_exit_ratio: float, allow_empty: bool
+) -> None:
+    """An empty state (a first sync) passes the empty and mass-exit safeguards at any limits,
+    whatever the snapshot holds, empty included; the same limits refuse the same snapshot
+    against a state whose members would all leave."""
+    snapshot = TEN[:members]
+    limits = {"max_exit_ratio": max_exit_ratio, "allow_empty": allow_empty}
+    guard(snapshot, ids(), **limits)  # not refused: nothing to wipe, nobody to exit
+    if members == 0 and allow_empty:
+        return  # an allowed empty snapshot is not refused against any state
+    with pytest.raises(SafeguardError, match="nothing was sent"):
+        guard(snapshot, ids("x1", "x2"), **limits)
 
 
 def users(path: Path, n: int, start: int = 0) -> Path:

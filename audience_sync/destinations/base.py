@@ -78,8 +78,10 @@ class Destination(abc.ABC):
     """A place audience memberships are delivered to.
 
     Subclasses set ``kind`` (the ``type`` in the config) and ``settings_model``, and implement
-    ``deliver`` or ``deliver_batches``. A destination is an async context manager: resources
-    (files, HTTP clients) are opened in ``__aenter__`` and closed in ``__aexit__``.
+    ``deliver`` or ``deliver_batches`` (and then set ``takes_batches``). What a destination can
+    do is declared in class attributes, never inferred from which methods it overrides. A
+    destination is an async context manager: resources (files, HTTP clients) are opened in
+    ``__aenter__`` and closed in ``__aexit__``.
     """
 
     kind: ClassVar[str]
@@ -87,6 +89,12 @@ class Destination(abc.ABC):
     uses_state: ClassVar[bool] = False
     """Whether the destination keeps tables of its own in the state database (Crisp: its
     request budget and people map); ``check`` gives the others no database to write to."""
+    takes_batches: ClassVar[bool] = False
+    """Whether the destination implements ``deliver_batches``: the engine then hands it
+    ``ChangeBatch``es, and ``deliver`` sends per-user updates through it."""
+    prices_plans: ClassVar[bool] = False
+    """Whether ``describe_plan`` estimates a cost: only then does a dry run collect the users
+    that would change to price them."""
 
     def __init__(
         self, settings: DestinationSettings, *, name: str, state: sa.Engine, config_dir: Path
@@ -145,11 +153,6 @@ class Destination(abc.ABC):
         """Users per ``ChangeBatch`` handed to ``deliver_batches``."""
         return 5000
 
-    @property
-    def takes_batches(self) -> bool:
-        """Whether the destination implements ``deliver_batches`` (the engine then uses it)."""
-        return type(self).deliver_batches is not Destination.deliver_batches
-
     async def deliver(self, updates: Iterable[UserUpdate]) -> AsyncGenerator[list[Outcome], None]:
         """Send ``updates`` (a lazy iterable: pull from it as capacity frees up) and yield
         outcomes as they are confirmed, one per update in total.
@@ -197,5 +200,6 @@ class Destination(abc.ABC):
         return None
 
     def describe_plan(self, updates: Sequence[UserUpdate]) -> dict[str, int]:
-        """Estimated cost of sending ``updates`` (e.g. ``{"requests": n}``), for ``--dry-run``."""
+        """Estimated cost of sending ``updates`` (e.g. ``{"requests": n}``), for ``--dry-run``;
+        called only when ``prices_plans`` is set."""
         return {}

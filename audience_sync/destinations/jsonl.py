@@ -72,8 +72,9 @@ def identify_lines(
     table = batch.table
     keys = table.column("audience_key").combine_chunks()
     audiences = keys.dictionary.to_pylist()
-    # Per audience, not per change: the JSON of its trait key and of its context. A computed
-    # trait's rows carry their value in `data` (audiences' rows never do).
+    # Per audience, not per change: the JSON of its trait key and of its context. The trait
+    # column holds the key's JSON string ('"vip"'); the query writes ':' and the value after it
+    # (':true' or ':false', or a computed trait's JSON from `data`, which audiences' rows lack).
     data = table.column("data")
     computed = set(pc.unique(keys.indices.filter(data.is_valid())).to_pylist())
     trait = pa.array([orjson.dumps(k).decode() for k in audiences], pa.string())
@@ -116,6 +117,11 @@ _IDENTIFY_SQL = (
 
 def _tail(timestamp: str) -> str:
     """The end of every line of a run: its timestamp and the integrations."""
+    # orjson writes '{"timestamp":"...","integrations":{...}}'. Without its opening brace, the
+    # text's last brace closes the message that _IDENTIFY_SQL opened with '{"type":"identify"',
+    # and the comma put in front follows the messageId's value: every line ends
+    # ...,"messageId":"...","timestamp":"...","integrations":{...}}\n. Built once per run and
+    # appended by the query as $1, so no line is parsed or re-serialised.
     end = orjson.dumps({"timestamp": timestamp, "integrations": _INTEGRATIONS}).decode()
     return "," + end[1:] + "\n"
 
@@ -183,6 +189,7 @@ def _drop_torn_line(path: Path) -> None:
 class JsonlDestination(Destination):
     kind = "jsonl"
     settings_model = JsonlSettings
+    takes_batches = True
     settings: JsonlSettings
     _file: IO[bytes] | None = None
 

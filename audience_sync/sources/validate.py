@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from audience_sync.arrowtext import arrow_text, text_buffers
-from audience_sync.diff import has_repeated
 from audience_sync.errors import SnapshotError
 from audience_sync.model import IDENTITY_TRAITS, MAX_REJECTED_ROWS, RejectedRow, Snapshot
+from audience_sync.repeats import has_repeated
 
 __all__ = [
     "CONTROL_REASON",

@@ -57,7 +57,7 @@ from audience_sync.destinations.crisp.profiles import EMAIL_REQUIRED, Profiles, 
 from audience_sync.destinations.crisp.ratelimit import AdaptiveRateLimiter
 from audience_sync.destinations.crisp.settings import CrispCredentials, CrispSettings
 from audience_sync.errors import DestinationError, QuotaExhausted
-from audience_sync.model import Identity, Outcome, UserUpdate
+from audience_sync.model import DeliveryStatus, Identity, Outcome, UserUpdate
 from audience_sync.state.schema import crisp_people, destination_requests
 from audience_sync.state.store import Clock, utc_now
 
@@ -76,6 +76,7 @@ class CrispDestination(Destination):
     kind = "crisp"
     settings_model = CrispSettings
     uses_state = True
+    prices_plans = True
     settings: CrispSettings
 
     def __init__(
@@ -205,7 +206,7 @@ class CrispDestination(Destination):
         self._delivery = run
         try:
             async for outcomes in run.outcomes():
-                self.confirmed += sum(o.status.value == "delivered" for o in outcomes)
+                self.confirmed += sum(o.status is DeliveryStatus.DELIVERED for o in outcomes)
                 yield outcomes
         except QuotaExhausted as exc:
             exc.requests_per_user = self.requests_per_user()
@@ -298,7 +299,7 @@ class CrispDestination(Destination):
         final = [
             o or Outcome.failed(c.user_id, reason) for o, c in zip(outcomes, calls, strict=True)
         ]
-        self.confirmed += sum(o.status.value == "delivered" for o in final)
+        self.confirmed += sum(o.status is DeliveryStatus.DELIVERED for o in final)
         return final
 
     async def _send_call(
