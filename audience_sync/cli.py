@@ -589,6 +589,7 @@ def history(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from audience_sync.destinations.budget import requests_used
     from audience_sync.state import StateStore, connect
     from audience_sync.state.store import COUNTERS
 
@@ -649,7 +650,7 @@ def history(
                 "error",
             )
             title = "Sync runs"
-        used_today = store.requests_used(store.clock().date())
+        used_today = requests_used(engine, store.clock().date())
     finally:
         engine.dispose()
     if as_json:
@@ -668,10 +669,8 @@ def history(
     out.print(table)
     if not rows:
         out.print("no rows")
+    budget = config.destination.settings.request_budget if config else None
     for destination, used in used_today.items():
-        budget = (
-            getattr(config.destination.settings, "daily_request_budget", None) if config else None
-        )
         of = (
             f" of {budget:,}"
             if budget and config and config.destination.name == destination

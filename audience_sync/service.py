@@ -27,6 +27,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from audience_sync.alerts import Alerter
 from audience_sync.config import AudienceConfig, Config, load_config
+from audience_sync.destinations.budget import requests_used
 from audience_sync.engine import prepare_schema, sync
 from audience_sync.errors import AudienceSyncError
 from audience_sync.history import status
@@ -200,7 +201,7 @@ class Service:
                 store = StateStore(engine)
                 keys = [a.trait_key for a in config.audiences]
                 queue = store.retry_counts(config.destination.name, keys)
-                used = store.requests_used(self.clock().date())
+                used = requests_used(engine, self.clock().date())
             finally:
                 engine.dispose()
             self.metrics.observe(

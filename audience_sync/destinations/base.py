@@ -49,6 +49,12 @@ class DestinationSettings(BaseModel):
         """
         return cls.model_validate(dict(table))
 
+    @property
+    def request_budget(self) -> int | None:
+        """Requests per UTC day the destination may make (counted in ``destinations/budget.py``),
+        or ``None`` when it has no daily budget."""
+        return None
+
 
 class TrackEvent(BaseModel):
     """A Segment-spec Track call: an event for one user's event stream."""
