@@ -11,6 +11,7 @@ the webhook URL (a secret), and the row is dropped so the next occurrence tries 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -30,7 +31,7 @@ from audience_sync.errors import AlreadyRunning, SafeguardError
 from audience_sync.history import StatusReport
 from audience_sync.model import RunStatus
 from audience_sync.result import AudienceResult, SyncResult
-from audience_sync.state import connect
+from audience_sync.runtime import open_state
 from audience_sync.state.schema import sync_alerts
 from audience_sync.state.store import Clock, utc_now
 
@@ -190,20 +191,17 @@ class Alerter:
     def _apply(
         self, raised: Sequence[Alert], cleared: Sequence[tuple[str, Iterable[Condition]]]
     ) -> None:
-        try:
-            engine = connect(self.config.state.url)
-        except Exception as exc:
-            log.error("alerts: cannot open the state database: %s", exc)
-            engine = None
-        try:
+        with contextlib.ExitStack() as opened:
+            engine: sa.Engine | None = None
+            try:
+                engine = opened.enter_context(open_state(self.config.state.url))
+            except Exception as exc:
+                log.error("alerts: cannot open the state database: %s", exc)
             for key, conditions in cleared:
                 self._clear(engine, key, list(conditions))
             for alert in raised:
                 if self._mark(engine, alert) and not self._send(alert):
                     self._clear(engine, alert.audience_key, [alert.condition])
-        finally:
-            if engine is not None:
-                engine.dispose()
 
     def _mark(self, engine: sa.Engine | None, alert: Alert) -> bool:
         """Record the alert; ``False`` when it is already raised (someone sent it)."""

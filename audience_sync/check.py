@@ -9,6 +9,7 @@ comes from the one table in ``errors.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,14 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from audience_sync.config import AudienceConfig, Config, sqlite_path
-from audience_sync.destinations import Destination, destination_class
+from audience_sync.destinations import destination_class
 from audience_sync.errors import AudienceSyncError, DestinationError, ExitCode, StateError
 from audience_sync.model import RunMode
 from audience_sync.planning import run_mode
+from audience_sync.runtime import open_destination, open_state
 from audience_sync.schedule import describe
 from audience_sync.sources import SnapshotHeader, snapshot_header
-from audience_sync.state import StateStore, connect, schema_is_current, upgrade
+from audience_sync.state import StateStore, schema_is_current, upgrade
 
 __all__ = ["AudienceCheck", "CheckReport", "Finding", "check"]
 
@@ -89,8 +91,8 @@ def check(config: Config, *, offline: bool = False) -> CheckReport:
         report.findings.append(
             Finding("snapshot", audience.name, f"{header.rows:,} rows from {header.source}")
         )
-    state = _open_state(config, report)
-    try:
+    with contextlib.ExitStack() as opened:
+        state = _open_state(config, report, opened)
         store = StateStore(state.engine) if state.engine is not None and state.current else None
         for audience in config.audiences:
             key = audience.trait_key
@@ -110,15 +112,13 @@ def check(config: Config, *, offline: bool = False) -> CheckReport:
                     members if ref is not None else (0 if mode is RunMode.INITIAL else None),
                 )
             )
-    finally:
-        if state.engine is not None:
-            state.engine.dispose()
     report.findings.append(_probe(config, state, offline=offline))
     return report
 
 
-def _open_state(config: Config, report: CheckReport) -> _State:
-    """Open the state database without writing to it and record what was found."""
+def _open_state(config: Config, report: CheckReport, opened: contextlib.ExitStack) -> _State:
+    """Open the state database without writing to it (until ``opened`` closes) and record what
+    was found."""
     try:
         url = sa.make_url(config.state.url)
     except sa.exc.ArgumentError as exc:
@@ -139,7 +139,7 @@ def _open_state(config: Config, report: CheckReport) -> _State:
         return _State(None, False, False)
     try:
         # Read-only: the database itself refuses every write (SQLite: a mode=ro URI).
-        engine = connect(config.state.url, read_only=True)
+        engine = opened.enter_context(open_state(config.state.url, read_only=True))
     except StateError as exc:
         report.findings.append(Finding("state", where, str(exc), exc))
         return _State(None, False, False)
@@ -147,7 +147,6 @@ def _open_state(config: Config, report: CheckReport) -> _State:
         current = schema_is_current(engine)
         empty = not sa.inspect(engine).has_table("sync_audiences")
     except (StateError, sa.exc.OperationalError) as exc:
-        engine.dispose()
         error = exc if isinstance(exc, StateError) else StateError(f"{where}: {exc.orig}")
         report.findings.append(Finding("state", where, str(error), error))
         return _State(None, False, False)
@@ -172,25 +171,23 @@ def _probe(config: Config, state: _State, *, offline: bool) -> Finding:
     name = config.destination.name
     if offline:
         return Finding("destination", name, "not contacted (--offline)")
-    cls = destination_class(config.destination.type)
-    with tempfile.TemporaryDirectory(prefix="audience-sync-check-") as scratch:
+    with contextlib.ExitStack() as opened:
+        engine: sa.Engine | None = None  # a destination keeping no tables is given none
         note = ""
-        if not cls.uses_state:
-            engine = sa.create_engine("sqlite://")  # never used: nothing to write
-        elif state.engine is not None and state.current:
-            engine = connect(config.state.url)
-        else:
-            engine = connect(f"sqlite:///{Path(scratch) / 'check.db'}")
+        uses_state = destination_class(config.destination.type).uses_state
+        if uses_state and state.engine is not None and state.current:
+            engine = opened.enter_context(open_state(config.state.url))
+        elif uses_state:
+            scratch = opened.enter_context(
+                tempfile.TemporaryDirectory(prefix="audience-sync-check-")
+            )
+            engine = opened.enter_context(open_state(f"sqlite:///{Path(scratch) / 'check.db'}"))
             upgrade(engine)
             note = " (not counted in the state database: it is not ready yet)"
         try:
-            destination: Destination = cls(
-                config.destination.settings, name=name, state=engine, config_dir=config.config_dir
-            )
+            destination = open_destination(config, engine)
             destination.preflight()
             detail = asyncio.run(destination.probe())
         except DestinationError as exc:
             return Finding("destination", name, str(exc), exc)
-        finally:
-            engine.dispose()
     return Finding("destination", name, detail + note)

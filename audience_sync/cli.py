@@ -603,7 +603,9 @@ def history(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from audience_sync.state import StateStore, connect
+    from audience_sync.destinations.budget import requests_used
+    from audience_sync.runtime import open_state
+    from audience_sync.state import StateStore
     from audience_sync.state.store import COUNTERS
 
     state_url, config = _state_url(config_path, url)
@@ -612,8 +614,7 @@ def history(
     )
     if destination is None and config is not None:
         destination = config.destination.name
-    engine = connect(state_url, create=False)
-    try:
+    with open_state(state_url, create=False) as engine:
         store = StateStore(engine)
         columns: tuple[str, ...]
         if not store.has_history():  # no run yet: nothing to list, and nothing to create
@@ -663,9 +664,7 @@ def history(
                 "error",
             )
             title = "Sync runs"
-        used_today = store.requests_used(store.clock().date())
-    finally:
-        engine.dispose()
+        used_today = requests_used(engine, store.clock().date())
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=_json_default))
         return
@@ -682,10 +681,8 @@ def history(
     out.print(table)
     if not rows:
         out.print("no rows")
+    budget = config.destination.settings.request_budget if config else None
     for destination, used in used_today.items():
-        budget = (
-            getattr(config.destination.settings, "daily_request_budget", None) if config else None
-        )
         of = (
             f" of {budget:,}"
             if budget and config and config.destination.name == destination
@@ -730,15 +727,13 @@ def history_show(
 ) -> None:
     """Show run RUN_ID in detail, with samples of the changes that did not go through."""
     from audience_sync.history import run_detail
-    from audience_sync.state import StateStore, connect
+    from audience_sync.runtime import open_state
+    from audience_sync.state import StateStore
 
     state_url, _ = _parent_state(ctx, config_path, url)
-    engine = connect(state_url, create=False)
-    try:
+    with open_state(state_url, create=False) as engine:
         store = StateStore(engine)
         detail = run_detail(store, run_id, samples=samples) if store.has_history() else None
-    finally:
-        engine.dispose()
     if detail is None:
         raise NotFound(
             f"no run {run_id} in the state database ({state_url.split('@')[-1]}); "
@@ -813,20 +808,17 @@ def history_prune(
     ctx: click.Context, older_than: str, dry_run: bool, config_path: Path, url: str | None
 ) -> None:
     """Delete change-log rows and runs older than DURATION (the retry queue is kept)."""
+    from audience_sync.clock import utc_now
     from audience_sync.history import prune
-    from audience_sync.state import connect
-    from audience_sync.state.store import utc_now
+    from audience_sync.runtime import open_state
 
     try:
         age = parse_duration(older_than)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--older-than") from None
     state_url, _ = _parent_state(ctx, config_path, url)
-    engine = connect(state_url)
-    try:
+    with open_state(state_url) as engine:
         pruned = prune(engine, older_than=age, now=utc_now(), dry_run=dry_run)
-    finally:
-        engine.dispose()
     verb = "would delete" if dry_run else "deleted"
     click.echo(
         f"{verb} {pruned.changes} change-log rows and {pruned.runs} runs from before "
@@ -845,16 +837,13 @@ def _age(now: datetime, then: datetime | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(config_path: Path, as_json: bool) -> None:
     """Each audience's schedule, last and next run, retry queue; exit 8 if any is unhealthy."""
+    from audience_sync.clock import utc_now
     from audience_sync.history import status as audience_status
-    from audience_sync.state import connect
-    from audience_sync.state.store import utc_now
+    from audience_sync.runtime import open_state
 
     config = load_config(config_path)
-    engine = connect(config.state.url, create=False)
-    try:
+    with open_state(config.state.url, create=False) as engine:
         report = audience_status(config, engine, now=utc_now())
-    finally:
-        engine.dispose()
     if as_json:
         payload = {
             "destination": report.destination,
@@ -941,14 +930,12 @@ def db() -> None:
 @click.option("--url", help="State database URL (default: from the config).")
 def db_upgrade(config_path: Path, url: str | None) -> None:
     """Create or migrate the state tables to the current version (Alembic)."""
-    from audience_sync.state import connect, upgrade
+    from audience_sync.runtime import open_state
+    from audience_sync.state import upgrade
 
     state_url, _ = _state_url(config_path, url)
-    engine = connect(state_url)
-    try:
+    with open_state(state_url) as engine:
         upgrade(engine)
-    finally:
-        engine.dispose()
     click.echo(
         f"state database at the current schema: {engine.url.render_as_string(hide_password=True)}"
     )

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 from audience_sync.changes import AudienceChanges, RunChanges, input_hash
 from audience_sync.config import AudienceConfig, ComputedTraitConfig, Config, sqlite_path
-from audience_sync.destinations import Destination, destination_class
+from audience_sync.destinations import Destination
 from audience_sync.diff import Plan
 from audience_sync.errors import (
     AlreadyRunning,
@@ -63,8 +63,9 @@ from audience_sync.planning import (
 )
 from audience_sync.progress import Progress
 from audience_sync.result import AudienceResult, SyncResult
+from audience_sync.runtime import open_destination, open_resources, prepare_schema, ready
 from audience_sync.safeguards import check_initial_sync, check_snapshot
-from audience_sync.state import Applied, AudienceRef, Lease, RunLock, StateStore, connect, upgrade
+from audience_sync.state import Applied, AudienceRef, Lease, RunLock, StateStore
 from audience_sync.state.store import COUNTERS, Clock, holder_id, schema_is_current, utc_now
 
 __all__ = [
@@ -85,17 +86,6 @@ COMMITS_IN_FLIGHT = 2
 UPDATE_BATCH = 10_000
 
 _NO_USERS = pd.Index([], dtype="string[pyarrow]", name="user_id")
-
-
-def open_destination(config: Config, state: sa.Engine) -> Destination:
-    """The configured destination, ready to be entered (``async with``)."""
-    cls = destination_class(config.destination.type)
-    return cls(
-        config.destination.settings,
-        name=config.destination.name,
-        state=state,
-        config_dir=config.config_dir,
-    )
 
 
 @dataclass(slots=True)
@@ -778,17 +768,6 @@ def _partial_reason(counts: dict[str, int], run_id: int, held: int, exits_held: 
     return "; ".join(parts) + (f"; see {' and '.join(see)}" if see else "")
 
 
-def prepare_schema(config: Config, engine: sa.Engine) -> None:
-    """Migrate the state schema (``auto_migrate``) or make sure it is current."""
-    if config.state.auto_migrate:
-        upgrade(engine)
-    elif not schema_is_current(engine):
-        raise StateError(
-            "the state database is not at the current schema version; "
-            "run `audience-sync db upgrade` (or set [state] auto_migrate = true)"
-        )
-
-
 def sync(
     config: Config,
     *,
@@ -818,9 +797,8 @@ def sync(
     not check it again.
     """
     selected = config.select(audiences)
-    engine = connect(config.state.url, create=not dry_run)
+    engine, dest = open_resources(config, destination, create=not dry_run)
     try:
-        dest = destination or open_destination(config, engine)
         store = StateStore(engine, clock)
         if dry_run:
             if sa.inspect(engine).has_table("sync_audiences") and not schema_is_current(engine):
@@ -840,7 +818,7 @@ def sync(
             updates = [UserUpdate(u, identity, ()) for u, identity in (changed or {}).items()]
             cost = dest.describe_plan(updates) if updates else {}
             return SyncResult(dest.name, True, planned, cost, _orphans(config, store, dest.name))
-        _ready(config, engine, dest, schema_checked=schema_checked)
+        ready(config, engine, dest, schema_checked=schema_checked)
         run = _Run(
             config,
             store,
@@ -900,9 +878,8 @@ def retire(
     database = sqlite_path(config.state.url)
     if database is not None and not database.exists():
         raise NotFound(f"no state database at {database}, so no audience {name!r} to retire")
-    engine = connect(config.state.url)
+    engine, dest = open_resources(config, destination)
     try:
-        dest = destination or open_destination(config, engine)
         store = StateStore(engine, clock)
         ref = store.find_audience(dest.name, name, by_name=True) if store.has_history() else None
         if ref is None:
@@ -936,7 +913,7 @@ def retire(
                 sample=sample,
             )
             return SyncResult(dest.name, True, [planned])
-        _ready(config, engine, dest)
+        ready(config, engine, dest)
         run = _Run(
             config,
             store,
@@ -959,15 +936,6 @@ def retire(
         return SyncResult(dest.name, False, results)
     finally:
         engine.dispose()
-
-
-def _ready(
-    config: Config, engine: sa.Engine, dest: Destination, *, schema_checked: bool = False
-) -> None:
-    """Check the destination can run, then bring the state's schema up to date (or check it)."""
-    dest.preflight()  # e.g. missing credentials: one clear error, before any state change
-    if not schema_checked:
-        prepare_schema(config, engine)
 
 
 def _previous_sync(config: Config, store: StateStore, dest: Destination) -> str | None:

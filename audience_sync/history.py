@@ -14,6 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from audience_sync.config import AudienceConfig, Config
+from audience_sync.destinations.budget import requests_by_day
 from audience_sync.errors import ExitCode
 from audience_sync.model import DeliveryStatus, RunStatus
 from audience_sync.schedule import describe, due_after, trigger
@@ -217,7 +218,7 @@ class DestinationQuota:
 
     destination: str
     budget: int | None
-    """``daily_request_budget`` when the configured destination has one."""
+    """The configured destination's daily request budget, when it has one."""
     days: list[tuple[date, int]]
     """Every UTC day of the window, oldest first (0 on days without requests)."""
     pending_users: int
@@ -242,13 +243,13 @@ def quota(
     config: Config, store: StateStore, *, now: datetime, days: int = 14
 ) -> list[DestinationQuota]:
     """Requests per UTC day of every destination that counted some in the last ``days`` days,
-    and of the configured one (with its ``daily_request_budget``)."""
+    and of the configured one (with its daily request budget)."""
     today = now.astimezone(UTC).date()
     first = today - timedelta(days=days - 1)
     used: dict[str, dict[date, int]] = {config.destination.name: {}}
-    for destination, day, n in store.requests_by_day(first):
+    for destination, day, n in requests_by_day(store.engine, first):
         used.setdefault(destination, {})[day] = n
-    budget = getattr(config.destination.settings, "daily_request_budget", None)
+    budget = config.destination.settings.request_budget
     window = [first + timedelta(days=i) for i in range(days)]
     return [
         DestinationQuota(

@@ -27,15 +27,17 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from audience_sync.alerts import Alerter
 from audience_sync.config import AudienceConfig, Config, load_config
-from audience_sync.engine import prepare_schema, sync
+from audience_sync.destinations.budget import requests_used
+from audience_sync.engine import sync
 from audience_sync.errors import AudienceSyncError, ExitCode
 from audience_sync.history import status
 from audience_sync.metrics import RunMetrics
 from audience_sync.model import Trigger
 from audience_sync.progress import ProgressLog
 from audience_sync.result import SyncResult
+from audience_sync.runtime import open_state, prepared_state
 from audience_sync.schedule import describe, missed_run, trigger
-from audience_sync.state import StateStore, connect
+from audience_sync.state import StateStore
 from audience_sync.state.store import Clock, utc_now
 
 __all__ = ["Service"]
@@ -70,11 +72,9 @@ class Service:
     # -- scheduling ---------------------------------------------------------------------------
 
     def _last_starts(self, config: Config) -> dict[str, datetime]:
-        engine = connect(config.state.url)
-        try:
-            # The one schema check of this config: its runs, which may start at the same
-            # moment, skip theirs.
-            prepare_schema(config, engine)
+        # The one schema check of this config: its runs, which may start at the same moment,
+        # skip theirs.
+        with prepared_state(config) as engine:
             store = StateStore(engine)
             keys = [a.trait_key for a in config.audiences]
             starts: dict[str, datetime] = {}
@@ -83,8 +83,6 @@ class Service:
             ):
                 starts.setdefault(row["audience_key"], row["started_at"])
             return starts
-        finally:
-            engine.dispose()
 
     def _apply_schedule(self, config: Config, previous: Config | None) -> None:
         """Add, reschedule and remove jobs so there is one per scheduled audience of ``config``."""
@@ -195,14 +193,10 @@ class Service:
             if result is None:
                 self.metrics.observe_crash(config.destination.name, key, duration, time.time())
                 return
-            engine = connect(config.state.url)
-            try:
-                store = StateStore(engine)
+            with open_state(config.state.url) as engine:
                 keys = [a.trait_key for a in config.audiences]
-                queue = store.retry_counts(config.destination.name, keys)
-                used = store.requests_used(self.clock().date())
-            finally:
-                engine.dispose()
+                queue = StateStore(engine).retry_counts(config.destination.name, keys)
+                used = requests_used(engine, self.clock().date())
             self.metrics.observe(
                 result, duration, time.time(), retry_queue=queue, requests_today=used
             )
@@ -214,11 +208,8 @@ class Service:
     def _alert_overdue(self) -> None:
         config = self.config
         try:
-            engine = connect(config.state.url)
-            try:
+            with open_state(config.state.url) as engine:
                 report = status(config, engine, now=self.clock())
-            finally:
-                engine.dispose()
         except (AudienceSyncError, sa.exc.SQLAlchemyError) as exc:
             log.error("cannot read the state to look for overdue audiences: %s", exc)
             return

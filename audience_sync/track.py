@@ -18,11 +18,10 @@ from typing import Any
 
 from audience_sync.config import Config
 from audience_sync.destinations import Call, Destination, IdentifyCall, TrackEvent
-from audience_sync.engine import open_destination, prepare_schema
 from audience_sync.errors import ExitCode, SnapshotError
 from audience_sync.model import DeliveryStatus, Outcome
 from audience_sync.planning import SAMPLE_SIZE
-from audience_sync.state import connect
+from audience_sync.runtime import ready, resources
 
 __all__ = ["CallFile", "CallResult", "SkippedLine", "read_calls", "sends_here", "track"]
 
@@ -182,11 +181,8 @@ def track(
 
     ``skipped_lines`` and ``integrations_off`` (from ``read_calls``) are reported with them.
     """
-    engine = connect(config.state.url)
-    try:
-        dest = destination or open_destination(config, engine)
-        dest.preflight()
-        prepare_schema(config, engine)
+    with resources(config, destination) as (engine, dest):
+        ready(config, engine, dest)
 
         async def send() -> list[Outcome]:
             async with dest:
@@ -203,5 +199,3 @@ def track(
             " ".join(f"{k}={v}" for k, v in result.counts.items()),
         )
         return result
-    finally:
-        engine.dispose()

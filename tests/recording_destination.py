@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
-import sqlalchemy as sa
-
 from audience_sync.destinations.base import Destination, DestinationSettings
 from audience_sync.errors import AudienceSyncError
 from audience_sync.model import ChangeBatch, Outcome, UserUpdate
@@ -32,12 +30,7 @@ class RecordingDestination(Destination):
         stop_with: BaseException | None = None,
         batch: int = 2,
     ) -> None:
-        super().__init__(
-            RecordingSettings(),
-            name=name,
-            state=sa.create_engine("sqlite://"),
-            config_dir=Path("."),
-        )
+        super().__init__(RecordingSettings(), name=name, config_dir=Path("."))
         self.fail = set(fail)
         self.permanent = set(permanent)
         self.skip = set(skip)
@@ -99,9 +92,7 @@ class BatchRecordingDestination(Destination):
         stop_after: int | None = None,
         stop_with: BaseException | None = None,
     ) -> None:
-        super().__init__(
-            RecordingSettings(), name=name, state=sa.create_engine("sqlite://"), config_dir=Path()
-        )
+        super().__init__(RecordingSettings(), name=name, config_dir=Path())
         self.users = users
         self.stop_after = stop_after
         self.stop_with = stop_with or AudienceSyncError("stopped on purpose")

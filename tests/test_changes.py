@@ -13,7 +13,6 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 import pytest
-import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -313,7 +312,6 @@ def test_a_batch_destination_also_takes_per_user_updates(tmp_path: Path) -> None
     dest = JsonlDestination(
         JsonlSettings(path=tmp_path / "out.jsonl", flush_every=2),
         name="jsonl",
-        state=sa.create_engine("sqlite://"),
         config_dir=tmp_path,
     )
     updates = [
@@ -335,7 +333,7 @@ def test_a_destination_must_implement_one_of_the_two_shapes() -> None:
         kind = "nothing"
         settings_model = _Settings
 
-    dest = Nothing(_Settings(), name="n", state=sa.create_engine("sqlite://"), config_dir=Path())
+    dest = Nothing(_Settings(), name="n", config_dir=Path())
     assert not dest.takes_batches
 
     async def deliver() -> AsyncGenerator[object, None]:

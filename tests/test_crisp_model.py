@@ -39,15 +39,12 @@ from hypothesis.stateful import (
 )
 
 from audience_sync import load_config, sync
+from audience_sync.destinations.budget import destination_requests
 from audience_sync.destinations.crisp import CrispDestination
 from audience_sync.destinations.crisp.profiles import MAX_REQUESTS
+from audience_sync.destinations.crisp.tables import crisp_people
 from audience_sync.state import connect
-from audience_sync.state.schema import (
-    crisp_people,
-    destination_requests,
-    sync_audiences,
-    sync_members,
-)
+from audience_sync.state.schema import sync_audiences, sync_members
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -29,8 +29,8 @@ from audience_sync.destinations.crisp.profiles import (
     Step,
     UserSequence,
 )
+from audience_sync.destinations.crisp.tables import crisp_facts
 from audience_sync.model import DeliveryStatus, Identity
-from audience_sync.state.schema import crisp_facts
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -19,6 +19,7 @@ from conftest import CRISP_IDENTIFIER, CRISP_KEY, crisp_env
 from pydantic import ValidationError
 
 from audience_sync.config import load_config
+from audience_sync.destinations.budget import RequestBudget, destination_requests
 from audience_sync.destinations.crisp import (
     CrispCredentials,
     CrispSettings,
@@ -26,7 +27,6 @@ from audience_sync.destinations.crisp import (
     Verdict,
     classify,
 )
-from audience_sync.destinations.crisp.budget import RequestBudget
 from audience_sync.destinations.crisp.client import CrispClient, retry_after_seconds, segment
 from audience_sync.destinations.crisp.payloads import (
     audience_event,
@@ -40,7 +40,6 @@ from audience_sync.destinations.crisp.ratelimit import AdaptiveRateLimiter
 from audience_sync.errors import ConfigError, CredentialsError, QuotaExhausted
 from audience_sync.model import Change, Identity
 from audience_sync.state import connect, upgrade
-from audience_sync.state.schema import destination_requests
 
 # -- classify: one table of what each answer means ----------------------------------------------
 

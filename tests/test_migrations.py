@@ -1,5 +1,6 @@
-"""The Alembic migrations build exactly the tables the code declares, on SQLite and PostgreSQL,
-and ship with the installed package."""
+"""The Alembic migrations build exactly the tables the code declares (the state's and those
+destinations keep in the state database), on SQLite and PostgreSQL, and ship with the installed
+package."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from audience_sync.destinations import table_metadata
 from audience_sync.state import connect, schema_is_current, upgrade
 from audience_sync.state.schema import metadata
 
@@ -20,7 +22,7 @@ def test_migrations_match_the_declared_schema(state_url: str):
     upgrade(engine)
     assert schema_is_current(engine)
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+        diff = compare_metadata(MigrationContext.configure(conn), [metadata, *table_metadata()])
     assert diff == []
     upgrade(engine)  # a second upgrade is a no-op
     assert schema_is_current(engine)

@@ -49,6 +49,12 @@ class DestinationSettings(BaseModel):
         """
         return cls.model_validate(dict(table))
 
+    @property
+    def request_budget(self) -> int | None:
+        """Requests per UTC day the destination may make (counted in ``destinations/budget.py``),
+        or ``None`` when it has no daily budget."""
+        return None
+
 
 class TrackEvent(BaseModel):
     """A Segment-spec Track call: an event for one user's event stream."""
@@ -88,7 +94,7 @@ class Destination(abc.ABC):
     settings_model: ClassVar[type[DestinationSettings]]
     uses_state: ClassVar[bool] = False
     """Whether the destination keeps tables of its own in the state database (Crisp: its
-    request budget and people map); ``check`` gives the others no database to write to."""
+    request budget and people map); only such a destination is given the database."""
     takes_batches: ClassVar[bool] = False
     """Whether the destination implements ``deliver_batches``: the engine then hands it
     ``ChangeBatch``es, and ``deliver`` sends per-user updates through it."""
@@ -97,12 +103,24 @@ class Destination(abc.ABC):
     that would change to price them."""
 
     def __init__(
-        self, settings: DestinationSettings, *, name: str, state: sa.Engine, config_dir: Path
+        self,
+        settings: DestinationSettings,
+        *,
+        name: str,
+        config_dir: Path,
+        state: sa.Engine | None = None,
     ) -> None:
         self.settings = settings
         self.name = name
-        self.state = state
+        self._state = state
         self.config_dir = config_dir
+
+    @property
+    def state(self) -> sa.Engine:
+        """The state database, for a destination that keeps tables there (``uses_state``)."""
+        if self._state is None:
+            raise TypeError(f"{type(self).__name__} was given no state database")
+        return self._state
 
     @classmethod
     def default_name(cls, settings: DestinationSettings) -> str:

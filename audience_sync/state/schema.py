@@ -1,5 +1,8 @@
 """The state tables, as SQLAlchemy Core metadata (the migrations in ``migrations/`` create them).
 
+A destination that keeps rows of its own declares its tables in its own module and ``metadata``
+(``destinations.table_metadata()`` lists them); the same migrations create them.
+
 Audiences are numbered per destination in ``sync_audiences`` so the large tables
 (``sync_members``, ``sync_changes``) carry a small integer instead of two strings per row.
 Only current members are stored: a user who left is deleted, not flagged. A computed trait is
@@ -11,9 +14,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 __all__ = [
-    "crisp_facts",
-    "crisp_people",
-    "destination_requests",
     "metadata",
     "sync_alerts",
     "sync_audiences",
@@ -143,43 +143,6 @@ sync_locks = sa.Table(
     sa.Column("holder", sa.String(255), nullable=False),
     sa.Column("acquired_at", _ts, nullable=False),
     sa.Column("expires_at", _ts, nullable=False),
-)
-
-# Who each user is in Crisp: the people_id Crisp returned (or the email that addresses the
-# profile when only that is known), so a steady-state update is one request with no lookup.
-crisp_people = sa.Table(
-    "crisp_people",
-    metadata,
-    sa.Column("destination", sa.String(200), primary_key=True),
-    sa.Column("user_id", sa.String(255), primary_key=True),
-    sa.Column("people_id", sa.String(64)),
-    sa.Column("email", sa.String(320)),
-    sa.Column("profile_hash", sa.String(32)),
-    sa.Column("updated_at", _ts, nullable=False),
-)
-
-# What the Crisp destination learned about the API it talks to (owned by destinations/crisp/
-# facts.py): whether an email addresses a profile, whether /batch/data is refused. ``config``
-# fingerprints the destination settings the fact was learned under: a changed config forgets it.
-crisp_facts = sa.Table(
-    "crisp_facts",
-    metadata,
-    sa.Column("destination", sa.String(200), primary_key=True),
-    sa.Column("fact", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Boolean, nullable=False),
-    sa.Column("detail", sa.Text),
-    sa.Column("config", sa.String(32), nullable=False),
-    sa.Column("learned_at", _ts, nullable=False),
-)
-
-# Requests a destination made (or reserved) per UTC day, against its daily request budget.
-destination_requests = sa.Table(
-    "destination_requests",
-    metadata,
-    sa.Column("destination", sa.String(200), primary_key=True),
-    sa.Column("day", sa.Date, primary_key=True),
-    sa.Column("used", sa.Integer, nullable=False),
-    sa.Column("updated_at", _ts, nullable=False),
 )
 
 #: Alerts raised and not cleared: at most one per (destination, audience, condition); the

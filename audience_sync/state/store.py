@@ -15,17 +15,17 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from audience_sync.clock import Clock, utc_now
 from audience_sync.drivers import url_error
 from audience_sync.errors import ConfigError, StateError
 from audience_sync.model import MAX_REJECTED_ROWS, RejectedRow, RunMode, RunStatus, SyncKind
 from audience_sync.state.schema import (
-    destination_requests,
     sync_audiences,
     sync_changes,
     sync_members,
@@ -55,8 +55,6 @@ __all__ = [
     "utc_now",
 ]
 
-Clock = Callable[[], datetime]
-
 #: The per-run counters of ``sync_runs``.
 COUNTERS = (
     "snapshot_rows",
@@ -75,10 +73,6 @@ MAX_STORED_ROWS = MAX_REJECTED_ROWS
 
 # Keeps each IN (...) list well under SQLite's and PostgreSQL's parameter limits.
 _CHUNK = 900
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def holder_id() -> str:
@@ -770,31 +764,6 @@ class StateStore:
                     f" (was {old})" if old is not None else ""
                 )
         return rows
-
-    def requests_used(self, day: date) -> dict[str, int]:
-        """Requests each destination counted on ``day`` (UTC) against its daily budget."""
-        if not sa.inspect(self.engine).has_table("destination_requests"):
-            return {}
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(destination_requests.c.destination, destination_requests.c.used).where(
-                    destination_requests.c.day == day
-                )
-            )
-            return {r.destination: int(r.used) for r in rows}
-
-    def requests_by_day(self, since: date) -> list[tuple[str, date, int]]:
-        """``(destination, UTC day, requests)`` for each day from ``since``, oldest first."""
-        if not sa.inspect(self.engine).has_table("destination_requests"):
-            return []
-        r = destination_requests.c
-        query = (
-            sa.select(r.destination, r.day, r.used)
-            .where(r.day >= since)
-            .order_by(r.destination, r.day)
-        )
-        with self.engine.connect() as conn:
-            return [(row.destination, row.day, int(row.used)) for row in conn.execute(query)]
 
 
 def _scoped(

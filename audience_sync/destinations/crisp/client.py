@@ -23,7 +23,7 @@ from urllib.parse import quote
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from audience_sync.destinations.crisp.budget import RequestBudget
+from audience_sync.destinations.budget import RequestBudget
 from audience_sync.destinations.crisp.classify import Verdict, classify
 from audience_sync.destinations.crisp.ratelimit import AdaptiveRateLimiter
 from audience_sync.errors import CredentialsError, QuotaExhausted

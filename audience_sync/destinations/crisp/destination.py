@@ -29,6 +29,7 @@ from typing import Any, Self
 import httpx
 import sqlalchemy as sa
 
+from audience_sync.clock import Clock, utc_now
 from audience_sync.destinations.base import (
     Call,
     Destination,
@@ -36,7 +37,7 @@ from audience_sync.destinations.base import (
     IdentifyCall,
     TrackEvent,
 )
-from audience_sync.destinations.crisp.budget import RequestBudget
+from audience_sync.destinations.budget import RequestBudget, destination_requests
 from audience_sync.destinations.crisp.classify import Verdict
 from audience_sync.destinations.crisp.client import CrispClient, segment
 from audience_sync.destinations.crisp.facts import (
@@ -56,10 +57,9 @@ from audience_sync.destinations.crisp.people import PeopleMap, Person
 from audience_sync.destinations.crisp.profiles import EMAIL_REQUIRED, Profiles, Step, UserSequence
 from audience_sync.destinations.crisp.ratelimit import AdaptiveRateLimiter
 from audience_sync.destinations.crisp.settings import CrispCredentials, CrispSettings
+from audience_sync.destinations.crisp.tables import crisp_people
 from audience_sync.errors import DestinationError, QuotaExhausted
 from audience_sync.model import DeliveryStatus, Identity, Outcome, UserUpdate
-from audience_sync.state.schema import crisp_people, destination_requests
-from audience_sync.state.store import Clock, utc_now
 
 __all__ = ["TRACK_DROPPED", "CrispDestination"]
 

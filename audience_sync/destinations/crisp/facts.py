@@ -18,8 +18,8 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
-from audience_sync.state.schema import crisp_facts
-from audience_sync.state.store import Clock, utc_now
+from audience_sync.clock import Clock, utc_now
+from audience_sync.destinations.crisp.tables import crisp_facts
 
 __all__ = ["BATCH_REFUSED", "EMAIL_ADDRESSING", "Facts", "fingerprint"]
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from audience_sync.state.schema import crisp_people
-from audience_sync.state.store import Clock, utc_now
+from audience_sync.clock import Clock, utc_now
+from audience_sync.destinations.crisp.tables import crisp_people
 
 __all__ = ["PeopleMap", "Person"]
 

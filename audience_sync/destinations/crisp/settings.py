@@ -85,6 +85,10 @@ class CrispSettings(DestinationSettings):
     rate_limit_patience: float = Field(600.0, gt=0)
     """Seconds of uninterrupted 429/420 after which the daily quota is taken as spent."""
 
+    @property
+    def request_budget(self) -> int:
+        return self.daily_request_budget
+
     @model_validator(mode="before")
     @classmethod
     def _no_secrets_in_file(cls, data: Any) -> Any:

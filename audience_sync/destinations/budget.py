@@ -1,10 +1,16 @@
 """The daily request budget: requests counted per destination per UTC day in the state database.
 
-Before each request the client ``spend``s one; the budget reserves them from the database in
-small blocks (one transaction per block, not per request) and refuses, with ``QuotaExhausted``,
-before the day's count would pass the limit. Reservations are shared safely by concurrent runs
-(the row is locked while a block is taken). A block left unused is given back on ``release``;
-a killed process leaves at most one block counted but unused, which errs on the safe side.
+For a destination whose API allows so many requests a day (Crisp; ``request_budget`` on its
+settings). Before each request the client ``spend``s one; the budget reserves them from the
+database in small blocks (one transaction per block, not per request) and refuses, with
+``QuotaExhausted``, before the day's count would pass the limit. Reservations are shared safely
+by concurrent runs (the row is locked while a block is taken). A block left unused is given back
+on ``release``; a killed process leaves at most one block counted but unused, which errs on the
+safe side. ``requests_used`` and ``requests_by_day`` read the counts back (``history``, the
+metrics, the quota page).
+
+The ``destination_requests`` table is declared here, in its own ``metadata``; the Alembic
+migrations create it with the state's tables.
 """
 
 from __future__ import annotations
@@ -14,11 +20,28 @@ from datetime import date
 
 import sqlalchemy as sa
 
+from audience_sync.clock import Clock, utc_now
 from audience_sync.errors import QuotaExhausted
-from audience_sync.state.schema import destination_requests
-from audience_sync.state.store import Clock, utc_now
 
-__all__ = ["RequestBudget"]
+__all__ = [
+    "RequestBudget",
+    "destination_requests",
+    "metadata",
+    "requests_by_day",
+    "requests_used",
+]
+
+metadata = sa.MetaData()
+
+# Requests a destination made (or reserved) per UTC day, against its daily request budget.
+destination_requests = sa.Table(
+    "destination_requests",
+    metadata,
+    sa.Column("destination", sa.String(200), primary_key=True),
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("used", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
 
 
 class RequestBudget:
@@ -122,3 +145,28 @@ class RequestBudget:
             ).scalar()
         unused = self._reserved if self._day == self.today() else 0
         return max(int(used or 0) - unused, 0)
+
+
+def requests_used(engine: sa.Engine, day: date) -> dict[str, int]:
+    """Requests each destination counted on ``day`` (UTC) against its daily budget."""
+    if not sa.inspect(engine).has_table("destination_requests"):
+        return {}
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(destination_requests.c.destination, destination_requests.c.used).where(
+                destination_requests.c.day == day
+            )
+        )
+        return {r.destination: int(r.used) for r in rows}
+
+
+def requests_by_day(engine: sa.Engine, since: date) -> list[tuple[str, date, int]]:
+    """``(destination, UTC day, requests)`` for each day from ``since``, oldest first."""
+    if not sa.inspect(engine).has_table("destination_requests"):
+        return []
+    r = destination_requests.c
+    query = (
+        sa.select(r.destination, r.day, r.used).where(r.day >= since).order_by(r.destination, r.day)
+    )
+    with engine.connect() as conn:
+        return [(row.destination, row.day, int(row.used)) for row in conn.execute(query)]
