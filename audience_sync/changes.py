@@ -13,7 +13,6 @@ Everything per change is vectorised (Arrow, NumPy, DuckDB's ``sha1``): a run wit
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,13 +31,13 @@ from audience_sync.model import (
     ChangeBatch,
     DeliveryStatus,
     Identity,
+    input_hash,
 )
 
 __all__ = [
     "MESSAGE_NAMESPACE",
     "AudienceChanges",
     "RunChanges",
-    "input_hash",
     "message_ids",
 ]
 
@@ -113,18 +112,6 @@ def _uuid_text(digest: np.ndarray) -> pa.Array:
     # the data buffer as they are (no validity buffer: no nulls).
     offsets = np.arange(0, 36 * (n + 1), 36, dtype=np.int32)
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(out)])
-
-
-def input_hash(value: bool, identity: Identity, data: str | None = None) -> str:
-    """Fingerprint of what a change sends: a held failure is retried once it changes.
-
-    ``data``: a computed trait's value as JSON (an audience's changes have none, and hash as
-    they always have, so their queued rows keep matching).
-    """
-    parts = [str(value), *(getattr(identity, k) or "" for k in IDENTITY_TRAITS)]
-    if data is not None:
-        parts.append(data)
-    return hashlib.md5("\x1f".join(parts).encode(), usedforsecurity=False).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,13 +17,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
 
-from audience_sync.changes import AudienceChanges, RunChanges, input_hash
+from audience_sync.changes import AudienceChanges, RunChanges
 from audience_sync.config import AudienceConfig, ComputedTraitConfig, Config, sqlite_path
 from audience_sync.destinations import Destination
 from audience_sync.diff import Plan
@@ -42,9 +42,7 @@ from audience_sync.errors import (
 )
 from audience_sync.model import (
     ChangeBatch,
-    DeliveryStatus,
     Identity,
-    Outcome,
     RejectedRow,
     RunMode,
     RunStatus,
@@ -66,6 +64,7 @@ from audience_sync.result import AudienceResult, SyncResult
 from audience_sync.runtime import open_destination, open_resources, prepare_schema, ready
 from audience_sync.safeguards import check_initial_sync, check_snapshot
 from audience_sync.state import Applied, AudienceRef, Lease, RunLock, StateStore
+from audience_sync.state.ledger import AudienceLedger, Ledger
 from audience_sync.state.store import COUNTERS, Clock, holder_id, schema_is_current, utc_now
 
 __all__ = [
@@ -90,7 +89,8 @@ _NO_USERS = pd.Index([], dtype="string[pyarrow]", name="user_id")
 
 @dataclass(slots=True)
 class _AudienceRun:
-    """The engine's working state for one audience during a run."""
+    """The engine's working state for one audience during a run; ``ledger`` is its part of
+    the outcome ledger (counters, retry queue, what the next commit writes)."""
 
     config: AudienceConfig
     ref: AudienceRef
@@ -99,31 +99,13 @@ class _AudienceRun:
     mode: RunMode
     identities: pd.DataFrame
     plan: Plan
-    retry: pd.DataFrame
-    counts: dict[str, int]
+    ledger: AudienceLedger
     rejected: tuple[RejectedRow, ...]
     held_failed: int = 0
-    resend: set[str] = field(default_factory=set)
-    retry_ids: set[str] = field(default_factory=set)
-    batch: Applied | None = None
-    _previous: dict[str, str] | None = None
 
-    def previous(self) -> dict[str, str]:
-        """A computed trait's values before the run, of the users it replaces or clears (a dict:
-        looked up once per change, where a pandas lookup costs 50 us)."""
-        if self._previous is None:
-            before = self.plan.previous
-            self._previous = (
-                {}
-                if before is None
-                else dict(zip(before.index.tolist(), before.tolist(), strict=True))
-            )
-        return self._previous
-
-    def applied(self) -> Applied:
-        if self.batch is None:
-            self.batch = Applied(self.ref.id, self.run_id, self.ref.key)
-        return self.batch
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.ledger.counts
 
 
 class _Run:
@@ -156,7 +138,7 @@ class _Run:
         self.force = force
         self.wait = wait
         self.runs: list[_AudienceRun] = []
-        self.by_key: dict[str, _AudienceRun] = {}
+        self.ledger = Ledger(store, change_log=config.state.change_log)
         self.done = 0
         # Commits at once: see _commit_behind. Per-user destinations are paced by a remote API,
         # never by the database, and their at-most-re-sent bound assumes one commit at a time.
@@ -206,20 +188,18 @@ class _Run:
         refused = self._guard(audience, mode, run_id, lease, snapshot, the_plan)
         if refused is not None:
             return refused
-        run = _AudienceRun(
+        identities = identity_rows(snapshot.members, the_plan)
+        self._enlist(
             audience,
             ref,
             lease,
             run_id,
             mode,
-            identity_rows(snapshot.members, the_plan),
+            identities,
             the_plan,
-            self.store.retry_queue(ref.id),
-            plan_counts(snapshot, the_plan),
             snapshot.rejected,
-            resend=set(the_plan.resend) if len(the_plan.resend) else set(),
+            plan_counts(snapshot, the_plan),
         )
-        self._enlist(run)
         for r in snapshot.rejected[:SAMPLE_SIZE]:
             log.warning(
                 "audience=%s source=%s row=%d user_id=%s rejected: %s",
@@ -249,18 +229,7 @@ class _Run:
         counts = dict.fromkeys(COUNTERS[:5], 0) | {"exited": len(members)}
         no_identities = pd.DataFrame(index=_NO_USERS)
         self._enlist(
-            _AudienceRun(
-                audience,
-                ref,
-                lease,
-                run_id,
-                RunMode.RETIRE,
-                no_identities,
-                the_plan,
-                self.store.retry_queue(ref.id),
-                counts,
-                (),
-            )
+            audience, ref, lease, run_id, RunMode.RETIRE, no_identities, the_plan, (), counts
         )
         return None
 
@@ -287,13 +256,44 @@ class _Run:
         log.info("audience=%s run=%d mode=%s started", audience.trait_key, run_id, mode.value)
         return lease, run_id
 
-    def _enlist(self, run: _AudienceRun) -> None:
-        """Add a planned audience to the run: its counters start with every change pending."""
-        run.counts |= {"delivered": 0, "failed": 0, "skipped": 0, "pending": run.plan.sends}
-        self.store.update_run(run.run_id, **run.counts)
-        self._settle_retry_queue(run)
+    def _enlist(
+        self,
+        audience: AudienceConfig,
+        ref: AudienceRef,
+        lease: Lease,
+        run_id: int,
+        mode: RunMode,
+        identities: pd.DataFrame,
+        the_plan: Plan,
+        rejected: tuple[RejectedRow, ...],
+        counts: dict[str, int],
+    ) -> None:
+        """Add a planned audience to the run: its counters start with every change pending, and
+        retry rows its plan no longer needs are dropped."""
+        counts |= {"delivered": 0, "failed": 0, "skipped": 0, "pending": the_plan.sends}
+        self.store.update_run(run_id, **counts)
+        ledger = AudienceLedger(
+            ref.id,
+            run_id,
+            ref.key,
+            audience.computed,
+            counts,
+            self.store.retry_queue(ref.id),
+            resend=set(the_plan.resend) if len(the_plan.resend) else set(),
+            previous_values=the_plan.previous,
+        )
+        ledger.settle_retries(
+            self.store,
+            the_plan.entered,
+            the_plan.resend,
+            the_plan.exited,
+            identities["value"] if audience.computed and len(identities) else None,
+        )
+        run = _AudienceRun(
+            audience, ref, lease, run_id, mode, identities, the_plan, ledger, rejected
+        )
         self.runs.append(run)
-        self.by_key[run.ref.key] = run
+        self.ledger.add(ledger)
 
     def _acquire(self, ref: AudienceRef) -> Lease:
         """Take the audience's run lock, waiting up to ``wait`` seconds for another run."""
@@ -369,35 +369,9 @@ class _Run:
                 )
             self.lock.release([r.lease for r in self.runs])
             self.runs.clear()
-            self.by_key.clear()
+            self.ledger.clear()
             return results
         return []
-
-    def _settle_retry_queue(self, run: _AudienceRun) -> None:
-        """Drop retry rows the plan no longer needs; note the ones a permanent error holds."""
-        retry = run.retry
-        if retry.empty:
-            return
-        planned = pd.concat(
-            [
-                pd.Series(True, index=run.plan.entered),
-                pd.Series(True, index=run.plan.resend),
-                pd.Series(False, index=run.plan.exited),
-            ]
-        )
-        planned = planned[~planned.index.duplicated()]
-        wanted = planned.reindex(retry.index)
-        moved_on = wanted.isna() | (wanted != retry["value"])
-        if run.config.computed:  # a queued value the snapshot no longer has is not sent
-            sent = run.identities["value"] if len(run.identities) else pd.Series(dtype=object)
-            data = pd.concat([sent, pd.Series("null", index=run.plan.exited)])
-            data = data[~data.index.duplicated()].reindex(retry.index)
-            moved_on |= data.isna() | (data.astype(object) != retry["data"].astype(object))
-        stale = retry.index[moved_on]
-        if len(stale):
-            self.store.drop_retries(run.ref.id, list(stale))
-        run.retry = retry.drop(index=stale)
-        run.retry_ids = set(run.retry.index)
 
     # -- the run's changes --------------------------------------------------------------------
 
@@ -412,7 +386,7 @@ class _Run:
                     run.run_id,
                     run.plan,
                     run.identities,
-                    run.retry,
+                    run.ledger.retry,
                     run.config.computed,
                 )
                 for run in self.runs
@@ -430,121 +404,19 @@ class _Run:
             run.identities = run.identities.iloc[:0]  # in the changes now; free the memory
         return changes
 
-    # -- recording outcomes ------------------------------------------------------------------
-
-    def record(self, update: UserUpdate, outcome: Outcome) -> None:
-        for change in update.changes:
-            run = self.by_key[change.audience_key]
-            batch = run.applied()
-            # A computed trait's change: ``present`` says whether the user has a value after it.
-            present = change.value is not None if change.computed else bool(change.value)
-            data = change.json if change.computed else None
-            if self.config.state.change_log:
-                batch.changes.append(
-                    update.user_id,
-                    present,
-                    outcome.status.value,
-                    outcome.reason,
-                    _old_new(run, update.user_id, data) if change.computed else None,
-                )
-            run.counts["pending"] -= 1
-            if outcome.status is DeliveryStatus.DELIVERED:
-                batch.delivered += 1
-                run.counts["delivered"] += 1
-                if not present:
-                    batch.removed.append(update.user_id)
-                elif data is not None:
-                    batch.values.append((update.user_id, data))
-                elif update.user_id not in run.resend:
-                    batch.added.append(update.user_id)
-                if update.user_id in run.retry_ids:
-                    batch.cleared.append(update.user_id)
-                continue
-            previous = run.retry.loc[update.user_id] if update.user_id in run.retry_ids else None
-            if outcome.status is DeliveryStatus.FAILED:
-                batch.failed += 1
-                run.counts["failed"] += 1
-            else:
-                batch.skipped += 1
-                run.counts["skipped"] += 1
-            batch.pending.append(
-                {
-                    "user_id": update.user_id,
-                    "value": present,
-                    "data": data,
-                    "status": outcome.status.value,
-                    "reason": outcome.reason,
-                    "status_code": outcome.status_code,
-                    "retryable": outcome.retryable,
-                    "input_hash": input_hash(present, update.identity, data),
-                    "message_id": change.message_id,
-                    "attempts": 1 if previous is None else int(str(previous["attempts"])) + 1,
-                    "first_run_id": (
-                        run.run_id if previous is None else int(str(previous["first_run_id"]))
-                    ),
-                    "last_run_id": run.run_id,
-                    "first_at": self.store.clock() if previous is None else previous["first_at"],
-                }
-            )
-
-    def record_batch(self, confirmed: ChangeBatch) -> None:
-        """Record a batch the destination confirmed whole: every change in it was delivered."""
-        table = confirmed.table
-        keys = table.column("audience_key").combine_chunks()
-        at = keys.indices.to_numpy(zero_copy_only=False)
-        values = table.column("value").to_numpy()
-        user_ids = table.column("user_id")
-        for index, key in enumerate(keys.dictionary.to_pylist()):
-            rows = at == index
-            count = int(rows.sum())
-            if not count:
-                continue
-            run = self.by_key[key]
-            batch = run.applied()
-            users: list[str] = user_ids.filter(rows).to_pylist()
-            sent: list[bool] = values[rows].tolist()
-            if run.config.computed:
-                data: list[str] = table.column("data").filter(rows).to_pylist()
-                if self.config.state.change_log:
-                    olds, news = zip(
-                        *(_old_new(run, u, d) for u, d in zip(users, data, strict=True)),
-                        strict=True,
-                    )
-                    batch.changes.extend(
-                        users, sent, DeliveryStatus.DELIVERED.value, (list(olds), list(news))
-                    )
-                batch.values.extend((u, d) for u, v, d in zip(users, sent, data, strict=True) if v)
-            else:
-                if self.config.state.change_log:
-                    batch.changes.extend(users, sent, DeliveryStatus.DELIVERED.value)
-                batch.added.extend(
-                    u for u, v in zip(users, sent, strict=True) if v and u not in run.resend
-                )
-            batch.removed.extend(u for u, v in zip(users, sent, strict=True) if not v)
-            if run.retry_ids:
-                batch.cleared.extend(u for u in users if u in run.retry_ids)
-            batch.delivered += count
-            run.counts["delivered"] += count
-            run.counts["pending"] -= count
-
-    def _take_batches(self) -> list[Applied]:
-        batches = [r.batch for r in self.runs if r.batch is not None]
-        for r in self.runs:
-            r.batch = None
-        return batches
+    # -- recording outcomes (state/ledger.py) ---------------------------------------------------
 
     def _apply(self, batches: list[Applied]) -> None:
-        if batches:
-            self.store.apply(
-                batches, on_commit=lambda conn: self.lock.renew([r.lease for r in self.runs], conn)
-            )
+        self.ledger.commit(
+            batches, on_commit=lambda conn: self.lock.renew([r.lease for r in self.runs], conn)
+        )
 
     def commit(self) -> None:
-        self._apply(self._take_batches())
+        self._apply(self.ledger.take())
 
     async def commit_async(self) -> None:
         """Commit what was recorded so far in a worker thread, off the event loop."""
-        batches = self._take_batches()
+        batches = self.ledger.take()
         if batches:
             await asyncio.to_thread(self._apply, batches)
 
@@ -630,7 +502,7 @@ class _Run:
             batches = self._batches(changes, dest.batch_users)
             async with contextlib.aclosing(dest.deliver_batches(batches)) as stream:
                 async for confirmed in stream:
-                    self.record_batch(confirmed)
+                    self.ledger.record_batch(confirmed)
                     yield confirmed.users
             return
         inflight: dict[str, UserUpdate] = {}
@@ -646,7 +518,7 @@ class _Run:
         async with contextlib.aclosing(dest.deliver(feed())) as outcomes_stream:
             async for outcomes in outcomes_stream:
                 for outcome in outcomes:
-                    self.record(inflight.pop(outcome.user_id), outcome)
+                    self.ledger.record(inflight.pop(outcome.user_id), outcome)
                 yield len(outcomes)
 
     def _batches(self, changes: RunChanges, users: int) -> Iterator[ChangeBatch]:
@@ -738,12 +610,6 @@ class _Run:
             )
         self.lock.release([r.lease for r in self.runs])
         return results
-
-
-def _old_new(run: _AudienceRun, user_id: str, data: str | None) -> tuple[str | None, str | None]:
-    """A computed trait's change-log values: the user's value before the run (None: had none)
-    and the one sent (None: a clear)."""
-    return run.previous().get(user_id), None if data is None or data == "null" else data
 
 
 def _partial_reason(counts: dict[str, int], run_id: int, held: int, exits_held: int) -> str:

@@ -5,6 +5,7 @@ to a destination, and the per-user outcomes the destination hands back.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,6 +35,8 @@ __all__ = [
     "TraitValue",
     "Trigger",
     "UserUpdate",
+    "input_hash",
+    "trait_json",
 ]
 
 #: A computed trait's value as sent: what JSON (and Crisp's custom data) holds. ``None`` in a
@@ -222,6 +225,18 @@ def __getattr__(name: str) -> Any:
 
 
 _NO_IDENTITY = Identity()
+
+
+def input_hash(value: bool, identity: Identity, data: str | None = None) -> str:
+    """Fingerprint of what a change sends: a held failure is retried once it changes.
+
+    ``data``: a computed trait's value as JSON (an audience's changes have none, and hash as
+    they always have, so their queued rows keep matching).
+    """
+    parts = [str(value), *(getattr(identity, k) or "" for k in IDENTITY_TRAITS)]
+    if data is not None:
+        parts.append(data)
+    return hashlib.md5("\x1f".join(parts).encode(), usedforsecurity=False).hexdigest()
 
 
 def trait_json(value: TraitValue | None) -> str:
