@@ -23,7 +23,10 @@ import pytest
 import sqlalchemy as sa
 
 PG_URL_ENV = "AUDIENCE_SYNC_TEST_PG_URL"
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+# Runs the CLI with the test-only destinations registered (tests/slow_destination.py).
+LAUNCHER = TESTS / "cli_with_test_destinations.py"
 
 
 def _pg_required() -> bool:

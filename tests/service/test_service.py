@@ -18,9 +18,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import write_config, write_csv
-
-LAUNCHER = Path(__file__).resolve().parent / "cli_with_test_destinations.py"
+from conftest import LAUNCHER, write_config, write_csv
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
