@@ -8,6 +8,7 @@ variable the PostgreSQL half is skipped locally, but fails under CI (``CI=true``
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,7 +24,10 @@ import pytest
 import sqlalchemy as sa
 
 PG_URL_ENV = "AUDIENCE_SYNC_TEST_PG_URL"
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+# Runs the CLI with the test-only destinations registered (tests/slow_destination.py).
+LAUNCHER = TESTS / "cli_with_test_destinations.py"
 
 
 def _pg_required() -> bool:
@@ -90,6 +94,69 @@ def write_config(
 def write_csv(path: Path, text: str) -> Path:
     path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
     return path
+
+
+def write_users(path: Path, n: int, start: int = 0) -> Path:
+    """A snapshot of the users ``u{start}`` to ``u{start + n - 1}``, each with an email."""
+    rows = "".join(f"u{i},u{i}@example.com\n" for i in range(start, start + n))
+    return write_csv(path, "user_id,email\n" + rows)
+
+
+# -- Reading what a run left: the JSONL destination's file and the state database ----------------
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The messages the JSONL destination wrote to ``path``, oldest first (none: no file)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def runs(state_url: str) -> list[dict[str, Any]]:
+    """The state's runs, newest first, as ``StateStore.runs`` reads them (``history``)."""
+    from audience_sync.state import StateStore, connect
+
+    engine = connect(state_url)
+    try:
+        return StateStore(engine).runs(limit=1000)
+    finally:
+        engine.dispose()
+
+
+def state_members(state_url: str, key: str, destination: str = "jsonl") -> set[str]:
+    """The members of audience ``key`` the state holds for ``destination`` (none: no audience)."""
+    from audience_sync.state import StateStore, connect
+
+    engine = connect(state_url)
+    try:
+        store = StateStore(engine)
+        ref = store.find_audience(destination, key)
+        return set(store.members(ref.id)) if ref else set()
+    finally:
+        engine.dispose()
+
+
+def execute(
+    state_url: str, sql: str, rows: list[dict[str, Any]] | None = None, /, **params: Any
+) -> None:
+    """Run ``sql`` on the state database in one transaction, once per row of ``rows`` or once
+    with ``params``: to seed or age what a test needs."""
+    engine = sa.create_engine(state_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(sql), rows or [params])
+    finally:
+        engine.dispose()
+
+
+def query(state_url: str, sql: str) -> list[dict[str, Any]]:
+    """The rows of ``sql`` on the state database, as dicts (for what no store method reads)."""
+    engine = sa.create_engine(state_url)
+    try:
+        with engine.connect() as conn:
+            return [dict(r) for r in conn.execute(sa.text(sql)).mappings()]
+    finally:
+        engine.dispose()
 
 
 def cli(

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import sqlalchemy as sa
-from conftest import write_config, write_csv
+from conftest import execute, write_config, write_csv
 from recording_destination import RecordingDestination
 
 from audience_sync import sync
@@ -35,13 +34,6 @@ class Seeded:
     """A run that rejected a snapshot row (listed in ``sync_rejected_rows`` when made)."""
     user: str
     """A user with three changes: delivered, failed (HTTP 503), delivered."""
-
-
-def execute(url: str, sql: str, rows: list[dict[str, object]] | None = None) -> None:
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(sql), rows or [{}])
-    engine.dispose()
 
 
 def seed_history(tmp_path: Path, state_url: str, *, rejected_table: bool = True) -> Seeded:

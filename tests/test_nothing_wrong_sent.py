@@ -6,7 +6,6 @@ audience key cannot overwrite an identity trait; an id with a control character 
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
-from conftest import cli, write_config
+from conftest import cli, read_jsonl, state_members, write_config
 from recording_destination import RecordingDestination
 
 from audience_sync import load_config, sync
@@ -53,23 +52,7 @@ def load_error(path: Path, **options: object) -> str:
 
 def sent(out: Path, key: str) -> dict[str, bool]:
     """What the jsonl destination was sent for ``key``: the last value per user."""
-    values: dict[str, bool] = {}
-    if out.exists():
-        for line in out.read_text().splitlines():
-            message = json.loads(line)
-            if key in message["traits"]:
-                values[message["userId"]] = message["traits"][key]
-    return values
-
-
-def state_members(state_url: str, key: str = "vip") -> set[str]:
-    engine = connect(state_url)
-    try:
-        store = StateStore(engine)
-        ref = store.find_audience("jsonl", key)
-        return set(store.members(ref.id)) if ref else set()
-    finally:
-        engine.dispose()
+    return {m["userId"]: m["traits"][key] for m in read_jsonl(out) if key in m["traits"]}
 
 
 # --- 1. an unbalanced quote --------------------------------------------------------------------
@@ -176,7 +159,7 @@ def test_a_swallowing_quote_sends_nothing_and_keeps_the_state(
     assert result.audiences[0].status is RunStatus.FAILED
     assert "line 97" in (result.audiences[0].error or "")
     assert out.read_text() == before
-    assert state_members(state_url) == {f"u{i}" for i in range(100)}
+    assert state_members(state_url, "vip") == {f"u{i}" for i in range(100)}
 
 
 # --- 2. a rejected row exits nobody --------------------------------------------------------------
@@ -207,12 +190,12 @@ def test_a_rejected_row_does_not_exit_its_user(tmp_path: Path, state_url: str, s
     assert audience.counts["exited"] == 0 and audience.counts["entered"] == 1
     assert "1 exits held" in (audience.error or "")
     assert sent(tmp_path / "out.jsonl", "vip") == {f"u{i}": True for i in range(1, 6)}
-    assert state_members(state_url) == {"u1", "u2", "u3", "u4", "u5"}
+    assert state_members(state_url, "vip") == {"u1", "u2", "u3", "u4", "u5"}
 
     write(["u1", "u3", "u4", "u5"])  # a clean snapshot: now u2 has left
     assert sync(load_config(config)).exit_code == 0
     assert sent(tmp_path / "out.jsonl", "vip")["u2"] is False
-    assert state_members(state_url) == {"u1", "u3", "u4", "u5"}
+    assert state_members(state_url, "vip") == {"u1", "u3", "u4", "u5"}
 
 
 # --- 3. an audience key equal to an identity trait -----------------------------------------------
@@ -283,7 +266,7 @@ def test_a_nul_in_an_id_neither_enters_a_twin_nor_exits_the_user(
     (rejected,) = result.audiences[0].rejected
     assert (rejected.row, rejected.user_id) == (2, "u1\\x00")
     assert sent(config.parent / "out.jsonl", "vip") == {f"u{i}": True for i in range(100)}
-    assert state_members(state_url) == {f"u{i}" for i in range(100)}
+    assert state_members(state_url, "vip") == {f"u{i}" for i in range(100)}
 
 
 # --- 8. a pushed-down query ending in a comment or a semicolon -----------------------------------

@@ -3,13 +3,12 @@ the state and the history say afterwards, and that nothing unconfirmed ever adva
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import write_config, write_csv
+from conftest import read_jsonl, runs, state_members, write_config, write_csv
 from recording_destination import BatchRecordingDestination, RecordingDestination
 
 from audience_sync import (
@@ -58,26 +57,8 @@ def setup(tmp_path: Path, state_url: str):
 
 
 def members(state_url: str, destination: str = "recording") -> dict[str, set[str]]:
-    engine = connect(state_url)
-    store = StateStore(engine)
-    result = {}
-    for key in ("order_completed_last_30days", "vip_users_eu"):
-        ref = store.find_audience(destination, key)
-        result[key] = set(store.members(ref.id)) if ref else set()
-    engine.dispose()
-    return result
-
-
-def runs(state_url: str) -> list[dict]:
-    engine = connect(state_url)
-    try:
-        return StateStore(engine).runs(limit=100)
-    finally:
-        engine.dispose()
-
-
-def jsonl_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    keys = ("order_completed_last_30days", "vip_users_eu")
+    return {key: state_members(state_url, key, destination) for key in keys}
 
 
 def test_first_sync_sends_every_member_true_and_a_repeat_sends_nothing(setup, state_url):
@@ -85,7 +66,7 @@ def test_first_sync_sends_every_member_true_and_a_repeat_sends_nothing(setup, st
     config = load_config(path)
     result = sync(config)
     assert result.exit_code == 0
-    lines = jsonl_lines(path.parent / "out.jsonl")
+    lines = read_jsonl(path.parent / "out.jsonl")
     sent = {(m["userId"], k) for m in lines for k, v in m["traits"].items() if v is True}
     assert sent == {
         ("007", "order_completed_last_30days"),
@@ -109,7 +90,7 @@ def test_first_sync_sends_every_member_true_and_a_repeat_sends_nothing(setup, st
 
     again = sync(config)
     assert again.exit_code == 0
-    assert len(jsonl_lines(path.parent / "out.jsonl")) == len(lines)
+    assert len(read_jsonl(path.parent / "out.jsonl")) == len(lines)
     assert [
         (r.mode, r.counts["entered"], r.counts["exited"], r.counts["unchanged"])
         for r in again.audiences
@@ -122,10 +103,10 @@ def test_first_sync_sends_every_member_true_and_a_repeat_sends_nothing(setup, st
 def test_changed_snapshot_sends_exactly_the_entered_and_exited(setup, state_url):
     path, csvs = setup
     sync(load_config(path))
-    before = len(jsonl_lines(path.parent / "out.jsonl"))
+    before = len(read_jsonl(path.parent / "out.jsonl"))
     write_csv(csvs["orders"], DAY2)
     result = sync(load_config(path))
-    new = jsonl_lines(path.parent / "out.jsonl")[before:]
+    new = read_jsonl(path.parent / "out.jsonl")[before:]
     assert sorted((m["userId"], m["traits"]["order_completed_last_30days"]) for m in new) == [
         ("u2", False),
         ("u4", True),
@@ -287,14 +268,14 @@ def test_dry_run_changes_nothing(setup, state_url):
     sync(load_config(path))
     write_csv(csvs["orders"], DAY2)
     runs_before = len(StateStore(engine).runs(limit=100))
-    lines_before = len(jsonl_lines(path.parent / "out.jsonl"))
+    lines_before = len(read_jsonl(path.parent / "out.jsonl"))
     plan = sync(load_config(path), dry_run=True)
     assert {s["user_id"]: s["order_completed_last_30days"] for s in plan.audiences[0].sample} == {
         "u4": True,
         "u2": False,
     }
     assert len(StateStore(engine).runs(limit=100)) == runs_before
-    assert len(jsonl_lines(path.parent / "out.jsonl")) == lines_before
+    assert len(read_jsonl(path.parent / "out.jsonl")) == lines_before
     assert members(state_url, "jsonl")["order_completed_last_30days"] == {"007", "u2", "u3"}
     engine.dispose()
 

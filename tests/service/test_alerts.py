@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cli, crisp_destination, crisp_env, write_config, write_csv
+from conftest import cli, crisp_destination, crisp_env, write_config, write_csv, write_users
 from crisp_server import CrispServer
 
 from audience_sync.alerts import Alerter, Condition, condition_of
@@ -65,12 +65,8 @@ def receiver() -> Iterator[Receiver]:
     r.server.server_close()
 
 
-def members(path: Path, n: int) -> None:
-    write_csv(path, "user_id,email\n" + "".join(f"u{i},u{i}@x.io\n" for i in range(n)))
-
-
 def setup(tmp_path: Path, state_url: str, alerts: str) -> Path:
-    members(tmp_path / "vip.csv", 10)
+    write_users(tmp_path / "vip.csv", 10)
     return write_config(
         tmp_path / "c.toml",
         state_url=state_url,
@@ -86,7 +82,7 @@ def test_a_refused_snapshot_alerts_once_until_a_run_succeeds(
     env = {"AUDIENCE_SYNC_WEBHOOK_URL": receiver.url}
     assert cli("run", "--config", str(config), env=env).returncode == 0
     assert receiver.bodies == []  # a healthy run says nothing
-    members(tmp_path / "vip.csv", 1)  # 9 of 10 would leave: the safeguard refuses
+    write_users(tmp_path / "vip.csv", 1)  # 9 of 10 would leave: the safeguard refuses
     for _ in range(2):
         refused = cli("run", "--config", str(config), env=env)
         assert refused.returncode == 4, refused.stdout + refused.stderr
@@ -96,9 +92,9 @@ def test_a_refused_snapshot_alerts_once_until_a_run_succeeds(
     assert "VIP -> jsonl: snapshot refused by a safeguard (run 2)" in body["text"]
     assert receiver.url not in refused.stderr
 
-    members(tmp_path / "vip.csv", 10)
+    write_users(tmp_path / "vip.csv", 10)
     assert cli("run", "--config", str(config), env=env).returncode == 0  # clears it
-    members(tmp_path / "vip.csv", 1)
+    write_users(tmp_path / "vip.csv", 1)
     assert cli("run", "--config", str(config), env=env).returncode == 4
     assert len(receiver.bodies) == 2
 
@@ -198,7 +194,7 @@ def test_a_quota_stop_alerts_with_the_pending_users_and_the_days_they_need(
 ) -> None:
     events = tmp_path / "events.jsonl"
     script = f"import sys; open({str(events)!r}, 'a').write(sys.stdin.read() + chr(10))"
-    members(tmp_path / "vip.csv", 20)
+    write_users(tmp_path / "vip.csv", 20)
     config = write_config(
         tmp_path / "c.toml",
         state_url=state_url,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import REPO, cli, kill_when_written, write_config, write_csv
+from conftest import REPO, cli, kill_when_written, read_jsonl, write_config, write_csv
 
 EXAMPLE = REPO / "config"
 
@@ -27,16 +27,12 @@ def example(tmp_path: Path, state_url: str) -> Path:
     return config
 
 
-def lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
 def test_example_day1_then_day2_sends_only_changes(example: Path):
     out = example.parent.parent / "out/identify.jsonl"
     first = cli("run", "--config", str(example))
     assert first.returncode == 0, first.stderr
     assert "Order Completed Last 30days" in first.stdout
-    day1 = lines(out)
+    day1 = read_jsonl(out)
     memberships = [m for m in day1 if "lifetime_value" not in m["traits"]]
     assert len(memberships) == 8  # 5 + 3 members, every one `true`
     assert all(True in m["traits"].values() for m in memberships)
@@ -50,7 +46,7 @@ def test_example_day1_then_day2_sends_only_changes(example: Path):
 
     again = cli("run", "--config", str(example))
     assert again.returncode == 0
-    assert len(lines(out)) == 12
+    assert len(read_jsonl(out)) == 12
 
     for f in (example.parent / "examples/day2").iterdir():
         shutil.copy(f, example.parent / "examples/current" / f.name)
@@ -64,7 +60,7 @@ def test_example_day1_then_day2_sends_only_changes(example: Path):
     ]
     sent = sorted(
         (m["userId"], k, v)
-        for m in lines(out)[12:]
+        for m in read_jsonl(out)[12:]
         for k, v in m["traits"].items()
         if k not in ("email", "name", "phone")
     )
@@ -180,7 +176,7 @@ def test_kill_9_mid_run_loses_nothing(tmp_path: Path, state_url: str):
 
     finish = cli("run", "--config", str(path), "--json", timeout=900)  # 3,000 commits
     assert finish.returncode == 0, finish.stderr
-    sent = [m["userId"] for m in lines(out)]
+    sent = [m["userId"] for m in read_jsonl(out)]
     assert set(sent) == set(users)
     duplicates = len(sent) - len(set(sent))
     assert duplicates <= 1000 + 20  # at most one uncommitted window is re-sent

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from conftest import cli, crisp_env, write_config
-from history_seed import EVIL, EVIL_USER, Seeded, execute, seed_history
+from conftest import cli, crisp_env, execute, write_config
+from history_seed import EVIL, EVIL_USER, Seeded, seed_history
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
-from conftest import cli, crisp_destination, crisp_env, kill_when_written, write_config
+from conftest import cli, crisp_destination, crisp_env, kill_when_written, read_jsonl, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from recording_destination import BatchRecordingDestination, RecordingDestination
@@ -26,10 +26,6 @@ from audience_sync.errors import ConfigError
 from audience_sync.state import StateStore, connect
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def state_values(url: str, key: str = "ltv") -> dict[str, Any]:
@@ -73,7 +69,7 @@ def test_day_one_repeat_and_day_two_send_only_changed_values(tmp_path: Path, sta
 
     first = sync(config)
     assert first.exit_code == 0
-    sent = [m for m in lines(out) if "ltv" in m["traits"]]
+    sent = [m for m in read_jsonl(out) if "ltv" in m["traits"]]
     assert {m["userId"]: m["traits"]["ltv"] for m in sent} == {
         "u1": 523.4,
         "u2": 112,
@@ -84,16 +80,16 @@ def test_day_one_repeat_and_day_two_send_only_changed_values(tmp_path: Path, sta
     assert personas["computation_key"] == "ltv"
     assert personas["computation_id"].startswith("tra_")
     assert sent[0]["traits"]["email"] == "a@x.io"
-    audience = next(m for m in lines(out) if "vip" in m["traits"])
+    audience = next(m for m in read_jsonl(out) if "vip" in m["traits"])
     assert audience["context"]["personas"]["computation_class"] == "audience"
 
     # The same values spelt differently, and a stable snapshot: nothing is sent.
     (tmp_path / "ltv.csv").write_text(
         "user_id,email,value\nu1,a@x.io,523.40\nu2,b@x.io,112.0\nu3,c@x.io, \nu4,d@x.io, gold\n"
     )
-    before = len(lines(out))
+    before = len(read_jsonl(out))
     repeat = sync(config)
-    assert repeat.exit_code == 0 and len(lines(out)) == before
+    assert repeat.exit_code == 0 and len(read_jsonl(out)) == before
     trait = next(a for a in repeat.audiences if a.audience.trait_key == "ltv")
     assert (trait.counts["entered"], trait.counts["exited"], trait.counts["unchanged"]) == (0, 0, 3)
 
@@ -101,7 +97,7 @@ def test_day_one_repeat_and_day_two_send_only_changed_values(tmp_path: Path, sta
     (tmp_path / "ltv.csv").write_text("user_id,email,value\nu1,a@x.io,600\nu2,,112\nu3,,7\n")
     day2 = sync(config)
     assert day2.exit_code == 0
-    new = lines(out)[before:]
+    new = read_jsonl(out)[before:]
     assert {m["userId"]: m["traits"]["ltv"] for m in new} == {"u1": 600, "u3": 7, "u4": None}
     assert state_values(state_url) == {"u1": 600, "u2": 112, "u3": 7}
 
@@ -149,11 +145,11 @@ def test_csv_and_parquet_values_compare_by_value(tmp_path: Path, state_url: str)
         ],
     )
     out = tmp_path / "out.jsonl"
-    before = len(lines(out))
+    before = len(read_jsonl(out))
     result = sync(load_config(parquet))
     assert result.exit_code == 0
     # u1 and u2 unchanged (float 112.0 == text 112); u3 and u4 are not in this file: cleared.
-    assert {m["userId"]: m["traits"]["ltv"] for m in lines(out)[before:]} == {
+    assert {m["userId"]: m["traits"]["ltv"] for m in read_jsonl(out)[before:]} == {
         "u3": None,
         "u4": None,
     }
@@ -171,7 +167,7 @@ def test_rejected_values_are_reported_with_row_numbers_and_held(tmp_path: Path, 
         "user_id,value\nu1,NaN\nu2,lots\nu3,30\nu3,31\nu4,40\nu5,50\n"
     )
     out = tmp_path / "out.jsonl"
-    before = len(lines(out))
+    before = len(read_jsonl(out))
     result = sync(config)
     trait = next(a for a in result.audiences if a.audience.trait_key == "ltv")
     assert result.exit_code == 4 and trait.status.value == "partial"
@@ -179,7 +175,10 @@ def test_rejected_values_are_reported_with_row_numbers_and_held(tmp_path: Path, 
     assert "is not a finite number" in reasons[(1, "u1")]
     assert "'lots' is not a number" in reasons[(2, "u2")]
     assert "conflicting duplicate" in reasons[(3, "u3")] and (4, "u3") in reasons
-    assert {m["userId"]: m["traits"]["ltv"] for m in lines(out)[before:]} == {"u4": 40, "u5": 50}
+    assert {m["userId"]: m["traits"]["ltv"] for m in read_jsonl(out)[before:]} == {
+        "u4": 40,
+        "u5": 50,
+    }
     assert state_values(state_url) == {"u1": 1, "u2": 2, "u3": 3, "u4": 40, "u5": 50}
 
 
@@ -191,9 +190,9 @@ def test_strings_are_compared_exactly_after_stripping_blanks(tmp_path: Path, sta
     assert state_values(state_url) == {"u1": "Gold", "u2": "silver", "u3": "01234"}
     (tmp_path / "ltv.csv").write_text("user_id,value\nu1,gold\nu2,silver\nu3,01234\n")
     out = tmp_path / "out.jsonl"
-    before = len(lines(out))
+    before = len(read_jsonl(out))
     assert sync(config).exit_code == 0
-    assert {m["userId"]: m["traits"]["ltv"] for m in lines(out)[before:]} == {"u1": "gold"}
+    assert {m["userId"]: m["traits"]["ltv"] for m in read_jsonl(out)[before:]} == {"u1": "gold"}
 
 
 def test_full_resends_values_and_dry_run_shows_them(tmp_path: Path, state_url: str):
@@ -210,9 +209,9 @@ def test_full_resends_values_and_dry_run_shows_them(tmp_path: Path, state_url: s
     assert [a["audience"] for a in planned] == ["Lifetime Value"]
     assert {s["user_id"]: s["ltv"] for s in planned[0]["sample"]} == {"u1": 5, "u2": 6}
     out = tmp_path / "out.jsonl"
-    before = len(lines(out))
+    before = len(read_jsonl(out))
     assert sync(config, audiences=["ltv"], full=True).exit_code == 0
-    assert sorted((m["userId"], m["traits"]["ltv"]) for m in lines(out)[before:]) == [
+    assert sorted((m["userId"], m["traits"]["ltv"]) for m in read_jsonl(out)[before:]) == [
         ("u1", 5),
         ("u2", 6),
     ]
@@ -243,7 +242,7 @@ def test_retire_clears_every_value(tmp_path: Path, state_url: str):
     assert "computed trait 'Lifetime Value' (ltv) has values in the state" in warned.stderr
     retired = cli("retire", "ltv", "--config", str(path))
     assert retired.returncode == 0, retired.stderr
-    cleared = [m for m in lines(tmp_path / "out.jsonl") if m["traits"].get("ltv", 0) is None]
+    cleared = [m for m in read_jsonl(tmp_path / "out.jsonl") if m["traits"].get("ltv", 0) is None]
     assert sorted(m["userId"] for m in cleared) == ["u1", "u2"]
     assert state_values(state_url) == {}
 
@@ -405,7 +404,7 @@ def test_kill_9_mid_trait_run_loses_nothing(tmp_path: Path, state_url: str):
     assert 0 < killed_at < len(users), "the kill should land mid-run"
     finish = cli("run", "--config", str(path), "--json", timeout=900)
     assert finish.returncode == 0, finish.stderr
-    sent = [(m["userId"], m["traits"]["ltv"]) for m in lines(out)]
+    sent = [(m["userId"], m["traits"]["ltv"]) for m in read_jsonl(out)]
     assert {u for u, _ in sent} == set(users)
     assert len(sent) - len(set(sent)) <= 1000 + 20  # at most one uncommitted window again
     expected = {u: (i % 97) + 0.5 for i, u in enumerate(users)}

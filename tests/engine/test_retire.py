@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import cli, crisp_destination, crisp_env, write_config, write_csv
+from conftest import cli, crisp_destination, crisp_env, read_jsonl, write_config, write_csv
 from crisp_server import CrispServer
 
 from audience_sync import load_config
@@ -39,8 +39,7 @@ def configure(
 
 
 def falses(folder: Path, key: str) -> list[str]:
-    lines = [json.loads(x) for x in (folder / "out.jsonl").read_text().splitlines()]
-    return [m["userId"] for m in lines if m["traits"].get(key) is False]
+    return [m["userId"] for m in read_jsonl(folder / "out.jsonl") if m["traits"].get(key) is False]
 
 
 def state(state_url: str, query: str) -> list[Any]:

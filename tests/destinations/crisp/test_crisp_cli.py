@@ -24,6 +24,8 @@ from conftest import (
     cli,
     crisp_destination,
     crisp_env,
+    query,
+    runs,
     write_config,
 )
 from crisp_server import CrispServer
@@ -51,15 +53,6 @@ def setup(tmp_path: Path, state_url: str, crisp: CrispServer, **options: Any) ->
             {"name": "Churn Risk", "source": "churn.csv"},
         ],
     )
-
-
-def rows(state_url: str, query: str) -> list[dict[str, Any]]:
-    engine = sa.create_engine(state_url)
-    try:
-        with engine.connect() as conn:
-            return [dict(r) for r in conn.execute(sa.text(query)).mappings()]
-    finally:
-        engine.dispose()
 
 
 def data(crisp: CrispServer, email: str) -> dict[str, Any]:
@@ -219,7 +212,7 @@ def test_killed_mid_run_then_the_next_run_completes_with_no_loss(
     proc.send_signal(getattr(signal, how))
     proc.communicate(timeout=60)
     before = len(crisp.requests)
-    assert 0 < sum(1 for r in rows(state_url, "SELECT user_id FROM sync_members")) < n + n // 2
+    assert 0 < sum(1 for r in query(state_url, "SELECT user_id FROM sync_members")) < n + n // 2
 
     done = run(config)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -234,7 +227,7 @@ def test_killed_mid_run_then_the_next_run_completes_with_no_loss(
     assert sum(per_target.values()) - len(per_target) <= concurrency
     resent = [r for r in crisp.requests[before:] if r.status == 409]
     assert len(resent) <= concurrency
-    history = rows(state_url, "SELECT * FROM sync_runs ORDER BY id")
+    history = runs(state_url)[::-1]
     assert [h["status"] for h in history] == ["interrupted"] * 2 + ["succeeded"] * 2
     # 15.5: the stopped runs' counters add up, and their pending is what the next run sent.
     for stopped, next_run in zip(history[:2], history[2:], strict=True):
@@ -258,8 +251,8 @@ def test_bad_credentials_are_one_clear_error_and_change_nothing(
     output = done.stdout + done.stderr
     if problem == "rejected":
         assert output.count("Crisp rejected the credentials (HTTP 401 unauthorized") == 1
-        assert rows(state_url, "SELECT * FROM sync_members") == []
-        assert rows(state_url, "SELECT * FROM sync_pending") == []
+        assert query(state_url, "SELECT * FROM sync_members") == []
+        assert query(state_url, "SELECT * FROM sync_pending") == []
     else:
         assert "error: Crisp credentials missing: set $CRISP_IDENTIFIER and $CRISP_KEY" in output
         assert crisp.count() == 0

@@ -5,13 +5,12 @@ there, with the same result as the in-memory diff.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import write_config, write_csv
+from conftest import read_jsonl, write_config, write_csv
 
 from audience_sync.config import load_config
 from audience_sync.engine import sync
@@ -29,10 +28,6 @@ def dump(url: str) -> dict[str, list[tuple[Any, ...]]]:
         }
     engine.dispose()
     return tables
-
-
-def identifies(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_a_run_without_changes_writes_only_its_run_rows(tmp_path: Path, state_url: str) -> None:
@@ -82,7 +77,7 @@ def test_each_user_gets_their_own_identity_across_batches(
     assert sync(load_config(config)).exit_code == 0
 
     by_user: dict[str, dict[str, Any]] = {}
-    for message in identifies(tmp_path / "out.jsonl"):
+    for message in read_jsonl(tmp_path / "out.jsonl"):
         by_user.setdefault(message["userId"], {}).update(message["traits"])
     for u in users:
         traits = by_user.get(str(u), {})
@@ -119,7 +114,7 @@ def test_a_query_in_the_state_database_is_diffed_there(tmp_path: Path, state_url
 
     counts = second.audiences[0].counts
     assert (counts["entered"], counts["exited"], counts["unchanged"]) == (1, 1, 2)
-    messages = identifies(tmp_path / "out.jsonl")[3:]
+    messages = read_jsonl(tmp_path / "out.jsonl")[3:]
     assert {(m["userId"], m["traits"]["vip"]) for m in messages} == {("4", True), ("1", False)}
     assert next(m for m in messages if m["userId"] == "4")["traits"]["email"] == "4@x"
 
@@ -162,5 +157,5 @@ def test_a_failed_commit_ends_the_run_and_the_next_run_resends_only_its_batch(
     monkeypatch.undo()
     result = sync(load_config(config))
     assert result.exit_code == 0
-    sent = [m["userId"] for m in identifies(tmp_path / "out.jsonl")]
+    sent = [m["userId"] for m in read_jsonl(tmp_path / "out.jsonl")]
     assert sent == users + users[10:20]  # the failed batch once more, nothing else

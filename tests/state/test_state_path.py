@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import sqlalchemy as sa
-from conftest import cli, write_config, write_csv
+from conftest import cli, read_jsonl, write_config, write_csv
 
 from audience_sync import load_config
 from audience_sync.destinations.crisp.destination import CrispDestination
@@ -38,8 +38,7 @@ def prod(folder: Path, *, url: str = "sqlite:///audience_sync.db", extra: str = 
 
 
 def sent(folder: Path) -> list[dict[str, object]]:
-    out = folder / "out/identify.jsonl"
-    return [json.loads(x) for x in out.read_text().splitlines()] if out.exists() else []
+    return read_jsonl(folder / "out/identify.jsonl")
 
 
 def test_relative_sqlite_state_follows_the_config_not_the_working_directory(tmp_path: Path):

@@ -6,7 +6,6 @@ destination sleeping a few milliseconds per user, so a run can be stopped or kil
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,9 +17,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import write_config, write_csv
-
-LAUNCHER = Path(__file__).resolve().parent / "cli_with_test_destinations.py"
+from conftest import LAUNCHER, read_jsonl, write_config, write_csv
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -71,9 +68,7 @@ def users_csv(path: Path, n: int) -> Path:
 
 
 def sent_user_ids(path: Path) -> list[str]:
-    if not path.exists():
-        return []
-    return [json.loads(line)["userId"] for line in path.read_text().splitlines()]
+    return [m["userId"] for m in read_jsonl(path)]
 
 
 def slow_config(

@@ -12,14 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli, write_config, write_csv
+from conftest import LAUNCHER, cli, write_config, write_csv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from audience_sync.logs import JsonFormatter
 from audience_sync.progress import ProgressLog
-
-LAUNCHER = Path(__file__).resolve().parent / "cli_with_test_destinations.py"
 
 
 class FakeClock:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
-from conftest import CRISP_IDENTIFIER, CRISP_KEY, crisp_env
+from conftest import CRISP_IDENTIFIER, CRISP_KEY, REPO, crisp_env
 from pydantic import ValidationError
 
 from audience_sync.config import load_config
@@ -445,7 +445,7 @@ def test_client_sends_basic_auth_tier_and_json() -> None:
 
 
 def test_bundled_crisp_example_config_is_valid() -> None:
-    example = Path(__file__).resolve().parents[1] / "config" / "crisp-example.toml"
+    example = REPO / "config" / "crisp-example.toml"
     config = load_config(example, env={"CRISP_WEBSITE_ID": "w-from-env"})
     assert config.destination.type == "crisp"
     assert config.destination.name == "crisp:w-from-env"

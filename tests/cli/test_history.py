@@ -7,18 +7,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
-from conftest import cli, write_config, write_csv
+from conftest import cli, execute, write_config, write_csv
 
 from audience_sync.config import load_config
 from audience_sync.errors import ExitCode
 from audience_sync.history import status
-
-
-def execute(url: str, sql: str, **params: object) -> None:
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(sql), params)
-    engine.dispose()
 
 
 def scalar(url: str, sql: str) -> object:

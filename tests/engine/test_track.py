@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import cli, write_config, write_csv
+from conftest import cli, read_jsonl, write_config, write_csv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,7 +46,7 @@ def test_read_calls_and_track_to_jsonl(tmp_path: Path, state_url: str) -> None:
     ]
     result = track(load_config(config), calls)
     assert result.exit_code == 0 and result.counts["delivered"] == 2
-    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    lines = read_jsonl(tmp_path / "out.jsonl")
     assert [(m["type"], m["userId"]) for m in lines] == [("identify", "u1"), ("track", "7")]
     assert lines[1]["properties"] == {"revenue": 42.99}
     assert lines[1]["context"] == {"traits": {"email": "b@x.com"}}
@@ -132,7 +132,7 @@ def test_track_file_honours_integrations_and_skips_bad_lines(
     assert (report["calls"], report["delivered"], report["integrations_off"]) == (3, 3, 2)
     assert [x["line"] for x in report["skipped_lines"]] == [3, 7, 8]
     assert "`userId` is missing" in report["skipped_lines"][1]["reason"]
-    sent = [json.loads(x)["userId"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    sent = [m["userId"] for m in read_jsonl(tmp_path / "out.jsonl")]
     assert sent == ["u1", "u5", "u6"]
     table = cli("track", "--config", str(config), "--file", str(source))
     assert f"{source}:3: skipped: `type` is 'page'" in table.stdout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from datetime import UTC, datetime, timedelta
@@ -10,8 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import sqlalchemy as sa
-from conftest import cli, write_config, write_csv
+from conftest import cli, read_jsonl, runs, write_config, write_csv, write_users
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -85,26 +83,8 @@ def test_first_sync_and_empty_state_are_never_refused(
         guard(snapshot, ids("x1", "x2"), **limits)
 
 
-def users(path: Path, n: int, start: int = 0) -> Path:
-    rows = "".join(f"u{i},u{i}@example.com\n" for i in range(start, start + n))
-    return write_csv(path, "user_id,email\n" + rows)
-
-
-def runs(url: str) -> list[dict[str, object]]:
-    engine = sa.create_engine(url)
-    with engine.connect() as conn:
-        result = conn.execute(sa.text("select * from sync_runs order by id"))
-        rows = [dict(r) for r in result.mappings()]
-    engine.dispose()
-    return rows
-
-
-def lines(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def test_a_wiped_snapshot_is_refused_and_force_overrides(tmp_path: Path, state_url: str) -> None:
-    source = users(tmp_path / "a.csv", 10)
+    source = write_users(tmp_path / "a.csv", 10)
     config = write_config(
         tmp_path / "c.toml", state_url=state_url, audiences=[{"name": "Aud A", "source": "a.csv"}]
     )
@@ -113,25 +93,25 @@ def test_a_wiped_snapshot_is_refused_and_force_overrides(tmp_path: Path, state_u
     refused = cli("run", "--config", str(config))
     assert refused.returncode == 4, refused.stdout + refused.stderr
     assert "has no members, but 10 users are members now" in refused.stdout
-    assert len(lines(tmp_path / "out.jsonl")) == 10  # nothing sent
-    last = runs(state_url)[-1]
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 10  # nothing sent
+    last = runs(state_url)[0]
     assert last["status"] == "failed"
     assert (last["exited"], last["delivered"]) == (10, 0)
     assert "nothing was sent" in str(last["error"])
 
     forced = cli("run", "--config", str(config), "--force")
     assert forced.returncode == 0, forced.stdout + forced.stderr
-    sent = lines(tmp_path / "out.jsonl")[10:]
+    sent = read_jsonl(tmp_path / "out.jsonl")[10:]
     assert sorted(str(m["userId"]) for m in sent) == sorted(f"u{i}" for i in range(10))
     assert all(m["traits"]["aud_a"] is False for m in sent)  # type: ignore[index]
 
 
 def test_mass_exit_is_refused_unless_the_audience_allows_it(tmp_path: Path, state_url: str) -> None:
-    source = users(tmp_path / "a.csv", 10)
+    source = write_users(tmp_path / "a.csv", 10)
     audience = {"name": "Aud A", "source": "a.csv"}
     config = write_config(tmp_path / "c.toml", state_url=state_url, audiences=[audience])
     assert cli("run", "--config", str(config)).returncode == 0
-    users(source, 4)
+    write_users(source, 4)
     refused = cli("run", "--config", str(config))
     assert refused.returncode == 4
     assert "would set 6 of 10 current members (60%) to false" in refused.stdout
@@ -142,11 +122,11 @@ def test_mass_exit_is_refused_unless_the_audience_allows_it(tmp_path: Path, stat
     )
     allowed = cli("run", "--config", str(config))
     assert allowed.returncode == 0, allowed.stdout + allowed.stderr
-    assert runs(state_url)[-1]["exited"] == 6
+    assert runs(state_url)[0]["exited"] == 6
 
 
 def test_a_stale_snapshot_is_refused(tmp_path: Path, state_url: str) -> None:
-    source = users(tmp_path / "a.csv", 3)
+    source = write_users(tmp_path / "a.csv", 3)
     old = time.time() - 3 * 3600
     os.utime(source, (old, old))
     config = write_config(
