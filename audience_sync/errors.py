@@ -51,7 +51,7 @@ __all__ = [
 
 class ExitCode(enum.IntEnum):
     """Every exit code of the ``audience-sync`` command (README's *Exit codes* table lists the
-    same; ``tests/test_docs.py`` compares them)."""
+    same; ``tests/cli/test_docs.py`` compares them)."""
 
     OK = 0
     FAILURE = 1

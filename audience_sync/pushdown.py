@@ -4,7 +4,7 @@ changes (not both sides of the diff) travel to Python.
 
 It validates like ``sources/validate.py`` (ids trimmed, empty ids rejected, identical duplicate
 rows collapsed, users with conflicting rows held and all their rows rejected) so it plans exactly
-what the in-memory path plans; the property tests in ``tests/test_diff_paths.py`` hold it to that.
+what the in-memory path plans; the property tests in ``tests/diff/test_diff_paths.py`` hold it to that.
 """
 
 from __future__ import annotations
