@@ -2,7 +2,8 @@
 
 ``settings`` (config and credentials) -> ``client`` (httpx, pacing, budget, retries, with
 ``classify`` deciding what each answer means) -> ``profiles`` (one user's requests, with the
-``people`` map of people_ids) -> ``destination`` (concurrency and batching).
+``people`` map of people_ids) -> ``delivery`` (concurrency, batching, the budget) ->
+``destination`` (the Destination the engine opens).
 """
 
 from __future__ import annotations

@@ -1,0 +1,110 @@
+"""The ``audience-sync`` command: parses arguments, calls the library, prints results.
+
+A front end over the library (docs/architecture.md): this module holds the root group, the
+logging set-up, ``serve`` and the entry point ``main``; the commands are in ``runs`` (``run``,
+``retire``), ``admin`` (``init``, ``check``, ``key``, ``db``, ``track``), ``history`` and
+``views`` (``status``, ``report``, ``ui``), with what they share in ``shared``.
+
+Errors are ``AudienceSyncError`` subclasses, each with its exit code (see ``errors.py``);
+tracebacks only with ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from audience_sync.cli import admin, history, runs, views
+from audience_sync.cli.shared import config_option, err
+from audience_sync.errors import AudienceSyncError, ExitCode
+from audience_sync.logs import TEXT_FORMAT, JsonFormatter
+
+# Commands import the engine, the state and the history in their bodies: SQLAlchemy, pandas,
+# pyarrow and DuckDB load only for the commands that use them (`--help` and `key` need none).
+
+
+def _setup_logging(verbose: bool, log_format: str = "text") -> None:
+    """Structured ``key=value`` (or JSON) log lines on stderr; only warnings when a person is
+    watching."""
+    level = logging.DEBUG if verbose else (logging.WARNING if err.is_terminal else logging.INFO)
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format=TEXT_FORMAT,
+        datefmt="%Y-%m-%dT%H:%M:%S%z",
+        force=True,
+    )
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logs and full tracebacks.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines on stderr as key=value text or one JSON object per line.",
+)
+@click.version_option(package_name="audience-sync")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool, log_format: str) -> None:
+    """Keep Crisp (or a JSONL file) in step with your audience snapshots."""
+    ctx.obj = {"verbose": verbose}
+    _setup_logging(verbose, log_format)
+
+
+@cli.command()
+@config_option
+def serve(config_path: Path) -> None:
+    """Run every audience on its schedule until SIGTERM/SIGINT (SIGHUP reloads the config)."""
+    from audience_sync.service import Service
+
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger().setLevel(logging.INFO)  # a service logs its runs
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    sys.exit(Service(config_path).run())
+
+
+for _command in (
+    runs.run,
+    runs.retire_command,
+    admin.track_command,
+    admin.key,
+    admin.check_command,
+    admin.init_command,
+    admin.db,
+    history.history,
+    views.status,
+    views.report_command,
+    views.ui_command,
+):
+    cli.add_command(_command)
+
+
+def main() -> None:
+    """Entry point: map errors to exit codes."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        sys.exit(ExitCode.INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except AudienceSyncError as exc:
+        if "-v" in sys.argv or "--verbose" in sys.argv:
+            traceback.print_exc()  # and still the documented exit code
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(ExitCode.INTERRUPTED)
