@@ -4,7 +4,9 @@ changes (not both sides of the diff) travel to Python.
 
 It validates like ``sources/validate.py`` (ids trimmed, empty ids rejected, identical duplicate
 rows collapsed, users with conflicting rows held and all their rows rejected) so it plans exactly
-what the in-memory path plans; the property tests in ``tests/diff/test_diff_paths.py`` hold it to that.
+what the in-memory path plans; the property tests in ``tests/diff/test_diff_paths.py`` hold it
+to that. Computed traits are not pushed down: their values are made canonical in DuckDB
+(``sources/values.py``), so a trait's query runs through the in-memory path.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ _DIALECTS = {
 
 def applies(audience: AudienceConfig, state: sa.Engine) -> bool:
     """Whether the audience's query runs in the state database (same URL, same credentials)."""
-    if audience.query is None or audience.source_url is None:
+    if audience.query is None or audience.source_url is None or audience.computed:
         return False
     if state.dialect.name not in _STATE_DIALECTS:
         return False
