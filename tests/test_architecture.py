@@ -186,3 +186,15 @@ def test_declared_capabilities_match_the_methods(cls: type[Destination]) -> None
 
     assert cls.takes_batches == implements("deliver_batches")
     assert cls.prices_plans == implements("describe_plan")
+
+
+def test_every_package_ships_in_the_wheel() -> None:
+    """pyproject.toml lists the packages by hand: a new one left out breaks `pip install .`
+    (the console script cannot import it) while an editable install still works."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert found - listed == set()
