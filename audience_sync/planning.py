@@ -113,56 +113,41 @@ def load_and_plan(
 def _load_and_plan(
     audience: AudienceConfig, store: StateStore, audience_id: int | None, *, full: bool
 ) -> tuple[Snapshot, Plan]:
-    if audience.computed:
-        return _load_and_plan_values(audience, store, audience_id, full=full)
     if audience_id is not None and pushdown.applies(audience, store.engine):
         return pushdown.plan_in_database(store.engine, audience, audience_id, full=full)
+    # A computed trait is diffed the same way, its values compared too (``synced_values``).
     synced: pd.Index
-    if audience_id is None:
-        snapshot = load_snapshot(audience)
-        synced = pd.Index([], dtype="string[pyarrow]", name="user_id")
-        return snapshot, plan(snapshot.members.index, synced, full=full, held=snapshot.held)
-    # The state read is mostly the database's work: overlap it with reading the snapshot. The
-    # snapshot's repeated ids are looked for by the diff itself, which hashes the ids anyway.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-read") as pool:
-        reading = pool.submit(store.members, audience_id)
-        snapshot = load_snapshot(audience, check_repeats=False)
-        synced = reading.result()
-    the_plan = plan(snapshot.members.index, synced, full=full)
-    if members_repeat(snapshot.members.index, synced, the_plan):
-        # Rare: the export repeats ids. Validate it in full (users whose rows conflict are
-        # held, identical rows collapse) and diff again.
-        snapshot = load_snapshot(audience)
-        the_plan = plan(snapshot.members.index, synced, full=full, held=snapshot.held)
-    return snapshot, the_plan
-
-
-def _load_and_plan_values(
-    audience: AudienceConfig, store: StateStore, audience_id: int | None, *, full: bool
-) -> tuple[Snapshot, Plan]:
-    """A computed trait's diff: members are the users with a value, compared by value.
-
-    As for an audience, repeated ids are looked for by the diff (``members_repeat``), and only a
-    snapshot that repeats one is validated in full (its conflicting users held) and diffed again.
-    """
-    synced: pd.Index
+    synced_values: pa.Array | None = None
     if audience_id is None:
         synced = pd.Index([], dtype="string[pyarrow]", name="user_id")
-        synced_values = pa.array([], pa.large_string())
+        if audience.computed:
+            synced_values = pa.array([], pa.large_string())
         snapshot = load_snapshot(audience, check_repeats=False)
     else:
+        # The state read is mostly the database's work: overlap it with reading the snapshot.
+        # The snapshot's repeated ids are looked for by the diff itself, which hashes the ids
+        # anyway.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-read") as pool:
-            reading = pool.submit(store.values, audience_id)
-            snapshot = load_snapshot(audience, check_repeats=False)
-            synced, synced_values = reading.result()
+            if audience.computed:
+                values = pool.submit(store.values, audience_id)
+                snapshot = load_snapshot(audience, check_repeats=False)
+                synced, synced_values = values.result()
+            else:
+                members = pool.submit(store.members, audience_id)
+                snapshot = load_snapshot(audience, check_repeats=False)
+                synced = members.result()
 
     def diffed(snapshot: Snapshot) -> Plan:
-        values = (pa.array(snapshot.members["value"].array), synced_values)
-        members = snapshot.members.index
-        return plan(members, synced, full=full, held=snapshot.held, values=values)
+        values = None
+        if synced_values is not None:
+            values = (pa.array(snapshot.members["value"].array), synced_values)
+        ids = snapshot.members.index
+        return plan(ids, synced, full=full, held=snapshot.held, values=values)
 
     the_plan = diffed(snapshot)
     if members_repeat(snapshot.members.index, synced, the_plan):
+        # Rare: the export repeats ids. Validate it in full (users whose rows conflict are
+        # held, identical rows collapse) and diff again.
         snapshot = load_snapshot(audience)
         the_plan = diffed(snapshot)
     return snapshot, the_plan
