@@ -493,3 +493,27 @@ def _typed(values: dict[str, Any]) -> dict[str, tuple[str, Any]]:
         )
         for u, v in values.items()
     }
+
+
+@pytest.mark.parametrize(
+    ("column", "value_type", "message"),
+    [
+        (pa.array([[1, 2]]), "auto", "column `value` has type list<element: int64>"),
+        (pa.array([1.5]), "boolean", "with type = 'boolean'"),
+        (pa.array([b"x"]), "auto", "column `value` has type binary"),
+    ],
+)
+def test_a_column_that_cannot_hold_trait_values_fails_the_run_and_keeps_the_state(
+    tmp_path: Path, state_url: str, column: pa.Array, value_type: str, message: str
+):
+    (tmp_path / "vip.csv").write_text("user_id\nu1\n")
+    (tmp_path / "ltv.csv").write_text("user_id,value\nu1,5\n")
+    assert sync(load_config(trait_config(tmp_path, state_url))).exit_code == 0
+    pq.write_table(pa.table({"user_id": ["u1"], "value": column}), tmp_path / "ltv.parquet")
+    config = load_config(trait_config(tmp_path, state_url, source="ltv.parquet", type=value_type))
+    result = sync(config)
+    trait = next(a for a in result.audiences if a.audience.trait_key == "ltv")
+    assert result.exit_code == 4 and trait.status.value == "failed"
+    assert message in (trait.error or "")
+    assert "ltv.parquet" in (trait.error or "")
+    assert state_values(state_url) == {"u1": 5}
