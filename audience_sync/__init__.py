@@ -44,13 +44,14 @@ from audience_sync.naming import trait_key
 from audience_sync.result import AudienceResult, SyncResult
 
 if TYPE_CHECKING:
-    from audience_sync.engine import retire, sync
+    from audience_sync.engine import sync
+    from audience_sync.retirement import retire
     from audience_sync.track import CallFile, CallResult, read_calls, track
 
 # The engine (and the sources it reads) bring pandas, pyarrow and DuckDB (~1 s to import): they
 # load on first use, so `audience-sync --help`, `status` and `history` start without them.
 _LAZY = {
-    "retire": "audience_sync.engine",
+    "retire": "audience_sync.retirement",
     "sync": "audience_sync.engine",
     "CallFile": "audience_sync.track",
     "CallResult": "audience_sync.track",

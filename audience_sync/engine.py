@@ -16,32 +16,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
 
 from audience_sync.changes import AudienceChanges, RunChanges
-from audience_sync.config import AudienceConfig, ComputedTraitConfig, Config, sqlite_path
+from audience_sync.config import AudienceConfig, Config
+from audience_sync.delivery import COMMITS_IN_FLIGHT, Delivery, Ended
 from audience_sync.destinations import Destination
 from audience_sync.diff import Plan
 from audience_sync.errors import (
     AlreadyRunning,
     AudienceSyncError,
     ConfigError,
-    CredentialsError,
-    DestinationError,
-    NotFound,
-    QuotaExhausted,
     SafeguardError,
     SnapshotError,
     StateError,
     StateMissing,
 )
 from audience_sync.model import (
-    ChangeBatch,
     Identity,
     RejectedRow,
     RunMode,
@@ -63,7 +58,7 @@ from audience_sync.progress import Progress
 from audience_sync.result import AudienceResult, SyncResult
 from audience_sync.runtime import open_destination, open_resources, prepare_schema, ready
 from audience_sync.safeguards import check_initial_sync, check_snapshot
-from audience_sync.state import Applied, AudienceRef, Lease, RunLock, StateStore
+from audience_sync.state import AudienceRef, Lease, RunLock, StateStore
 from audience_sync.state.ledger import AudienceLedger, Ledger
 from audience_sync.state.store import COUNTERS, Clock, holder_id, schema_is_current, utc_now
 
@@ -72,17 +67,10 @@ __all__ = [
     "SyncResult",
     "open_destination",
     "prepare_schema",
-    "retire",
     "sync",
 ]
 
 log = logging.getLogger("audience_sync")
-
-#: Commits running at once for a batch destination on PostgreSQL (SQLite takes one writer at
-#: a time): each is a few bulk statements one server process works through on one core.
-COMMITS_IN_FLIGHT = 2
-#: Users per batch of changes prepared for a destination that takes updates one user at a time.
-UPDATE_BATCH = 10_000
 
 _NO_USERS = pd.Index([], dtype="string[pyarrow]", name="user_id")
 
@@ -115,7 +103,6 @@ class _Run:
         self,
         config: Config,
         store: StateStore,
-        lock: RunLock,
         destination: Destination,
         *,
         full: bool,
@@ -128,7 +115,7 @@ class _Run:
     ) -> None:
         self.config = config
         self.store = store
-        self.lock = lock
+        self.lock = lock = RunLock(store.engine, ttl=config.service.lock_ttl, clock=store.clock)
         self.destination = destination
         self.full = full
         self.retry_failed = retry_failed
@@ -139,12 +126,21 @@ class _Run:
         self.wait = wait
         self.runs: list[_AudienceRun] = []
         self.ledger = Ledger(store, change_log=config.state.change_log)
-        self.done = 0
-        # Commits at once: see _commit_behind. Per-user destinations are paced by a remote API,
-        # never by the database, and their at-most-re-sent bound assumes one commit at a time.
+        # Commits at once: see Delivery._commit_behind. Per-user destinations are paced by a
+        # remote API, never by the database, and their at-most-re-sent bound assumes one commit
+        # at a time.
         postgres = store.engine.dialect.name == "postgresql"
         parallel = postgres and destination.takes_batches
-        self._commits_in_flight = COMMITS_IN_FLIGHT if parallel else 1
+        self.delivery = Delivery(
+            destination,
+            self.ledger,
+            renew=lambda conn: lock.renew([r.lease for r in self.runs], conn),
+            should_stop=should_stop,
+            stop_timeout=config.service.stop_timeout.total_seconds(),
+            heartbeat_every=max(lock.ttl.total_seconds() / 3, 0.05),
+            commits_in_flight=COMMITS_IN_FLIGHT if parallel else 1,
+            progress=progress,
+        )
 
     # -- planning --------------------------------------------------------------------------
 
@@ -404,179 +400,33 @@ class _Run:
             run.identities = run.identities.iloc[:0]  # in the changes now; free the memory
         return changes
 
-    # -- recording outcomes (state/ledger.py) ---------------------------------------------------
-
-    def _apply(self, batches: list[Applied]) -> None:
-        self.ledger.commit(
-            batches, on_commit=lambda conn: self.lock.renew([r.lease for r in self.runs], conn)
-        )
-
-    def commit(self) -> None:
-        self._apply(self.ledger.take())
-
-    async def commit_async(self) -> None:
-        """Commit what was recorded so far in a worker thread, off the event loop."""
-        batches = self.ledger.take()
-        if batches:
-            await asyncio.to_thread(self._apply, batches)
-
-    async def _commit_behind(self, running: list[asyncio.Task[None]]) -> None:
-        """Commit the outcomes recorded so far in the background, beside earlier commits.
-
-        So the destination delivers the next batch while the database commits this one, and a
-        batch destination on PostgreSQL has up to ``COMMITS_IN_FLIGHT`` commits at once, on
-        connections of their own (batches never share a user, so they may commit in any order;
-        their counter updates queue on the run rows' locks, always taken in the same order). A
-        run killed at any moment re-sends at most the batches being committed and the one being
-        delivered, never what a finished commit recorded. A failed commit raises here.
-        """
-        if len(running) >= self._commits_in_flight:
-            await running.pop(0)
-        running.append(asyncio.create_task(self.commit_async()))
-        # One turn of the loop starts the commit even for a destination that never awaits.
-        await asyncio.sleep(0)
-
-    # -- delivery ---------------------------------------------------------------------------
-
-    async def deliver(self) -> tuple[RunStatus | None, str | None, type[AudienceSyncError] | None]:
-        """Send every planned change; returns how delivery ended (None: it ran to the end)."""
-        started = time.perf_counter()
-        changes = self.changes()
-        total = changes.users
-        heartbeat = asyncio.create_task(self._heartbeat())
-        watchdog = asyncio.create_task(self._stop_watchdog(asyncio.current_task()))
-        committing: list[asyncio.Task[None]] = []
-        if self.progress is not None:
-            self.progress("delivering", None, 0, total)
-        try:
-            if total:
-                async with (
-                    self.destination as dest,
-                    contextlib.aclosing(self._confirmed(dest, changes)) as confirmations,
-                ):
-                    async for users in confirmations:
-                        self.done += users
-                        await self._commit_behind(committing)
-                        if self.progress is not None:
-                            self.progress("delivering", None, self.done, total)
-        except QuotaExhausted as exc:
-            pending = max(total - self.done, 0)
-            message = exc.describe(pending)
-            log.warning("destination=%s %s", self.destination.name, message)
-            return RunStatus.PARTIAL, message, None
-        except CredentialsError as exc:
-            return RunStatus.FAILED, str(exc), CredentialsError
-        except DestinationError as exc:
-            return RunStatus.FAILED, str(exc), DestinationError
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            return RunStatus.INTERRUPTED, "stopped by a signal before the run finished", None
-        finally:
-            heartbeat.cancel()
-            watchdog.cancel()
-            failed_commit: BaseException | None = None
-            if committing:
-                await asyncio.wait(committing)  # their threads finish whatever happens
-                failures = [t.exception() for t in committing if not t.cancelled()]
-                failed_commit = next((e for e in failures if e is not None), None)
-            self.commit()  # whatever was confirmed is recorded, however delivery ended
-            if total or changes.held_users:
-                held = changes.held_users
-                log.info(
-                    "destination=%s confirmed %d of %d users in %.2fs%s",
-                    self.destination.name,
-                    self.done,
-                    total,
-                    time.perf_counter() - started,
-                    f"; {held} held after a permanent failure (--retry-failed)" if held else "",
-                )
-            if failed_commit is not None:
-                raise failed_commit
-        if self.should_stop():
-            return RunStatus.INTERRUPTED, "stopped by a signal before the run finished", None
-        return None, None, None
-
-    async def _confirmed(self, dest: Destination, changes: RunChanges) -> AsyncGenerator[int, None]:
-        """Hand ``changes`` to ``dest`` in the shape it takes; record each confirmation as it
-        comes and yield how many users it settled."""
-        if dest.takes_batches:
-            batches = self._batches(changes, dest.batch_users)
-            async with contextlib.aclosing(dest.deliver_batches(batches)) as stream:
-                async for confirmed in stream:
-                    self.ledger.record_batch(confirmed)
-                    yield confirmed.users
-            return
-        inflight: dict[str, UserUpdate] = {}
-
-        def feed() -> Iterator[UserUpdate]:
-            for batch in self._batches(changes, UPDATE_BATCH):
-                for update in batch.updates():
-                    if self.should_stop():
-                        return
-                    inflight[update.user_id] = update
-                    yield update
-
-        async with contextlib.aclosing(dest.deliver(feed())) as outcomes_stream:
-            async for outcomes in outcomes_stream:
-                for outcome in outcomes:
-                    self.ledger.record(inflight.pop(outcome.user_id), outcome)
-                yield len(outcomes)
-
-    def _batches(self, changes: RunChanges, users: int) -> Iterator[ChangeBatch]:
-        """The changes in batches of ``users`` users, until a stop is asked for."""
-        for batch in changes.batches(users):
-            if self.should_stop():
-                return
-            yield batch
-
-    async def _stop_watchdog(self, delivery: asyncio.Task[Any] | None) -> None:
-        """Once a stop is asked for, give in-flight requests ``stop_timeout``, then cancel them."""
-        while not self.should_stop():
-            await asyncio.sleep(0.05)
-        self.destination.stop()  # queued users stay pending; in-flight requests finish
-        timeout = self.config.service.stop_timeout.total_seconds()
-        await asyncio.sleep(timeout)
-        log.warning("in-flight deliveries still running %.0fs after the stop; cancelling", timeout)
-        if delivery is not None:
-            delivery.cancel()
-
-    async def _heartbeat(self) -> None:
-        interval = max(self.lock.ttl.total_seconds() / 3, 0.05)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await asyncio.to_thread(self.lock.renew, [r.lease for r in self.runs])
-            except StateError as exc:
-                # The next commit renews inside its transaction and stops the run on this.
-                log.error("lock heartbeat: %s", exc)
-                return
-
     def complete(self) -> list[AudienceResult]:
         """Deliver every planned change and record how each audience's run ended."""
         try:
-            ended, error, error_type = asyncio.run(self.deliver())
+            ended = asyncio.run(self.delivery.run(self.changes()))
         except BaseException as exc:
             self.abort(exc)
             raise
-        return self.finish(ended, error, error_type)
+        return self.finish(ended)
 
     def abort(self, exc: BaseException) -> None:
         """Leave no run marked running and no lock held for an error we can see."""
         message = str(exc) if isinstance(exc, AudienceSyncError) else f"unexpected error: {exc!r}"
         status = RunStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
         with contextlib.suppress(Exception):
-            self.commit()  # what the destination confirmed is kept
+            self.delivery.commit()  # what the destination confirmed is kept
         with contextlib.suppress(Exception):
-            self.finish(status, message, type(exc) if isinstance(exc, AudienceSyncError) else None)
+            error_type = type(exc) if isinstance(exc, AudienceSyncError) else None
+            self.finish(Ended(status, message, error_type))
 
-    def finish(
-        self, ended: RunStatus | None, error: str | None, error_type: type[AudienceSyncError] | None
-    ) -> list[AudienceResult]:
+    def finish(self, ended: Ended) -> list[AudienceResult]:
+        """Record how each audience's run ended, release the locks; the results."""
         results = []
         for run in self.runs:
             counts = run.counts
-            status = ended or RunStatus.SUCCEEDED
-            message = error
-            if ended is RunStatus.PARTIAL and not counts["pending"]:
+            status = ended.status or RunStatus.SUCCEEDED
+            message = ended.error
+            if ended.status is RunStatus.PARTIAL and not counts["pending"]:
                 # A quota stop ends the run for the audiences with changes left; one with
                 # nothing left to send is as done as it would be without the stop.
                 status, message = RunStatus.SUCCEEDED, None
@@ -604,7 +454,7 @@ class _Run:
                     run.run_id,
                     dict(counts),
                     message,
-                    error_type if status is RunStatus.FAILED else None,
+                    ended.error_type if status is RunStatus.FAILED else None,
                     run.rejected,
                 )
             )
@@ -688,7 +538,6 @@ def sync(
         run = _Run(
             config,
             store,
-            RunLock(engine, ttl=config.service.lock_ttl, clock=clock),
             dest,
             full=full,
             retry_failed=retry_failed,
@@ -718,88 +567,6 @@ def sync(
         order = {a.trait_key: i for i, a in enumerate(selected)}
         results.sort(key=lambda r: order[r.audience.trait_key])
         return SyncResult(dest.name, False, results, warnings=orphans)
-    finally:
-        engine.dispose()
-
-
-def retire(
-    config: Config,
-    name: str,
-    *,
-    dry_run: bool = False,
-    progress: Progress | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-    clock: Clock = utc_now,
-    destination: Destination | None = None,
-    wait: float = 0.0,
-) -> SyncResult:
-    """Send ``false`` to every user the state holds as a member of audience ``name`` (its name
-    or key in the state, for the configured destination), then drop the audience's state.
-
-    For an audience removed from the config, whose trait would otherwise stay ``true`` for
-    good. Like a run it is recorded in ``sync_runs`` (mode ``retire``), spends the destination's
-    quota and stops on ``should_stop``; re-running it finishes the job, sending only to the
-    members not yet confirmed. Users held after a permanent error are tried again.
-    """
-    database = sqlite_path(config.state.url)
-    if database is not None and not database.exists():
-        raise NotFound(f"no state database at {database}, so no audience {name!r} to retire")
-    engine, dest = open_resources(config, destination)
-    try:
-        store = StateStore(engine, clock)
-        ref = store.find_audience(dest.name, name, by_name=True) if store.has_history() else None
-        if ref is None:
-            raise NotFound(
-                f"no audience {name!r} (by name or key) in the state for destination "
-                f"{dest.name!r}; `audience-sync history` lists the audiences it has run"
-            )
-        if any(a.trait_key == ref.key for a in config.audiences):
-            raise ConfigError(
-                f"{config.path}: audience {ref.name!r} ({ref.key}) is still configured; remove "
-                "it from the config first, or the next run would sync it again"
-            )
-        if store.retire_done(ref.id):
-            raise NotFound(
-                f"audience {ref.name!r} ({ref.key}) has no members in the state for destination "
-                f"{dest.name!r}: it was retired already, or never had any; nothing to send"
-            )
-        # The audience is no longer configured: it is known by its state's name and key only.
-        kind = ComputedTraitConfig if ref.kind is SyncKind.TRAIT else AudienceConfig
-        audience = kind.model_construct(name=ref.name, key=ref.key)
-        if dry_run:
-            members = store.members(ref.id)
-            counts = dict.fromkeys(COUNTERS[:5], 0) | {"exited": len(members)}
-            sample = [{"user_id": str(u), ref.key: False} for u in members[:SAMPLE_SIZE]]
-            planned = AudienceResult(
-                audience,
-                RunStatus.SUCCEEDED,
-                RunMode.RETIRE,
-                None,
-                counts | {"pending": len(members)},
-                sample=sample,
-            )
-            return SyncResult(dest.name, True, [planned])
-        ready(config, engine, dest)
-        run = _Run(
-            config,
-            store,
-            RunLock(engine, ttl=config.service.lock_ttl, clock=clock),
-            dest,
-            full=False,
-            retry_failed=True,
-            trigger=Trigger.MANUAL,
-            progress=progress,
-            should_stop=should_stop,
-            wait=wait,
-        )
-        early = run.prepare_retire(audience, ref)
-        if early is not None:
-            return SyncResult(dest.name, False, [early])
-        results = run.complete()
-        if results[0].status is RunStatus.SUCCEEDED:
-            store.drop_audience_state(ref.id)
-            log.info("audience=%s retired: its state is dropped", ref.key)
-        return SyncResult(dest.name, False, results)
     finally:
         engine.dispose()
 

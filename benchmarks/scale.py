@@ -322,7 +322,12 @@ def postgres_cpu(url: str) -> Callable[[], float] | None:
 
 
 def run_size(
-    n: int, root: Path, databases: list[tuple[str, str]], cases: list[str], rounds: int
+    n: int,
+    root: Path,
+    databases: list[tuple[str, str]],
+    cases: list[str],
+    rounds: int,
+    baseline: Path | None = None,
 ) -> list[dict[str, Any]]:
     folder = root / f"n{n}"
     if folder.exists():
@@ -332,6 +337,8 @@ def run_size(
     _log(f"[{n:,}] data generated in {time.perf_counter() - t:.1f}s")
     me = [sys.executable, __file__]
     cli = str(Path(sys.executable).parent / "audience-sync")
+    # Another build's command (--baseline), measured in the same rounds against the same anchor.
+    clis = [("run", cli)] + ([("baseline", str(baseline))] if baseline else [])
     rows: list[dict[str, Any]] = []
     for db, url in databases:
         server_cpu = postgres_cpu(url) if db == "postgresql" else None
@@ -358,33 +365,45 @@ def run_size(
             if case == "trait":  # the trait's own initial sync to A (not measured)
                 child(sync("A", trait=True), folder, None)
                 synced = "A"
-            pairs = []
+            pairs: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
             for r in range(rounds):
-                # Initial: from an empty state to A. Zero-change: the synced snapshots again.
-                # Incremental and pushdown: A -> B, B -> A, ... (1% entered + 1% exited each).
-                then = {"initial": "A", "zero-change": synced}.get(
-                    case, "B" if synced == "A" else "A"
-                )
-                anchor_argv = [*me, ANCHORS[case], str(folder)]
-                anchor_argv += [then] if case in ("initial", "zero-change") else [synced, then]
-                run_argv = sync(then, case == "pushdown", trait=case == "trait")
-                if case == "initial":
-                    _reset(url)
-                elif db == "postgresql":  # as autovacuum would leave it between runs
-                    _vacuum(url)
-                out.unlink(missing_ok=True)
-                a = child(anchor_argv, folder, None)
-                b = child(run_argv, folder, server_cpu)
-                b["lines"] = _lines(out) if out.exists() else 0
-                pairs.append((a, b))
-                synced = then
-                _log(
-                    f"[{n:,}] {case} on {db}, round {r + 1}: anchor {a['wall']:.2f} s "
-                    f"({a['cpu']:.2f} s CPU), run {b['wall']:.2f} s ({b['cpu']:.2f} s CPU, "
-                    f"{b['server_cpu']:.2f} of it the server's), {b['rss_mb']:.0f} MB, "
-                    f"{b['lines']:,} lines; load {os.getloadavg()[0]:.2f}"
-                )
-            rows.append({"n": n, "case": case, "db": db, "pairs": pairs})
+                a: dict[str, Any] | None = None
+                # The measured builds take turns going first, so drift favours neither.
+                order = clis if r % 2 == 0 else clis[::-1]
+                for label, program in order:
+                    # Initial: from an empty state to A. Zero-change: the synced snapshots
+                    # again. Incremental and pushdown: A -> B, B -> A, ... (1% entered + 1%
+                    # exited each).
+                    then = {"initial": "A", "zero-change": synced}.get(
+                        case, "B" if synced == "A" else "A"
+                    )
+                    run_argv = sync(then, case == "pushdown", trait=case == "trait")
+                    run_argv[0] = program
+                    if case == "initial":
+                        _reset(url)
+                    elif db == "postgresql":  # as autovacuum would leave it between runs
+                        _vacuum(url)
+                    out.unlink(missing_ok=True)
+                    if a is None:  # one anchor per round, before the first measured run
+                        anchor_argv = [*me, ANCHORS[case], str(folder)]
+                        anchor_argv += (
+                            [then] if case in ("initial", "zero-change") else [synced, then]
+                        )
+                        a = child(anchor_argv, folder, None)
+                    b = child(run_argv, folder, server_cpu)
+                    b["lines"] = _lines(out) if out.exists() else 0
+                    pairs.setdefault(label, []).append((a, b))
+                    synced = then
+                    _log(
+                        f"[{n:,}] {case} on {db}, round {r + 1}, {label}: anchor "
+                        f"{a['wall']:.2f} s ({a['cpu']:.2f} s CPU), run {b['wall']:.2f} s "
+                        f"({b['cpu']:.2f} s CPU, {b['server_cpu']:.2f} of it the server's), "
+                        f"{b['rss_mb']:.0f} MB, {b['lines']:,} lines; "
+                        f"load {os.getloadavg()[0]:.2f}"
+                    )
+            for label, _ in clis:
+                name = case if label == "run" else f"{case} ({label})"
+                rows.append({"n": n, "case": name, "db": db, "pairs": pairs[label]})
     shutil.rmtree(folder)
     return rows
 
@@ -449,7 +468,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    anchors = {
+    anchors: dict[str, Callable[..., dict[str, Any]]] = {
         "_initial": anchor_initial,
         "_read": anchor_read,
         "_diff": anchor_diff,
@@ -464,6 +483,12 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help=f"some of {','.join(CASES)}")
     parser.add_argument("--databases", default="sqlite,postgresql")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/audience-sync-bench"))
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another build's audience-sync command (e.g. an older checkout's "
+        ".venv/bin/audience-sync), run in every round beside this one; same schema only",
+    )
     args = parser.parse_args()
     cases = args.cases.split(",")
     if unknown := set(cases) - set(CASES):
@@ -484,7 +509,7 @@ def main() -> None:
     print(f" ({os.cpu_count()} CPUs)")
     rows: list[dict[str, Any]] = []
     for n in (int(s) for s in args.sizes.split(",")):
-        rows += run_size(n, args.workdir, databases, cases, args.rounds)
+        rows += run_size(n, args.workdir, databases, cases, args.rounds, args.baseline)
     load = os.getloadavg()
     print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print_table(rows)

@@ -38,24 +38,28 @@ FOUNDATION = {
 }
 
 #: The pipeline's stages, which the config describes and so must not import.
-STAGES = "sources diff planning pushdown safeguards changes destinations state engine"
+STAGES = (
+    "sources diff planning pushdown safeguards changes delivery destinations state engine "
+    "retirement"
+)
 
 #: stage -> (the stages or modules it must not import, why): see docs/architecture.md.
 RULES = {
     "sources": (
-        "diff planning pushdown changes engine state destinations",
+        "diff planning pushdown changes delivery engine retirement state destinations",
         "loading and validating a snapshot leans on no later stage",
     ),
     "diff": (
-        "sources state destinations planning pushdown changes engine config",
+        "sources state destinations planning pushdown changes delivery engine config",
         "the diff is pure: ids in, a Plan out, no I/O",
     ),
     "state": (
-        "destinations sources diff planning pushdown changes engine",
+        "destinations sources diff planning pushdown changes delivery engine retirement",
         "state stores what the engine confirmed; it names no destination and plans nothing",
     ),
     "destinations": (
-        "engine planning pushdown diff changes sources config track state.schema state.store",
+        "engine delivery planning pushdown diff changes sources config track state.schema "
+        "state.store",
         "a destination takes updates and confirms them, knowing nothing of how they were "
         "planned, and owns its tables",
     ),

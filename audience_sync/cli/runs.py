@@ -1,7 +1,7 @@
 """``run`` and ``retire``: the commands that sync, with their progress bar, their signal
 handling and how their result is printed.
 
-Part of the CLI front end (``cli/``): they call ``engine.sync`` / ``engine.retire`` (imported in
+Part of the CLI front end (``cli/``): they call ``engine.sync`` / ``retirement.retire`` (imported in
 the command, so ``--help`` loads no engine) and print the ``SyncResult``.
 """
 
@@ -173,7 +173,7 @@ def run(
 def retire_command(name: str, config_path: Path, dry_run: bool, as_json: bool, wait: float) -> None:
     """Set audience NAME's trait to false for every member the state holds, then drop its
     state (for an audience removed from the config; re-run it to finish after a stop)."""
-    from audience_sync.engine import retire
+    from audience_sync.retirement import retire
 
     config = load_config(config_path)
     with (

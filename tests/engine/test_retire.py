@@ -16,8 +16,7 @@ import sqlalchemy as sa
 from conftest import cli, crisp_destination, crisp_env, read_jsonl, write_config, write_csv
 from crisp_server import CrispServer
 
-from audience_sync import load_config
-from audience_sync.engine import retire
+from audience_sync import load_config, retire
 from audience_sync.model import RunStatus
 
 
