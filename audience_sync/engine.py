@@ -55,7 +55,7 @@ from audience_sync.planning import (
     run_mode,
 )
 from audience_sync.progress import Progress
-from audience_sync.result import AudienceResult, SyncResult
+from audience_sync.result import AudienceResult, SyncResult, partial_reason
 from audience_sync.runtime import open_destination, open_resources, prepare_schema, ready
 from audience_sync.safeguards import check_initial_sync, check_snapshot
 from audience_sync.state import AudienceRef, Lease, RunLock, StateStore
@@ -437,7 +437,7 @@ class _Run:
                 or counts["rejected_rows"]
             ):
                 status = RunStatus.PARTIAL
-                message = _partial_reason(counts, run.run_id, run.held_failed, run.plan.exits_held)
+                message = partial_reason(counts, run.run_id, run.held_failed, run.plan.exits_held)
             self.store.finish_run(run.run_id, status, message, **counts)
             log.info(
                 "audience=%s run=%d status=%s %s",
@@ -460,28 +460,6 @@ class _Run:
             )
         self.lock.release([r.lease for r in self.runs])
         return results
-
-
-def _partial_reason(counts: dict[str, int], run_id: int, held: int, exits_held: int) -> str:
-    parts = []
-    if counts["rejected_rows"]:
-        held_note = (
-            f" ({exits_held} exits held until a snapshot without rejected rows)"
-            if exits_held
-            else ""
-        )
-        parts.append(f"{counts['rejected_rows']} snapshot rows rejected{held_note}")
-    if counts["failed"]:
-        note = f" ({held} held after a permanent error; use --retry-failed)" if held else ""
-        parts.append(f"{counts['failed']} users failed{note}")
-    if counts["skipped"]:
-        parts.append(f"{counts['skipped']} users skipped")
-    if counts["pending"]:
-        parts.append(f"{counts['pending']} changes pending")
-    see = [f"`audience-sync history {run_id}`"] if counts["rejected_rows"] else []
-    if counts["failed"] or counts["skipped"]:
-        see.append("`audience-sync history --failed`")
-    return "; ".join(parts) + (f"; see {' and '.join(see)}" if see else "")
 
 
 def sync(

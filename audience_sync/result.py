@@ -10,7 +10,7 @@ from audience_sync.config import AudienceConfig
 from audience_sync.errors import AudienceSyncError, ExitCode, most_severe
 from audience_sync.model import RejectedRow, RunMode, RunStatus
 
-__all__ = ["AudienceResult", "SyncResult"]
+__all__ = ["AudienceResult", "SyncResult", "partial_reason"]
 
 
 @dataclass(slots=True)
@@ -56,3 +56,26 @@ class SyncResult:
     def exit_code(self) -> ExitCode:
         """``OK`` when all succeeded; else the most severe audience's code (see ``errors``)."""
         return most_severe(r.exit_code for r in self.audiences)
+
+
+def partial_reason(counts: dict[str, int], run_id: int, held: int, exits_held: int) -> str:
+    """Why a run that ran to the end is partial, and which command shows the details."""
+    parts = []
+    if counts["rejected_rows"]:
+        held_note = (
+            f" ({exits_held} exits held until a snapshot without rejected rows)"
+            if exits_held
+            else ""
+        )
+        parts.append(f"{counts['rejected_rows']} snapshot rows rejected{held_note}")
+    if counts["failed"]:
+        note = f" ({held} held after a permanent error; use --retry-failed)" if held else ""
+        parts.append(f"{counts['failed']} users failed{note}")
+    if counts["skipped"]:
+        parts.append(f"{counts['skipped']} users skipped")
+    if counts["pending"]:
+        parts.append(f"{counts['pending']} changes pending")
+    see = [f"`audience-sync history {run_id}`"] if counts["rejected_rows"] else []
+    if counts["failed"] or counts["skipped"]:
+        see.append("`audience-sync history --failed`")
+    return "; ".join(parts) + (f"; see {' and '.join(see)}" if see else "")
