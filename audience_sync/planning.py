@@ -26,7 +26,7 @@ from audience_sync.result import AudienceResult
 from audience_sync.safeguards import check_initial_sync, check_snapshot
 from audience_sync.sources import load_snapshot
 from audience_sync.state import StateStore
-from audience_sync.state.store import kind_changed
+from audience_sync.state.audiences import kind_changed
 
 __all__ = [
     "SAMPLE_SIZE",
