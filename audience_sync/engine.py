@@ -53,7 +53,6 @@ from audience_sync.model import (
 )
 from audience_sync.planning import (
     SAMPLE_SIZE,
-    identity_rows,
     load_and_plan,
     plan_all,
     plan_counts,
@@ -188,7 +187,7 @@ class _Run:
         refused = self._guard(audience, mode, run_id, lease, snapshot, the_plan)
         if refused is not None:
             return refused
-        identities = identity_rows(snapshot.members, the_plan)
+        identities = the_plan.sent  # the snapshot rows of the users it sends `true`
         self._enlist(
             audience,
             ref,
