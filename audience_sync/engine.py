@@ -154,7 +154,8 @@ class _Run:
             ref = self.store.audience(dest, audience.trait_key, audience.name, audience.kind)
         except ConfigError as exc:  # the key's state is of the other kind
             log.error("audience=%s status=failed %s", audience.trait_key, exc)
-            mode = RunMode.FULL if self.full else RunMode.INCREMENTAL
+            other = self.store.find_audience(dest, audience.trait_key)  # as the dry run says
+            mode = run_mode(self.store, other.id if other else None, full=self.full)
             return AudienceResult(
                 audience, RunStatus.FAILED, mode, error=str(exc), error_type=ConfigError
             )

@@ -295,9 +295,12 @@ def test_a_key_cannot_change_kind_without_a_retire(tmp_path: Path, state_url: st
         audiences=[],
         computed_traits=[{"name": "VIP", "source": "vip.csv", "column": "value"}],
     )
+    planned = sync(load_config(trait), dry_run=True)
     result = sync(load_config(trait))
     assert result.exit_code == 3
     assert "was synced to 'jsonl' as an audience" in (result.audiences[0].error or "")
+    # The mode is the key's real one (its audience succeeded once), as the dry run says.
+    assert result.audiences[0].mode is planned.audiences[0].mode is RunMode.INCREMENTAL
 
 
 # -- Crisp: one data PATCH per user, clears -------------------------------------------------------
