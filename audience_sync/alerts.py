@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
+from audience_sync.clock import Clock, utc_now
 from audience_sync.config import AlertConfig, AudienceConfig, Config
 from audience_sync.errors import AlreadyRunning, SafeguardError
 from audience_sync.history import StatusReport
@@ -33,7 +34,6 @@ from audience_sync.model import RunStatus
 from audience_sync.result import AudienceResult, SyncResult
 from audience_sync.runtime import open_state
 from audience_sync.state.schema import sync_alerts
-from audience_sync.state.store import Clock, utc_now
 
 __all__ = ["Alert", "Alerter", "Condition"]
 

@@ -20,11 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from audience_sync.arrowtext import arrow_text
-from audience_sync.repeats import has_repeated
 
-__all__ = ["Plan", "members_repeat", "plan"]
+__all__ = ["Plan", "plan"]
 
 _EMPTY = pd.Index([], dtype="string[pyarrow]")
+
+
+def _no_rows() -> pd.DataFrame:
+    return pd.DataFrame(index=_EMPTY.rename("user_id"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +38,11 @@ class Plan:
     exited: pd.Index
     resend: pd.Index
     unchanged: int
-    sent_rows: np.ndarray | None = field(default=None, compare=False, repr=False)
-    """Positions in the diffed ``members`` of ``entered``, then ``resend`` (None when the plan
-    was not made from an in-memory index, e.g. pushed down into the database)."""
+    sent: pd.DataFrame = field(default_factory=_no_rows, compare=False, repr=False)
+    """The snapshot rows of the users the plan sends ``true`` (``entered``, then ``resend``),
+    indexed by user id: their identity columns and a computed trait's ``value``. Whichever way
+    the plan was made (in memory or pushed down into the database), the rest of the run needs
+    no other snapshot row, so memory follows the changes, not the audience."""
     exits_held: int = 0
     """Users who left the snapshot but stay members this run (``planning.hold_exits``)."""
     changed: int = 0
@@ -53,7 +58,7 @@ class Plan:
 
 
 def plan(
-    members: pd.Index,
+    members: pd.Index | pd.DataFrame,
     synced: pd.Index,
     *,
     full: bool = False,
@@ -62,15 +67,18 @@ def plan(
 ) -> Plan:
     """Diff ``members`` (this snapshot) against ``synced`` (the state's members).
 
-    Both are unique user ids. ``held`` users (rejected snapshot rows) are neither entered nor
-    exited: whatever the state says about them stands. With ``full``, unchanged members are
+    Both are unique user ids; ``members`` may be the snapshot's rows indexed by them, which the
+    plan's ``sent`` then takes its rows from (given ids, ``sent`` has no columns). ``held``
+    users (rejected snapshot rows) are neither entered nor exited: whatever the state says
+    about them stands. With ``full``, unchanged members are
     re-sent as ``resend``. Results keep the order of their input. ``values``: a computed
     trait's values of ``members`` and of ``synced`` (canonical JSON text, in their order); a
     member whose value differs from the state's is entered again.
     """
+    rows = members if isinstance(members, pd.DataFrame) else pd.DataFrame(index=members)
+    members = rows.index
     if len(synced) == 0:  # an initial sync: everyone enters, nothing to join
-        everyone = np.arange(len(members))
-        return Plan(entered=members, exited=synced, resend=_EMPTY, unchanged=0, sent_rows=everyone)
+        return Plan(entered=members, exited=synced, resend=_EMPTY, unchanged=0, sent=rows)
     entered_at, exited_at, replaced_at = _anti_joins(members, synced, values)
     entered = members.take(entered_at)
     exited = synced.take(exited_at)
@@ -96,21 +104,8 @@ def plan(
         sent_rows = np.concatenate([entered_at, resend_at])
     else:
         resend = _EMPTY
-    return Plan(entered, exited, resend, unchanged, sent_rows, changed=changed, previous=previous)
-
-
-def members_repeat(members: pd.Index, synced: pd.Index, the_plan: Plan) -> bool:
-    """Whether ``members`` repeats an id, from a plan made as if it did not (no ``held``).
-
-    Saves hashing millions of ids a second time just for this check. Every member row that is
-    not entered matched exactly one state row (state ids are unique), so those matches count
-    distinct ids only when no matched id repeats; entered ids are checked directly.
-    """
-    # A trait's changed users are entered though they matched a state row.
-    matched = len(members) - len(the_plan.entered) + the_plan.changed
-    if matched != len(synced) - len(the_plan.exited):
-        return True
-    return has_repeated(the_plan.entered)
+    sent = rows.iloc[sent_rows]
+    return Plan(entered, exited, resend, unchanged, sent, changed=changed, previous=previous)
 
 
 def _anti_joins(

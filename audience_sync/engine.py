@@ -48,7 +48,6 @@ from audience_sync.model import (
 )
 from audience_sync.planning import (
     SAMPLE_SIZE,
-    identity_rows,
     load_and_plan,
     plan_all,
     plan_counts,
@@ -151,7 +150,8 @@ class _Run:
             ref = self.store.audience(dest, audience.trait_key, audience.name, audience.kind)
         except ConfigError as exc:  # the key's state is of the other kind
             log.error("audience=%s status=failed %s", audience.trait_key, exc)
-            mode = RunMode.FULL if self.full else RunMode.INCREMENTAL
+            other = self.store.find_audience(dest, audience.trait_key)  # as the dry run says
+            mode = run_mode(self.store, other.id if other else None, full=self.full)
             return AudienceResult(
                 audience, RunStatus.FAILED, mode, error=str(exc), error_type=ConfigError
             )
@@ -184,7 +184,7 @@ class _Run:
         refused = self._guard(audience, mode, run_id, lease, snapshot, the_plan)
         if refused is not None:
             return refused
-        identities = identity_rows(snapshot.members, the_plan)
+        identities = the_plan.sent  # the snapshot rows of the users it sends `true`
         self._enlist(
             audience,
             ref,

@@ -18,9 +18,11 @@ from audience_sync.destinations.budget import requests_by_day
 from audience_sync.errors import ExitCode
 from audience_sync.model import DeliveryStatus, RunStatus
 from audience_sync.schedule import describe, due_after, trigger
+from audience_sync.state.database import as_utc
 from audience_sync.state.lock import RunLock
+from audience_sync.state.runs import MAX_STORED_ROWS
 from audience_sync.state.schema import sync_changes, sync_pending, sync_rejected_rows, sync_runs
-from audience_sync.state.store import MAX_STORED_ROWS, StateStore, as_utc
+from audience_sync.state.store import StateStore
 
 __all__ = [
     "AudienceStatus",
@@ -32,6 +34,7 @@ __all__ = [
     "quota",
     "run_detail",
     "status",
+    "user_changes",
 ]
 
 _TICK = timedelta(microseconds=1)
@@ -47,6 +50,21 @@ class RunDetail:
     reasons: list[dict[str, Any]]
     samples: list[dict[str, Any]]
     rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+def user_changes(
+    store: StateStore, user_id: str, *, destination: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """The change log of one user, newest first (``StateStore.user_changes``), for people: a
+    computed trait's change shows as ``value``, e.g. ``600 (was 523.4)`` or ``cleared (was 7)``."""
+    rows = store.user_changes(user_id, destination=destination, limit=limit)
+    for row in rows:
+        old, new = row.pop("old_value", None), row.pop("new_value", None)
+        if old is not None or new is not None:  # a computed trait's (audiences: true/false)
+            row["value"] = (new if new is not None else "cleared") + (
+                f" (was {old})" if old is not None else ""
+            )
+    return rows
 
 
 def run_detail(store: StateStore, run_id: int, *, samples: int = 10) -> RunDetail | None:

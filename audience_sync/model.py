@@ -109,8 +109,10 @@ class Snapshot:
     ``members`` is indexed by ``user_id`` (unique, text) with the identity columns that the
     source provided (a subset of ``IDENTITY_TRAITS``, nullable strings); for a computed trait
     also ``value``, the user's value as canonical JSON text (users without a value are not
-    members). ``held`` are users whose
-    rows were rejected for a conflict: they are neither entered nor exited this run.
+    members). Planning (``planning.load_and_plan``, in memory or pushed down into the database)
+    returns the snapshot with no member rows: the plan keeps those it sends (``Plan.sent``).
+    ``held`` are users whose rows were rejected for a conflict: they are neither entered nor
+    exited this run.
     ``taken_at`` is when the snapshot was taken (``snapshot_at`` column or file mtime), if known.
     """
 

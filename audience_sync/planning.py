@@ -13,25 +13,22 @@ from typing import Any
 import orjson
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from audience_sync import pushdown
-from audience_sync.arrowtext import large_text
 from audience_sync.config import AudienceConfig, Config
-from audience_sync.diff import Plan, members_repeat, plan
+from audience_sync.diff import Plan, plan
 from audience_sync.errors import ConfigError, SafeguardError, SnapshotError, StateMissing
 from audience_sync.model import Identity, RunMode, RunStatus, Snapshot
 from audience_sync.result import AudienceResult
 from audience_sync.safeguards import check_initial_sync, check_snapshot
 from audience_sync.sources import load_snapshot
 from audience_sync.state import StateStore
-from audience_sync.state.store import kind_changed
+from audience_sync.state.audiences import kind_changed
 
 __all__ = [
     "SAMPLE_SIZE",
     "collect_changed",
-    "identity_rows",
     "load_and_plan",
     "plan_all",
     "plan_counts",
@@ -62,25 +59,6 @@ def plan_counts(snapshot: Snapshot, the_plan: Plan) -> dict[str, int]:
     }
 
 
-def identity_rows(members: pd.DataFrame, the_plan: Plan) -> pd.DataFrame:
-    """The snapshot rows of the users the plan sends ``true``: ``entered``, then ``resend``.
-
-    Identities are only sent for audiences a user changed in, and an exited user is not in the
-    snapshot; so the other rows are dropped, and memory follows the changes, not the audience.
-    """
-    if the_plan.sent_rows is not None:  # the in-memory diff says where they are
-        rows: pd.DataFrame = members.iloc[the_plan.sent_rows]
-        return rows
-    ids = the_plan.entered.append(the_plan.resend)
-    if len(ids) < len(members):
-        # Hash the few wanted ids rather than every member's: a pushed-down plan's members
-        # are its sent users already, but other callers may hand the whole snapshot.
-        keep = pc.is_in(large_text(members.index), value_set=large_text(ids))
-        members = members[keep.to_numpy(zero_copy_only=False)]
-    found: pd.DataFrame = members.reindex(ids)
-    return found
-
-
 def hold_exits(snapshot: Snapshot, the_plan: Plan) -> Plan:
     """The plan without its exits when the snapshot had rejected rows.
 
@@ -104,7 +82,11 @@ def load_and_plan(
 ) -> tuple[Snapshot, Plan]:
     """Load and diff one audience, inside the state database when its query lives there.
 
-    Exits are held while the snapshot has rejected rows (``hold_exits``).
+    Either way the snapshot is read and validated once and diffed once, and the result means
+    the same: the plan carries the rows of the users it sends ``true`` (``Plan.sent``) and the
+    snapshot its counts, rejected rows and age, its ``members`` emptied (nothing after
+    planning needs them; the rows sent are in the plan). Exits are held while the snapshot has
+    rejected rows (``hold_exits``).
     """
     snapshot, the_plan = _load_and_plan(audience, store, audience_id, full=full)
     return snapshot, hold_exits(snapshot, the_plan)
@@ -122,40 +104,27 @@ def _load_and_plan(
         synced = pd.Index([], dtype="string[pyarrow]", name="user_id")
         if audience.computed:
             synced_values = pa.array([], pa.large_string())
-        snapshot = load_snapshot(audience, check_repeats=False)
+        snapshot = load_snapshot(audience)
     else:
         # The state read is mostly the database's work: overlap it with reading the snapshot.
-        # The snapshot's repeated ids are looked for by the diff itself, which hashes the ids
-        # anyway.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-read") as pool:
             if audience.computed:
-                values = pool.submit(store.values, audience_id)
-                snapshot = load_snapshot(audience, check_repeats=False)
-                synced, synced_values = values.result()
+                read_values = pool.submit(store.values, audience_id)
+                snapshot = load_snapshot(audience)
+                synced, synced_values = read_values.result()
             else:
                 members = pool.submit(store.members, audience_id)
-                snapshot = load_snapshot(audience, check_repeats=False)
+                snapshot = load_snapshot(audience)
                 synced = members.result()
-
-    def diffed(snapshot: Snapshot) -> Plan:
-        values = None
-        if synced_values is not None:
-            values = (pa.array(snapshot.members["value"].array), synced_values)
-        ids = snapshot.members.index
-        return plan(ids, synced, full=full, held=snapshot.held, values=values)
-
-    the_plan = diffed(snapshot)
-    if members_repeat(snapshot.members.index, synced, the_plan):
-        # Rare: the export repeats ids. Validate it in full (users whose rows conflict are
-        # held, identical rows collapse) and diff again.
-        snapshot = load_snapshot(audience)
-        the_plan = diffed(snapshot)
-    return snapshot, the_plan
+    rows = snapshot.members
+    values = None
+    if synced_values is not None:
+        values = (pa.array(rows["value"].array), synced_values)
+    the_plan = plan(rows, synced, full=full, held=snapshot.held, values=values)
+    return dataclasses.replace(snapshot, members=rows.iloc[:0]), the_plan
 
 
-def sample_changes(
-    audience: AudienceConfig, p: Plan, members: pd.DataFrame
-) -> list[dict[str, Any]]:
+def sample_changes(audience: AudienceConfig, p: Plan) -> list[dict[str, Any]]:
     """A few of the changes a plan sends, as ``{user_id, trait_key: value}`` (dry runs)."""
     key = audience.trait_key
     sample: list[dict[str, Any]] = []
@@ -163,16 +132,16 @@ def sample_changes(
         for u in ids[:SAMPLE_SIZE]:
             shown: Any = value
             if audience.computed:  # the value itself, or None for a clear
-                shown = orjson.loads(str(members["value"].get(u))) if value else None
+                shown = orjson.loads(str(p.sent["value"].get(u))) if value else None
             sample.append({"user_id": str(u), key: shown})
     return sample[: SAMPLE_SIZE * 2]
 
 
-def collect_changed(changed: dict[str, Identity], p: Plan, members: pd.DataFrame) -> None:
+def collect_changed(changed: dict[str, Identity], p: Plan) -> None:
     """Each user a plan sends to, with the email the destination may need to create them."""
     for ids in (p.entered, p.resend):
-        if "email" in members.columns:
-            emails = members["email"].reindex(ids).tolist()
+        if "email" in p.sent.columns:
+            emails = p.sent["email"].reindex(ids).tolist()
         else:
             emails = [None] * len(ids)
         for user_id, email in zip(ids.tolist(), emails, strict=True):
@@ -224,7 +193,7 @@ def plan_all(
                 )
             )
             continue
-        sample = sample_changes(audience, p, snapshot.members)
+        sample = sample_changes(audience, p)
         counts = plan_counts(snapshot, p) | {"pending": p.sends}
         result = AudienceResult(
             audience, RunStatus.SUCCEEDED, mode, None, counts, None, None, snapshot.rejected, sample
@@ -241,7 +210,7 @@ def plan_all(
             result.sample = []  # a refused audience would send nothing
         else:
             if changed is not None:
-                collect_changed(changed, p, snapshot.members)
+                collect_changed(changed, p)
         results.append(result)
     planned = [r for r in results if r.error is None]
     try:

@@ -94,8 +94,10 @@ def plan_in_database(
 ) -> tuple[Snapshot, Plan]:
     """Validate and diff the audience's query against its synced state, in the database.
 
-    The returned snapshot holds only the rows of users sent ``true`` (with their identity
-    traits), which is all the engine needs to build the updates.
+    Returns what ``planning.load_and_plan``'s in-memory path returns: the plan with the rows of
+    the users it sends ``true`` (``Plan.sent``, with their identity traits: all the engine
+    needs to build the updates) and the snapshot's counts and rejected rows, no members in
+    memory.
     """
     assert audience.query is not None
     where = f"query for {audience.name!r}"
@@ -270,16 +272,19 @@ def _diff(
         {c: "string[pyarrow]" for c in ["user_id", *traits]}
     )
     frame = frame.set_index("user_id")
-    index = frame.index
+    # The rows of the users sent `true`, entered then resend, as the in-memory diff gives them.
+    sent = pd.concat([frame[entered_mask], frame[~entered_mask]]) if full else frame
+    entered = int(entered_mask.sum())
     the_plan = Plan(
-        entered=index[entered_mask],
+        entered=sent.index[:entered],
         exited=pd.Index(pd.array(exited, dtype="string[pyarrow]"), name="user_id"),
-        resend=index[~entered_mask] if full else pd.Index([], dtype="string[pyarrow]"),
+        resend=sent.index[entered:] if full else pd.Index([], dtype="string[pyarrow]"),
         unchanged=int(synced) - len(exited),
+        sent=sent,
     )
-    snapshot = Snapshot(
+    snapshot = Snapshot(  # its members stay in the database: as planning's, none in memory
         source=f"{where} (diffed in the database)",
-        members=frame,
+        members=frame.iloc[:0],
         rows=int(total),
         rejected=tuple(rejected),
         held=held,

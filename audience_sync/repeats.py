@@ -1,11 +1,13 @@
-"""Whether user ids repeat: a check over ids that no stage owns, used both by validation
-(``sources/validate.py``, a snapshot's rows) and by the diff (``diff.members_repeat``)."""
+"""Whether user ids repeat: a check over ids that no stage owns, used by validation
+(``sources/validate.py``, a snapshot's rows) and by the tests of the diff (which takes unique
+ids)."""
 
 from __future__ import annotations
 
 import duckdb
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from audience_sync.arrowtext import arrow_text
 
@@ -15,12 +17,18 @@ __all__ = ["has_repeated"]
 def has_repeated(ids: pd.Index | pd.Series) -> bool:
     """Whether any id occurs twice.
 
-    A DuckDB ``GROUP BY`` over the Arrow buffers: 0.17 s for 2.5M ids on two cores, where
-    Arrow's ``unique`` takes 0.6 s and pandas' ``duplicated`` several seconds.
+    Ids in strictly increasing (byte) order repeat none: comparing each with the next, 20 ms
+    for 1M ids, answers for a sorted export (a query's ``ORDER BY``, most files) without a
+    hash. Otherwise a DuckDB ``GROUP BY`` over the Arrow buffers: 0.17 s for 2.5M ids on two
+    quiet cores, where Arrow's ``unique`` takes 0.6 s and pandas' ``duplicated`` several seconds.
     """
     if len(ids) < 2:
         return False
-    table = pa.table({"u": arrow_text(ids)})
+    text = arrow_text(ids)
+    # A null compares as null, and then ``all`` is not True: the hash decides.
+    if pc.all(pc.less(text[:-1], text[1:]), skip_nulls=False).as_py() is True:
+        return False
+    table = pa.table({"u": text})
     with duckdb.connect(":memory:") as con:
         con.register("ids", table)
         found = con.sql("SELECT 1 AS found FROM ids GROUP BY u HAVING count(*) > 1 LIMIT 1")

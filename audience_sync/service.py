@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from audience_sync.alerts import Alerter
+from audience_sync.clock import Clock, utc_now
 from audience_sync.config import AudienceConfig, Config, load_config
 from audience_sync.destinations.budget import requests_used
 from audience_sync.engine import sync
@@ -38,7 +39,6 @@ from audience_sync.result import SyncResult
 from audience_sync.runtime import open_state, prepared_state
 from audience_sync.schedule import describe, missed_run, trigger
 from audience_sync.state import StateStore
-from audience_sync.state.store import Clock, utc_now
 
 __all__ = ["Service"]
 

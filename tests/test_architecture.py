@@ -59,7 +59,7 @@ RULES = {
     ),
     "destinations": (
         "engine delivery planning pushdown diff changes sources config track state.schema "
-        "state.store",
+        "state.store state.audiences state.runs state.retries",
         "a destination takes updates and confirms them, knowing nothing of how they were "
         "planned, and owns its tables",
     ),
@@ -163,6 +163,15 @@ def test_no_module_imports_itself_through_others() -> None:
         return seen
 
     assert [m for m in MODULES if m in reachable(m)] == []
+
+
+def test_the_state_parts_sit_below_the_store() -> None:
+    """``state/store.py`` is a facade over the state's parts, and ``ledger`` sits above it: a
+    part importing either would make the facade the only way in (and risk a cycle)."""
+    above = {"audience_sync.state.store", "audience_sync.state.ledger", "audience_sync.state"}
+    parts = [m for m in MODULES if stage(m) == "state" and m not in above]
+    assert {"audience_sync.state.audiences", "audience_sync.state.runs"} <= set(parts)
+    assert {(m, i) for m in parts for i in imports(m) if i in above} == set()
 
 
 def test_state_declares_only_its_own_tables() -> None:

@@ -15,7 +15,7 @@ import click
 from rich.table import Table
 
 from audience_sync.cli.shared import (
-    _HEADERS,
+    _header,
     _json_default,
     _local,
     _state_url,
@@ -76,9 +76,10 @@ def history(
     if ctx.invoked_subcommand is not None:
         return
     from audience_sync.destinations.budget import requests_used
+    from audience_sync.history import user_changes
     from audience_sync.runtime import open_state
     from audience_sync.state import StateStore
-    from audience_sync.state.store import COUNTERS
+    from audience_sync.state.runs import COUNTERS
 
     state_url, config = _state_url(config_path, url)
     keys = (
@@ -92,7 +93,7 @@ def history(
         if not store.has_history():  # no run yet: nothing to list, and nothing to create
             rows, columns, title = [], ("id",), "Sync runs"
         elif user_id is not None:
-            rows = store.user_changes(user_id, destination=destination, limit=limit)
+            rows = user_changes(store, user_id, destination=destination, limit=limit)
             columns = (
                 "at",
                 "run_id",
@@ -142,7 +143,7 @@ def history(
         return
     table = _table(f"{title} (times in UTC)")
     for column in columns:
-        table.add_column(dict(zip(COUNTERS, _HEADERS, strict=True)).get(column, column))
+        table.add_column(_header(column))
     for row in rows:
         table.add_row(
             *(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from audience_sync.cli.shared import _HEADERS, _table, config_option, err, out, wait_option
+from audience_sync.cli.shared import _header, _table, config_option, err, out, wait_option
 from audience_sync.config import Config, load_config
 from audience_sync.errors import AudienceSyncError, ConfigError, SafeguardError, StateMissing
 
@@ -230,7 +230,7 @@ _REJECTED_SHOWN = 10
 
 
 def _print_result(result: SyncResult) -> None:
-    from audience_sync.state.store import COUNTERS
+    from audience_sync.state.runs import COUNTERS
 
     title = (
         f"{'Plan (dry run, nothing sent)' if result.dry_run else 'Sync'} -> {result.destination}"
@@ -241,11 +241,11 @@ def _print_result(result: SyncResult) -> None:
     table.add_column("mode")
     table.add_column("status")
     columns = (*COUNTERS[:5], "pending") if result.dry_run else COUNTERS
-    for header, column in zip(_HEADERS, COUNTERS, strict=True):
-        if column in columns:
-            table.add_column(
-                "to send" if result.dry_run and column == "pending" else header, justify="right"
-            )
+    for column in columns:
+        table.add_column(
+            "to send" if result.dry_run and column == "pending" else _header(column),
+            justify="right",
+        )
     for r in result.audiences:
         table.add_row(
             r.audience.name,

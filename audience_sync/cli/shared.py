@@ -50,18 +50,13 @@ wait_option = click.option(
 )
 
 
-#: Column headers of the runs' counters (``state.store.COUNTERS``), in their order.
-_HEADERS = (
-    "rows",
-    "rejected",
-    "entered",
-    "exited",
-    "unchanged",
-    "delivered",
-    "failed",
-    "skipped",
-    "pending",
-)
+#: The runs' counters (``state.runs.COUNTERS``) whose column header is not their name.
+_SHORT = {"snapshot_rows": "rows", "rejected_rows": "rejected"}
+
+
+def _header(column: str) -> str:
+    """A column's header: a counter's short name, else the column's own."""
+    return _SHORT.get(column, column)
 
 
 def _table(title: str) -> Table:

@@ -23,10 +23,10 @@ class SnapshotHeader:
     rows: int
 
 
-def load_snapshot(audience: AudienceConfig, *, check_repeats: bool = True) -> Snapshot:
+def load_snapshot(audience: AudienceConfig) -> Snapshot:
     """Read and validate ``audience``'s snapshot; raises ``SnapshotError`` when unusable.
 
-    ``check_repeats=False``: see ``validate``.
+    Validated in full: its members are unique (repeated ids collapse or are held).
     """
     trait = audience if isinstance(audience, ComputedTraitConfig) else None
     # A computed trait's value column keeps its type (Parquet, SQL): equality is by value.
@@ -41,7 +41,6 @@ def load_snapshot(audience: AudienceConfig, *, check_repeats: bool = True) -> Sn
     snapshot = validate(
         frame,
         source,
-        check_repeats=check_repeats,
         value_column=typed,
         value_type=trait.type if trait is not None else "auto",
     )

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
+from audience_sync.state.audiences import AudienceRef
+from audience_sync.state.database import connect, schema_is_current, upgrade
 from audience_sync.state.lock import Lease, RunLock
-from audience_sync.state.store import (
-    Applied,
-    AudienceRef,
-    StateStore,
-    connect,
-    schema_is_current,
-    upgrade,
-)
+from audience_sync.state.store import Applied, StateStore
 
 __all__ = [
     "Applied",

@@ -16,9 +16,11 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
+from audience_sync.clock import Clock, utc_now
 from audience_sync.errors import AlreadyRunning, StateError
+from audience_sync.state.audiences import AudienceRef
+from audience_sync.state.database import as_utc
 from audience_sync.state.schema import sync_locks
-from audience_sync.state.store import AudienceRef, Clock, as_utc, utc_now
 
 __all__ = ["DEFAULT_LEASE", "Lease", "RunLock", "holder_is_dead"]
 

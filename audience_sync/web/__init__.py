@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from audience_sync.config import Config
 from audience_sync.errors import StateError
-from audience_sync.state.store import connect, describe
+from audience_sync.state.database import connect, describe
 from audience_sync.web.pages import WINDOWS, Pages, ReportLinks
 from audience_sync.web.server import HistoryServer, is_loopback
 from audience_sync.web.views import History

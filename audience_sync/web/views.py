@@ -20,8 +20,10 @@ from audience_sync.history import (
     quota,
     run_detail,
     status,
+    user_changes,
 )
-from audience_sync.state.store import StateStore, as_utc
+from audience_sync.state.database import as_utc
+from audience_sync.state.store import StateStore
 from audience_sync.web.charts import Chart, Series, bar_chart
 
 __all__ = ["HealthRow", "History", "RunGroup"]
@@ -193,7 +195,7 @@ class History:
         )
 
     def user(self, user_id: str) -> list[dict[str, Any]]:
-        return self.store.user_changes(user_id, limit=500)
+        return user_changes(self.store, user_id, limit=500)
 
 
 def duration(run: dict[str, Any]) -> str:

@@ -23,6 +23,8 @@ from recording_destination import BatchRecordingDestination, RecordingDestinatio
 
 from audience_sync import load_config, sync
 from audience_sync.errors import ConfigError
+from audience_sync.history import user_changes
+from audience_sync.model import RunMode
 from audience_sync.state import StateStore, connect
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -104,8 +106,8 @@ def test_day_one_repeat_and_day_two_send_only_changed_values(tmp_path: Path, sta
     # The change log keeps each trait change's value before and after.
     engine = connect(state_url)
     try:
-        changes = StateStore(engine).user_changes("u1")
-        cleared = StateStore(engine).user_changes("u4")
+        changes = user_changes(StateStore(engine), "u1")
+        cleared = user_changes(StateStore(engine), "u4")
     finally:
         engine.dispose()
     assert [c["value"] for c in changes if c["trait_key"] == "ltv"] == ["600 (was 523.4)", "523.4"]
@@ -293,9 +295,12 @@ def test_a_key_cannot_change_kind_without_a_retire(tmp_path: Path, state_url: st
         audiences=[],
         computed_traits=[{"name": "VIP", "source": "vip.csv", "column": "value"}],
     )
+    planned = sync(load_config(trait), dry_run=True)
     result = sync(load_config(trait))
     assert result.exit_code == 3
     assert "was synced to 'jsonl' as an audience" in (result.audiences[0].error or "")
+    # The mode is the key's real one (its audience succeeded once), as the dry run says.
+    assert result.audiences[0].mode is planned.audiences[0].mode is RunMode.INCREMENTAL
 
 
 # -- Crisp: one data PATCH per user, clears -------------------------------------------------------

@@ -19,13 +19,13 @@ from conftest import cli, crisp_destination, crisp_env, write_config, write_csv,
 from crisp_server import CrispServer
 
 from audience_sync.alerts import Alerter, Condition, condition_of
+from audience_sync.clock import utc_now
 from audience_sync.config import AlertConfig, AudienceConfig, load_config
 from audience_sync.errors import CredentialsError, SafeguardError, SnapshotError
 from audience_sync.history import status
 from audience_sync.model import RunMode, RunStatus
 from audience_sync.result import AudienceResult
 from audience_sync.state import connect
-from audience_sync.state.store import utc_now
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -131,7 +131,7 @@ def test_upgrading_to_0009_keeps_audiences_as_they_were_and_takes_trait_values(s
     new columns take a computed trait's values; and the downgrade drops them again."""
     from alembic import command
 
-    from audience_sync.state.store import _alembic_config
+    from audience_sync.state.database import _alembic_config
 
     engine = connect(state_url)
     upgrade(engine, "0008")

@@ -10,7 +10,7 @@ from conftest import cli, write_config
 
 from audience_sync import load_config, sync
 from audience_sync.state import StateStore, connect
-from audience_sync.state.store import MAX_STORED_ROWS
+from audience_sync.state.runs import MAX_STORED_ROWS
 
 
 def test_rejected_rows_are_stored_and_listed_by_history(tmp_path: Path, state_url: str) -> None:
