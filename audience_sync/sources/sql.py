@@ -1,22 +1,90 @@
-"""Run an audience's SQL query on any SQLAlchemy database and return its rows as text columns."""
+"""Run an audience's SQL query on any SQLAlchemy database and return its rows as text columns.
+
+The rows are streamed (``stream_results``: a server-side cursor where the driver has one) and
+converted a chunk at a time into Arrow arrays, so only one chunk of Python row objects exists at
+once; the rest of the result is Arrow data. Each chunk is typed by pandas' own SQL conversion,
+and a value becomes the same text as when the whole result was read by ``read_sql_query``
+(kept as the reference in ``tests/sources/test_sql_stream.py``). Columns validation never reads
+(neither ``user_id``, an identity trait, ``snapshot_at`` nor the computed trait's values) keep
+only their name.
+"""
 
 from __future__ import annotations
 
 import pandas as pd
+import pyarrow as pa
 import sqlalchemy as sa
 
 from audience_sync.drivers import url_error
 from audience_sync.errors import SnapshotError
 from audience_sync.model import IDENTITY_TRAITS
+from audience_sync.sources.freshness import SNAPSHOT_AT_COLUMN
 
-__all__ = ["query_header", "read_query", "wrappable"]
+__all__ = ["CHUNK_ROWS", "query_header", "read_query", "wrappable"]
+
+#: Rows fetched and converted at a time: a chunk's Python objects are the only ones alive.
+CHUNK_ROWS = 50_000
 
 
-def read_query(url: str, query: str, *, keep: str | None = None) -> pd.DataFrame:
+def read_query(
+    url: str, query: str, *, keep: str | None = None, chunk_rows: int = CHUNK_ROWS
+) -> pd.DataFrame:
     """The rows ``query`` selects at ``url``; errors never show the URL's password.
 
     ``keep``: a column left with its own type (a computed trait's values), not made text.
     """
+    engine = _engine(url)
+    where = engine.url.render_as_string(hide_password=True)
+    used = {"user_id", SNAPSHOT_AT_COLUMN, *IDENTITY_TRAITS}
+    columns: list[str] = []
+    chunks: dict[int, list[pa.Array]] = {}
+    rows = 0
+    try:
+        with engine.connect() as conn:
+            streamed = conn.execution_options(stream_results=True, yield_per=chunk_rows)
+            frames = pd.read_sql_query(
+                sa.text(query), streamed, chunksize=chunk_rows, dtype_backend="pyarrow"
+            )
+            for frame in frames:
+                if not columns:
+                    columns = [str(c) for c in frame.columns]
+                    chunks = {
+                        i: []
+                        for i, c in enumerate(columns)
+                        if c.strip() in used or c.strip() == keep
+                    }
+                for i, typed in chunks.items():
+                    typed.append(pa.array(frame.iloc[:, i].array))
+                rows += len(frame)
+    except (sa.exc.SQLAlchemyError, pd.errors.DatabaseError) as exc:
+        raise _failed(where, exc) from None
+    finally:
+        engine.dispose()
+    data: dict[str, pd.Series] = {}
+    for i, name in enumerate(columns):
+        if i not in chunks:
+            # Only the name matters (messages): nothing of the column is kept.
+            data[str(i)] = _series(pa.nulls(rows, pa.large_string())).astype("string[pyarrow]")
+            continue
+        unified = _unified(chunks.pop(i))
+        if unified is None:
+            return _read_whole(url, query, keep)
+        column = _series(unified)
+        if name.strip() == "user_id":
+            _refuse_float_ids(column, where)
+        if name.strip() != keep or keep in IDENTITY_TRAITS:
+            # Integers become text without a decimal point; everything else as its text form.
+            column = column.astype("string[pyarrow]")
+        data[str(i)] = column
+    frame = pd.DataFrame(data, index=pd.RangeIndex(rows))
+    # A repeated column name stays repeated, so validation reports it.
+    frame.columns = pd.Index(columns)
+    return frame
+
+
+def _read_whole(url: str, query: str, keep: str | None) -> pd.DataFrame:
+    """The rows read as one result (all Python objects at once), for the rare column whose
+    chunks alone cannot be typed as the whole column is."""
     engine = _engine(url)
     where = engine.url.render_as_string(hide_password=True)
     try:
@@ -26,15 +94,48 @@ def read_query(url: str, query: str, *, keep: str | None = None) -> pd.DataFrame
         raise _failed(where, exc) from None
     finally:
         engine.dispose()
-    user_id = frame.get("user_id")
-    if user_id is not None and pd.api.types.is_float_dtype(user_id):
+    _refuse_float_ids(frame.get("user_id"), where)
+    text = [c for c in frame.columns if str(c).strip() != keep or keep in IDENTITY_TRAITS]
+    return frame.astype(dict.fromkeys(text, "string[pyarrow]"))
+
+
+def _refuse_float_ids(user_id: pd.Series | None, where: str) -> None:
+    if user_id is not None and pd.api.types.is_float_dtype(user_id.dtype):
         raise SnapshotError(
             f"query on {where}: column `user_id` is a floating-point number, which would turn "
             "7 into '7.0'; select it as text or an integer (e.g. CAST(... AS INTEGER))"
         )
-    # Integers become text without a decimal point; everything else as its text form.
-    text = [c for c in frame.columns if str(c).strip() != keep or keep in IDENTITY_TRAITS]
-    return frame.astype(dict.fromkeys(text, "string[pyarrow]"))
+
+
+def _series(array: pa.Array | pa.ChunkedArray) -> pd.Series:
+    return pd.Series(pd.arrays.ArrowExtensionArray(array))
+
+
+def _unified(chunks: list[pa.Array]) -> pa.ChunkedArray | None:
+    """One column of the chunks' arrays, typed as ``read_sql_query`` types the whole column.
+
+    A column has one type in most databases. SQLite's values each have their own (an untyped
+    column, or text in an INTEGER column): pandas reads integers mixed with floats as floats
+    (``1`` is ``1.0``), and any mix with text as the text of each value, which each chunk's
+    own text already is. The whole column's type is that of its values, as it is for pandas.
+    None: only a read of the whole result types the column as pandas does (numbers and text
+    mixed in an untyped SQLite column).
+    """
+    # A chunk of NULLs only has whatever type pandas gives no values (text): it says nothing.
+    kinds = {c.type for c in chunks if c.null_count < len(c)}
+    if not kinds:
+        kinds = {chunks[0].type}
+    if len(kinds) == 1:
+        (kind,) = kinds
+        return pa.chunked_array([c.cast(kind) for c in chunks], kind)
+    if all(pa.types.is_integer(k) or pa.types.is_floating(k) for k in kinds):
+        return pa.chunked_array([c.cast(pa.float64()) for c in chunks], pa.float64())
+    if any(pa.types.is_floating(k) for k in kinds):
+        # A float chunk may hold integers pandas made floats, which the text of the whole
+        # column would write without the ".0": only the whole result can say.
+        return None
+    text = [pa.array(_series(c).astype("string[pyarrow]").array) for c in chunks]
+    return pa.chunked_array([c.cast(pa.large_string()) for c in text], pa.large_string())
 
 
 def query_header(url: str, query: str) -> tuple[list[str], int]:
