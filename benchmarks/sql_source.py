@@ -9,7 +9,9 @@ A table of N rows (``user_id`` text, ``email`` text) is written once per databas
 rounds of old then new (interleaved, every read a fresh process), the audience's query
 ``SELECT user_id, email FROM bench_source`` is read into the frame validation takes. Old is
 ``pd.read_sql_query`` of the whole result (``reference`` in tests/sources/test_sql_stream.py,
-which asserts the two give the same snapshots); new is ``audience_sync.sources.sql.read_query``.
+which asserts the two give the same snapshots); new is ``audience_sync.sources.sql.read_query``
+(on PostgreSQL through ADBC; ``chunks`` is its read without ADBC, as databases without an Arrow
+path are read).
 Reported: median wall time and peak RSS of the reading process (from wait4), and the RSS of a
 process that only imported the same modules, for scale.
 """
@@ -43,13 +45,16 @@ def _reference() -> object:
 
 def child(mode: str, url: str) -> None:
     """One measured read (run in a fresh process)."""
+    from audience_sync.sources import sql
     from audience_sync.sources.sql import read_query
 
     reference = _reference()
     if mode == "imports":
         return
+    if mode == "chunks":  # the read of databases without an Arrow path (ADBC) on this one
+        sql._read_adbc = lambda *_: None  # type: ignore[assignment]
     start = time.perf_counter()
-    frame = read_query(url, QUERY) if mode == "new" else reference(url, QUERY)  # type: ignore[operator]
+    frame = reference(url, QUERY) if mode == "old" else read_query(url, QUERY)  # type: ignore[operator]
     elapsed = time.perf_counter() - start
     assert str(frame["user_id"].dtype) == "string", frame.dtypes
     print(f"{elapsed:.3f} {len(frame)}")
@@ -111,9 +116,10 @@ def main() -> None:
                 continue
             url = urls[name]
             fill(url, args.rows)
-            results: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
+            modes = ["old", "new"] if name == "sqlite" else ["old", "chunks", "new"]
+            results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
             for _ in range(args.rounds):
-                for mode in ("old", "new"):
+                for mode in modes:
                     results[mode].append(measure(mode, url))
             _, imports = measure("imports", url)
             for mode, runs in results.items():

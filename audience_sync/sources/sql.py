@@ -1,12 +1,14 @@
 """Run an audience's SQL query on any SQLAlchemy database and return its rows as text columns.
 
-The rows are streamed (``stream_results``: a server-side cursor where the driver has one) and
-converted a chunk at a time into Arrow arrays, so only one chunk of Python row objects exists at
-once; the rest of the result is Arrow data. Each chunk is typed by pandas' own SQL conversion,
-and a value becomes the same text as when the whole result was read by ``read_sql_query``
-(kept as the reference in ``tests/sources/test_sql_stream.py``). Columns validation never reads
-(neither ``user_id``, an identity trait, ``snapshot_at`` nor the computed trait's values) keep
-only their name.
+The result never exists whole as Python objects. On PostgreSQL, when every column validation
+reads has a type whose Arrow form matches (text, integers, ...), ADBC's driver decodes it into
+Arrow record batches in C. Otherwise the rows are streamed (``stream_results``: a server-side
+cursor where the driver has one) and converted a chunk at a time into Arrow arrays, so only one
+chunk of Python rows is alive at once. Each chunk is typed by pandas' own SQL conversion, and a
+value becomes the same text as when the whole result was read by ``read_sql_query`` (kept as
+the reference in ``tests/sources/test_sql_stream.py``, which asserts the same snapshots).
+Columns validation never reads (neither ``user_id``, an identity trait, ``snapshot_at`` nor the
+computed trait's values) keep only their name.
 """
 
 from __future__ import annotations
@@ -32,44 +34,119 @@ def read_query(
     """The rows ``query`` selects at ``url``; errors never show the URL's password.
 
     ``keep``: a column left with its own type (a computed trait's values), not made text.
+    ``chunk_rows``: rows fetched and converted at a time where the driver has no Arrow path.
     """
     engine = _engine(url)
     where = engine.url.render_as_string(hide_password=True)
-    used = {"user_id", SNAPSHOT_AT_COLUMN, *IDENTITY_TRAITS}
-    columns: list[str] = []
-    chunks: dict[int, list[pa.Array]] = {}
-    rows = 0
     try:
-        with engine.connect() as conn:
-            streamed = conn.execution_options(stream_results=True, yield_per=chunk_rows)
-            frames = pd.read_sql_query(
-                sa.text(query), streamed, chunksize=chunk_rows, dtype_backend="pyarrow"
-            )
-            for frame in frames:
-                if not columns:
-                    columns = [str(c) for c in frame.columns]
-                    chunks = {
-                        i: []
-                        for i, c in enumerate(columns)
-                        if c.strip() in used or c.strip() == keep
-                    }
-                for i, typed in chunks.items():
-                    typed.append(pa.array(frame.iloc[:, i].array))
-                rows += len(frame)
-    except (sa.exc.SQLAlchemyError, pd.errors.DatabaseError) as exc:
-        raise _failed(where, exc) from None
+        if engine.url.get_backend_name() == "postgresql":
+            found = _read_adbc(engine.url, query, keep)
+            if found is not None:
+                return _frame(*found, keep=keep, where=where)
+        try:
+            names, columns, rows = _read_chunks(engine, query, keep, chunk_rows)
+        except (sa.exc.SQLAlchemyError, pd.errors.DatabaseError) as exc:
+            raise _failed(where, exc) from None
     finally:
         engine.dispose()
+    unified = {i: _unified(chunks) for i, chunks in columns.items()}
+    if any(column is None for column in unified.values()):
+        return _read_whole(url, query, keep)
+    return _frame(names, unified, rows, keep=keep, where=where)
+
+
+def _used(name: str, keep: str | None) -> bool:
+    """Whether validation reads the column's values (else only its name matters)."""
+    return name.strip() in {"user_id", SNAPSHOT_AT_COLUMN, *IDENTITY_TRAITS, keep}
+
+
+#: PostgreSQL types whose Arrow form through ADBC is the one pandas gives psycopg's values, so
+#: the same text and canonical values follow (``numeric`` is Arrow text there, a Decimal
+#: here; ``real`` a float32; ``char(n)``, timestamps and the rest are read in chunks).
+_ADBC_TYPES = frozenset({"text", "varchar", "int2", "int4", "int8", "float8", "bool", "date"})
+
+
+def _read_adbc(
+    url: sa.URL, query: str, keep: str | None
+) -> tuple[list[str], dict[int, pa.ChunkedArray | None], int] | None:
+    """The used columns read through ADBC's PostgreSQL driver (binary ``COPY`` decoded into
+    Arrow record batches in C, no Python object per value), or None to read in chunks: ADBC is
+    not installed, a used column has another type, or anything failed (the chunked read then
+    fails with the usual message, or succeeds). Nothing is committed: a statement that is not
+    a SELECT is rolled back, as it is by the chunked read."""
+    try:
+        import adbc_driver_postgresql.dbapi as adbc
+    except ImportError:
+        return None
+    # libpq takes the same URL as psycopg without SQLAlchemy's "+driver" suffix.
+    uri = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        with adbc.connect(uri) as conn, conn.cursor() as cursor:
+            cursor.execute(query)
+            reader = cursor.fetch_record_batch()
+            names = list(reader.schema.names)
+            used = [i for i, name in enumerate(names) if _used(name, keep)]
+            for i in used:
+                field = reader.schema.field(i)
+                if (field.metadata or {}).get(b"POSTGRESQL:type", b"").decode() not in _ADBC_TYPES:
+                    return None
+            if not names:
+                return None
+            columns: dict[int, list[pa.Array]] = {i: [] for i in used}
+            rows = 0
+            for batch in reader:  # a batch at a time: the unused columns are dropped as read
+                for i in used:
+                    columns[i].append(batch.column(i))
+                rows += batch.num_rows
+    except adbc.Error:
+        return None
+    typed: dict[int, pa.ChunkedArray | None] = {}
+    for i, chunks in columns.items():
+        column = pa.chunked_array(chunks, reader.schema.field(i).type)
+        # pandas types a column of NULLs only as text, whatever the database's type.
+        typed[i] = column.cast(pa.string()) if column.null_count == len(column) else column
+    return names, typed, rows
+
+
+def _read_chunks(
+    engine: sa.Engine, query: str, keep: str | None, chunk_rows: int
+) -> tuple[list[str], dict[int, list[pa.Array]], int]:
+    """The column names, the used columns' chunks typed by pandas, and the row count."""
+    names: list[str] = []
+    columns: dict[int, list[pa.Array]] = {}
+    rows = 0
+    with engine.connect() as conn:
+        streamed = conn.execution_options(stream_results=True, yield_per=chunk_rows)
+        frames = pd.read_sql_query(
+            sa.text(query), streamed, chunksize=chunk_rows, dtype_backend="pyarrow"
+        )
+        for frame in frames:
+            if not names:
+                names = [str(c) for c in frame.columns]
+                columns = {i: [] for i, name in enumerate(names) if _used(name, keep)}
+            for i, chunks in columns.items():
+                chunks.append(pa.array(frame.iloc[:, i].array))
+            rows += len(frame)
+    return names, columns, rows
+
+
+def _frame(
+    names: list[str],
+    columns: dict[int, pa.ChunkedArray | None],
+    rows: int,
+    *,
+    keep: str | None,
+    where: str,
+) -> pd.DataFrame:
+    """The frame validation takes: used columns as text (``keep`` typed), others only named."""
     data: dict[str, pd.Series] = {}
-    for i, name in enumerate(columns):
-        if i not in chunks:
+    for i, name in enumerate(names):
+        typed = columns.get(i)
+        if typed is None:
             # Only the name matters (messages): nothing of the column is kept.
             data[str(i)] = _series(pa.nulls(rows, pa.large_string())).astype("string[pyarrow]")
             continue
-        unified = _unified(chunks.pop(i))
-        if unified is None:
-            return _read_whole(url, query, keep)
-        column = _series(unified)
+        column = _series(typed)
         if name.strip() == "user_id":
             _refuse_float_ids(column, where)
         if name.strip() != keep or keep in IDENTITY_TRAITS:
@@ -78,7 +155,7 @@ def read_query(
         data[str(i)] = column
     frame = pd.DataFrame(data, index=pd.RangeIndex(rows))
     # A repeated column name stays repeated, so validation reports it.
-    frame.columns = pd.Index(columns)
+    frame.columns = pd.Index(names)
     return frame
 
 
