@@ -46,9 +46,11 @@ def read_query(
             found = _read_adbc(engine.url, query, keep)
             if found is not None:
                 return _frame(*found, keep=keep, where=where)
+        # Rows read off the DBAPI cursor raise the driver's own errors (one failing mid-result).
+        driver_error = getattr(engine.dialect.loaded_dbapi, "Error", sa.exc.SQLAlchemyError)
         try:
             names, columns, rows = _read_chunks(engine, query, keep, chunk_rows)
-        except (sa.exc.SQLAlchemyError, pd.errors.DatabaseError) as exc:
+        except (sa.exc.SQLAlchemyError, driver_error) as exc:
             raise _failed(where, exc) from None
     finally:
         engine.dispose()
@@ -101,7 +103,7 @@ def _read_adbc(
                 for i in used:
                     columns[i].append(batch.column(i))
                 rows += batch.num_rows
-    except adbc.Error:
+    except (adbc.Error, pa.ArrowException, OSError):  # a failure mid-result is Arrow's error
         return None
     typed: dict[int, pa.ChunkedArray | None] = {}
     for i, chunks in columns.items():

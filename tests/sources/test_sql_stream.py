@@ -172,3 +172,42 @@ def test_errors_name_the_query_and_hide_the_password(tmp_path: Any) -> None:
     with pytest.raises(SnapshotError, match=r"reader:\*\*\*@127.0.0.1:1/warehouse") as excinfo:
         read_query(wrong, "SELECT 1 AS user_id", chunk_rows=1)
     assert "hunter2" not in str(excinfo.value)
+
+
+def test_an_error_after_the_first_chunk_names_the_query(backend: tuple[str, str]) -> None:
+    """A value that fails only when its row is computed, after rows were already read."""
+    url, name = backend
+    failing = (
+        "1 / (i - i)" if name == "postgresql" else "abs(-9223372036854775807 - 1)"
+    )  # division by zero; SQLite's integer overflow
+    numbers = (
+        "generate_series(1, 10) AS s(i)"
+        if name == "postgresql"
+        else "(WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < 10) "
+        "SELECT i FROM s)"
+    )
+    query = f"SELECT CASE WHEN i < 5 THEN i ELSE {failing} END AS user_id FROM {numbers}"
+    with pytest.raises(SnapshotError, match="failed: ") as excinfo:
+        read_query(url, query, chunk_rows=3)
+    assert sa.make_url(url).render_as_string(hide_password=True) in str(excinfo.value)
+
+
+def test_postgresql_reads_text_and_integers_through_adbc(backend: tuple[str, str]) -> None:
+    """The Arrow path is taken where it applies (else the property test would only ever
+    exercise the fallback), and declined for a type whose Arrow form differs."""
+    url, name = backend
+    if name != "postgresql":
+        pytest.skip("ADBC is used for PostgreSQL sources only")
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE src (id BIGINT, email TEXT, score NUMERIC)"))
+            conn.execute(sa.text("INSERT INTO src VALUES (7, 'a@x', 1.50), (8, NULL, NULL)"))
+        read = sql._read_adbc(engine.url, "SELECT id AS user_id, email, score FROM src", None)
+        assert read is not None
+        names, columns, rows = read
+        assert (names, sorted(columns), rows) == (["user_id", "email", "score"], [0, 1], 2)
+        numeric = sql._read_adbc(engine.url, "SELECT score AS user_id FROM src", None)
+        assert numeric is None
+    finally:
+        engine.dispose()
