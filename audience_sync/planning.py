@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import orjson
 import pandas as pd
 import pyarrow as pa
@@ -69,7 +70,10 @@ def identity_rows(members: pd.DataFrame, the_plan: Plan) -> pd.DataFrame:
     snapshot; so the other rows are dropped, and memory follows the changes, not the audience.
     """
     if the_plan.sent_rows is not None:  # the in-memory diff says where they are
-        rows: pd.DataFrame = members.iloc[the_plan.sent_rows]
+        at = the_plan.sent_rows
+        if len(at) == len(members) and bool((at == np.arange(len(at))).all()):
+            return members  # an initial sync sends every row, in order: no copy of them all
+        rows: pd.DataFrame = members.iloc[at]
         return rows
     ids = the_plan.entered.append(the_plan.resend)
     if len(ids) < len(members):
