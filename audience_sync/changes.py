@@ -13,9 +13,11 @@ Everything per change is vectorised (Arrow, NumPy, DuckDB's ``sha1``): a run wit
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -36,7 +38,9 @@ from audience_sync.model import (
 
 __all__ = [
     "MESSAGE_NAMESPACE",
+    "SPILL_CHANGES",
     "AudienceChanges",
+    "ChangeSpool",
     "RunChanges",
     "message_ids",
 ]
@@ -114,6 +118,17 @@ def _uuid_text(digest: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(out)])
 
 
+#: Changes a run keeps in memory; past this many, its changes are spilled to a DuckDB file in
+#: a temporary directory and streamed from there sorted by user, so a run's memory stays
+#: bounded whatever its size (an initial sync or a ``--full`` of 20M memberships). Both ways
+#: give the same batches; below it a run skips the file.
+SPILL_CHANGES = 250_000
+#: DuckDB's memory for sorting spilled changes (it sorts out of core past it).
+SPILL_MEMORY = "256MB"
+#: Rows read from the spilled, sorted changes at a time.
+SPILL_READ_ROWS = 65_536
+
+
 @dataclass(frozen=True, slots=True)
 class AudienceChanges:
     """One audience's part of a run.
@@ -122,6 +137,7 @@ class AudienceChanges:
     ``IDENTITY_TRAITS``), one row per user the plan sends ``true``: ``plan.entered``, then
     ``plan.resend``, in that order; for a ``computed`` trait also each one's ``value`` (JSON),
     and its exited users are sent ``null``. ``retry`` is the retry queue, indexed by user id.
+    Once the audience is in a ``ChangeSpool``, ``plan`` and ``identities`` are not read again.
     """
 
     key: str
@@ -133,27 +149,118 @@ class AudienceChanges:
     computed: bool = False
 
 
+class ChangeSpool:
+    """The run's changes, added audience by audience as each is planned.
+
+    Kept in memory (as Arrow tables) until there are more than ``spill_at``; then in a DuckDB
+    file in a temporary directory of its own (under ``directory``, by default the system's:
+    ``TMPDIR``), removed by ``close`` (and, should the run not get there, when the spool is
+    garbage collected; a killed process leaves only a file nobody reads).
+    """
+
+    def __init__(self, *, spill_at: int | None = None, directory: str | None = None) -> None:
+        self.spill_at = SPILL_CHANGES if spill_at is None else spill_at
+        self.directory = directory
+        self.rows = 0
+        self.audiences = 0
+        self.parts: list[pa.Table] = []
+        self.con: duckdb.DuckDBPyConnection | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def spilled(self) -> bool:
+        return self.con is not None
+
+    def add(self, audience: AudienceChanges) -> None:
+        """Add the next audience's changes (audiences are numbered in the order added)."""
+        parts = _audience_rows(self.audiences, audience)
+        self.audiences += 1
+        self.rows += sum(p.num_rows for p in parts)
+        if self.con is None and self.rows > self.spill_at:
+            parts, self.parts = self.parts + parts, []
+            self.con = self._open()
+        if self.con is None:
+            self.parts += parts
+            return
+        for part in parts:
+            self.con.register("part", part)
+            try:
+                self.con.sql("INSERT INTO changes SELECT * FROM part")
+            finally:
+                self.con.unregister("part")
+        del parts
+        # Arrow's allocator keeps freed memory for reuse; hand it back, so the next audience's
+        # planning starts from the same low mark instead of stacking on this one's.
+        pa.default_memory_pool().release_unused()
+
+    def _open(self) -> duckdb.DuckDBPyConnection:
+        self._dir = tempfile.TemporaryDirectory(prefix="audience-sync-changes-", dir=self.directory)
+        folder = Path(self._dir.name)
+        con = duckdb.connect(str(folder / "changes.duckdb"))
+        con.sql(f"SET memory_limit = '{SPILL_MEMORY}'")
+        con.sql(f"SET temp_directory = '{folder / 'sort'}'")
+        con.sql("SET preserve_insertion_order = false")  # rows are read back sorted
+        columns = ", ".join(f'"{f.name}" {_DUCKDB_TYPES[f.type]}' for f in _CHANGES_SCHEMA)
+        con.sql(f"CREATE TABLE changes ({columns})")
+        return con
+
+    def close(self) -> None:
+        """Remove the spilled changes, if any (idempotent)."""
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+        self.parts = []
+
+
 class RunChanges:
     """Every change of one run, sorted by user, handed out in batches of whole users.
 
-    Built once all audiences are planned. A change whose user waits in the retry queue after a
-    permanent failure (``retryable`` false) is *held*, not sent, while the user's data is what
-    failed, unless ``retry_failed``; ``held`` counts them per audience.
+    Built once all audiences are planned, from a ``ChangeSpool`` they were added to (without
+    one, ``audiences``' plans are read here). A change whose user waits in the retry queue after
+    a permanent failure (``retryable`` false) is *held*, not sent, while the user's data is what
+    failed, unless ``retry_failed``; ``held`` counts them per audience. ``resent[i]`` holds the
+    users of audience ``i`` whose change is a ``--full`` re-send, for the batches handed out and
+    not yet recorded: the ledger takes them out as it records them (so it adds no member twice).
     """
 
     def __init__(
-        self, destination: str, audiences: Sequence[AudienceChanges], *, retry_failed: bool
+        self,
+        destination: str,
+        audiences: Sequence[AudienceChanges],
+        *,
+        retry_failed: bool,
+        spool: ChangeSpool | None = None,
     ) -> None:
-        # Only names and counts are kept: the plans' identity frames are in the table now.
+        if spool is None:
+            spool = ChangeSpool()
+            for a in audiences:
+                spool.add(a)
+        self._spool = spool
         self.held = [0] * len(audiences)
-        table = _sorted_changes(audiences)
-        planned_users = len(_user_ends(table.column("user_id")))
-        table = self._settle_retries(table, audiences, retry_failed)
-        self._table = table
-        self._user_ends = _user_ends(table.column("user_id"))
-        self.changes = table.num_rows
-        #: Users to send to, and users none of whose changes are sent (all held).
-        self.users = len(self._user_ends)
+        self.resent: list[set[str]] = [set() for _ in audiences]
+        self._table: pa.Table | None = None
+        self._settled = False  # spilled: whether the ``settled`` table holds anything
+        if spool.con is None:
+            table = _sorted_changes(spool.parts)
+            spool.parts = []  # only the sorted table is kept
+            planned_users = len(_user_ends(table.column("user_id")))
+            held, kept = self._settle_retries(table, audiences, retry_failed)
+            if kept is not None:
+                table = table.append_column("retry_message_id", kept)
+            if held.any():
+                table = table.filter(pa.array(~held))
+            self._table = table
+            self._user_ends = _user_ends(table.column("user_id"))
+            self.changes = table.num_rows
+            self.users = len(self._user_ends)
+        else:
+            planned_users, self.changes, self.users = self._settle_spilled(
+                spool.con, audiences, retry_failed
+            )
+        #: Users none of whose changes are sent (all held).
         self.held_users = planned_users - self.users
         # Per audience: the key of its message ids is prefix + user_id + suffix[value].
         self._prefixes = pa.array([f"{destination}\x1f{a.key}\x1f" for a in audiences], pa.string())
@@ -164,10 +271,63 @@ class RunChanges:
         self._keys = pa.array([a.key for a in audiences], pa.string())
         self._names = pa.array([a.name for a in audiences], pa.string())
 
+    def _settle_spilled(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        audiences: Sequence[AudienceChanges],
+        retry_failed: bool,
+    ) -> tuple[int, int, int]:
+        """Settle the retry queue against spilled changes: only the queued users' changes are
+        read (and their identities shared); what is held or keeps its message id goes into a
+        ``settled`` table the batches' query joins. Returns planned users, changes, users."""
+        queued = [a.retry.index for a in audiences if not a.retry.empty]
+        con.sql(
+            "CREATE OR REPLACE TABLE settled (user_id VARCHAR, audience INTEGER, "
+            "held BOOLEAN, retry_message_id VARCHAR)"
+        )
+        held_rows = held_users = 0
+        if queued:
+            con.register("queued", pa.table({"user_id": large_text(*queued)}))
+            try:
+                picked = con.sql(
+                    "SELECT * FROM changes WHERE user_id IN (SELECT user_id FROM queued) "
+                    "ORDER BY user_id, audience"
+                ).to_arrow_table()
+            finally:
+                con.unregister("queued")
+            picked = _share_identities(picked.cast(_CHANGES_SCHEMA))
+            held, kept = self._settle_retries(picked, audiences, retry_failed)
+            settled = pa.table(
+                {
+                    "user_id": picked.column("user_id"),
+                    "audience": picked.column("audience"),
+                    "held": pa.array(held),
+                    "retry_message_id": kept
+                    if kept is not None
+                    else pa.nulls(picked.num_rows, pa.string()),
+                }
+            )
+            ends = _user_ends(picked.column("user_id"))
+            if len(ends):
+                all_held = np.logical_and.reduceat(held, np.concatenate([[0], ends[:-1]]))
+                held_users = int(all_held.sum())
+            held_rows = int(held.sum())
+            self._settled = held_rows > 0 or kept is not None
+            con.register("settled_rows", settled)
+            try:
+                con.sql("INSERT INTO settled SELECT * FROM settled_rows")
+            finally:
+                con.unregister("settled_rows")
+        [(total, planned_users)] = con.sql(
+            "SELECT count(*), count(DISTINCT user_id) FROM changes"
+        ).fetchall()
+        return int(planned_users), int(total) - held_rows, int(planned_users) - held_users
+
     def _settle_retries(
         self, table: pa.Table, audiences: Sequence[AudienceChanges], retry_failed: bool
-    ) -> pa.Table:
-        """Held changes out; the ``retry_message_id`` column for re-sent changes that keep theirs.
+    ) -> tuple[np.ndarray, pa.Array | None]:
+        """Which rows of ``table`` are held, and the ``retry_message_id`` column for re-sent
+        changes that keep theirs (None when none does).
 
         Only the changes of queued users are looked at one by one (the queue holds the users a
         destination refused: usually few, 100,000s after an outage); the rest are only matched
@@ -209,32 +369,84 @@ class RunChanges:
                     self.held[i] += 1
                 else:
                     kept_ids[r] = str(first_id)
-        if kept_ids:
-            column: list[str | None] = [None] * table.num_rows
-            for r, first_id in kept_ids.items():
-                column[r] = first_id
-            table = table.append_column("retry_message_id", pa.array(column, pa.string()))
-        if held.any():
-            table = table.filter(pa.array(~held))
-        return table
+        if not kept_ids:
+            return held, None
+        column: list[str | None] = [None] * table.num_rows
+        for r, first_id in kept_ids.items():
+            column[r] = first_id
+        return held, pa.array(column, pa.string())
 
     def batches(self, users: int) -> Iterator[ChangeBatch]:
         """The changes in batches of at most ``users`` users each (a user is never split)."""
         if self.users == 0:
             return
         with duckdb.connect(":memory:") as con:
+            for rows, count in self._user_slices(users):
+                yield self._batch(rows, count, con)
+
+    def _user_slices(self, users: int) -> Iterator[tuple[pa.Table, int]]:
+        """The changes, sorted, in slices of ``users`` whole users (fewer in the last)."""
+        if self._table is not None:
             for first in range(0, self.users, users):
                 last = min(first + users, self.users)
                 # Users first..last-1 are the rows from where user first-1 ends to where user
                 # last-1 ends (``_user_ends`` holds each user's end, exclusive).
                 start = int(self._user_ends[first - 1]) if first else 0
                 end = int(self._user_ends[last - 1])
-                yield self._batch(self._table.slice(start, end - start), last - first, con)
+                yield self._table.slice(start, end - start), last - first
+            return
+        yield from self._spilled_slices(users)
+
+    def _spilled_slices(self, users: int) -> Iterator[tuple[pa.Table, int]]:
+        """Spilled changes sorted by DuckDB (out of core), read a record batch at a time and cut
+        at user boundaries: the rows of a user a read ends in wait for the next read."""
+        con = self._spool.con
+        assert con is not None
+        query = (
+            "SELECT c.*, s.retry_message_id FROM changes c LEFT JOIN settled s "
+            "ON c.user_id = s.user_id AND c.audience = s.audience "
+            "WHERE s.held IS NOT TRUE ORDER BY c.user_id, c.audience"
+            if self._settled
+            else "SELECT *, NULL::VARCHAR AS retry_message_id FROM changes "
+            "ORDER BY user_id, audience"
+        )
+        relation = con.sql(query)
+        # Newer DuckDB (2.x here) names it to_arrow_reader and deprecates fetch_arrow_reader,
+        # the name older releases (the declared floor, 1.0) have.
+        read = getattr(relation, "to_arrow_reader", None) or relation.fetch_arrow_reader
+        reader = read(SPILL_READ_ROWS)
+        schema = _CHANGES_SCHEMA.append(pa.field("retry_message_id", pa.string()))
+        waiting = schema.empty_table()
+        for batch in reader:
+            waiting = pa.concat_tables(
+                [waiting, pa.Table.from_batches([batch]).cast(schema)]
+            ).combine_chunks()
+            ends = _user_ends(waiting.column("user_id"))
+            # The last user may go on in the next read: only the users before it are whole.
+            while len(ends) - 1 >= users:
+                end = int(ends[users - 1])
+                yield _share_identities(waiting.slice(0, end)), users
+                waiting = waiting.slice(end)
+                ends = ends[users:] - end
+        ends = _user_ends(waiting.column("user_id"))
+        start = 0
+        for first in range(0, len(ends), users):
+            last = min(first + users, len(ends))
+            end = int(ends[last - 1])
+            yield _share_identities(waiting.slice(start, end - start)), last - first
+            start = end
 
     def _batch(self, rows: pa.Table, users: int, con: duckdb.DuckDBPyConnection) -> ChangeBatch:
         audience = rows.column("audience").combine_chunks()
         value = rows.column("value").combine_chunks()
         user_id = rows.column("user_id").cast(pa.string()).combine_chunks()
+        resend = rows.column("resend").combine_chunks()
+        if resend.true_count:  # the ledger adds these users as members already
+            flagged = pc.filter(pa.table({"a": audience, "u": user_id}), resend)
+            for a, u in zip(
+                flagged.column("a").to_pylist(), flagged.column("u").to_pylist(), strict=True
+            ):
+                self.resent[a].add(u)
         # A change's key is prefix[audience] + user_id + suffix[2 * audience + value]: the
         # suffixes are laid out per audience as (False, True), so 2 * audience + value picks
         # the right one, and three takes and one join build every key without a Python loop.
@@ -262,45 +474,55 @@ _CHANGES_SCHEMA = pa.schema(
         ("user_id", pa.large_string()),
         ("audience", pa.int32()),
         ("value", pa.bool_()),
+        ("resend", pa.bool_()),
         *((t, pa.large_string()) for t in IDENTITY_TRAITS),
         ("data", pa.large_string()),
     ]
 )
+_DUCKDB_TYPES = {pa.large_string(): "VARCHAR", pa.int32(): "INTEGER", pa.bool_(): "BOOLEAN"}
 
 
-def _sorted_changes(audiences: Sequence[AudienceChanges]) -> pa.Table:
+def _audience_rows(i: int, a: AudienceChanges) -> list[pa.Table]:
+    """Audience ``i``'s changes as rows of ``_CHANGES_SCHEMA`` (its sends, then its exits)."""
+    parts = []
+    p = a.plan
+    sends = len(p.entered) + len(p.resend)
+    for ids, value, identities in (
+        (large_text(p.entered, p.resend), True, a.identities),
+        (large_text(p.exited), False, None),
+    ):
+        n = len(ids)
+        if n == 0:
+            continue
+        assert identities is None or len(identities) == sends
+        resend = np.zeros(n, dtype=bool)
+        if value:
+            resend[len(p.entered) :] = True
+        columns = {
+            "user_id": ids,
+            "audience": pa.array(np.full(n, i, dtype=np.int32)),
+            "value": pa.array(np.full(n, value)),
+            "resend": pa.array(resend),
+        }
+        for t in IDENTITY_TRAITS:
+            if identities is not None and t in identities.columns:
+                columns[t] = pa.array(identities[t].array).cast(pa.large_string())
+            else:
+                columns[t] = pa.nulls(n, pa.large_string())
+        if not a.computed:
+            columns["data"] = pa.nulls(n, pa.large_string())
+        elif identities is not None:
+            columns["data"] = pa.array(identities["value"].array).cast(pa.large_string())
+        else:  # a computed trait's exited users: their value is cleared
+            columns["data"] = pa.repeat(pa.scalar("null", pa.large_string()), n)
+        parts.append(pa.table(columns, schema=_CHANGES_SCHEMA))
+    return parts
+
+
+def _sorted_changes(parts: Sequence[pa.Table]) -> pa.Table:
     """One row per change (``user_id``, ``audience``, ``value``, identity traits, ``data``),
     sorted by user and then audience; a user's identity is on each of their rows, each trait
     from the first audience (in config order) whose snapshot has it."""
-    parts = []
-    for i, a in enumerate(audiences):
-        p = a.plan
-        sends = len(p.entered) + len(p.resend)
-        for ids, value, identities in (
-            (large_text(p.entered, p.resend), True, a.identities),
-            (large_text(p.exited), False, None),
-        ):
-            n = len(ids)
-            if n == 0:
-                continue
-            assert identities is None or len(identities) == sends
-            columns = {
-                "user_id": ids,
-                "audience": pa.array(np.full(n, i, dtype=np.int32)),
-                "value": pa.array(np.full(n, value)),
-            }
-            for t in IDENTITY_TRAITS:
-                if identities is not None and t in identities.columns:
-                    columns[t] = pa.array(identities[t].array).cast(pa.large_string())
-                else:
-                    columns[t] = pa.nulls(n, pa.large_string())
-            if not a.computed:
-                columns["data"] = pa.nulls(n, pa.large_string())
-            elif identities is not None:
-                columns["data"] = pa.array(identities["value"].array).cast(pa.large_string())
-            else:  # a computed trait's exited users: their value is cleared
-                columns["data"] = pa.repeat(pa.scalar("null", pa.large_string()), n)
-            parts.append(pa.table(columns, schema=_CHANGES_SCHEMA))
     if not parts:
         return _CHANGES_SCHEMA.empty_table()
     table = pa.concat_tables(parts).combine_chunks()
@@ -332,8 +554,10 @@ def _share_identities(table: pa.Table) -> pa.Table:
     n = table.num_rows
     for t in IDENTITY_TRAITS:
         column = table.column(t).combine_chunks()
-        if column.null_count in (0, n):
-            continue  # every row knows it, or none does
+        if column.null_count == n:
+            continue  # no row knows it
+        # Even when every row knows it, a user's audiences may disagree: the first one wins
+        # (whether a column has a null elsewhere in the run or in this batch must not matter).
         valid = column.is_valid().to_numpy(zero_copy_only=False)
         # Each row's own position where it has the trait, else n: a sentinel above every
         # position. minimum.reduceat takes the minimum over each user's rows (starts[u] up to

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import pandas as pd
 import sqlalchemy as sa
 
-from audience_sync.changes import AudienceChanges, RunChanges
+from audience_sync.changes import AudienceChanges, ChangeSpool, RunChanges
 from audience_sync.config import AudienceConfig, Config
 from audience_sync.delivery import COMMITS_IN_FLIGHT, Delivery, Ended
 from audience_sync.destinations import Destination
@@ -125,6 +126,8 @@ class _Run:
         self.wait = wait
         self.runs: list[_AudienceRun] = []
         self.ledger = Ledger(store, change_log=config.state.change_log)
+        # Each audience's changes, added as it is planned (on disk past a size: changes.py).
+        self.spool = ChangeSpool()
         # Commits at once: see Delivery._commit_behind. Per-user destinations are paced by a
         # remote API, never by the database, and their at-most-re-sent bound assumes one commit
         # at a time.
@@ -275,7 +278,6 @@ class _Run:
             audience.computed,
             counts,
             self.store.retry_queue(ref.id),
-            resend=set(the_plan.resend) if len(the_plan.resend) else set(),
             previous_values=the_plan.previous,
         )
         ledger.settle_retries(
@@ -285,8 +287,28 @@ class _Run:
             the_plan.exited,
             identities["value"] if audience.computed and len(identities) else None,
         )
+        self.spool.add(
+            AudienceChanges(
+                ref.key,
+                audience.name,
+                run_id,
+                the_plan,
+                identities,
+                ledger.retry,
+                audience.computed,
+            )
+        )
+        # The spool has the changes now: keep the plan's counts, not its ids.
+        the_plan = dataclasses.replace(
+            the_plan,
+            entered=_NO_USERS,
+            exited=_NO_USERS,
+            resend=_NO_USERS,
+            sent=_no_identities(),
+            previous=None,
+        )
         run = _AudienceRun(
-            audience, ref, lease, run_id, mode, identities, the_plan, ledger, rejected
+            audience, ref, lease, run_id, mode, _no_identities(), the_plan, ledger, rejected
         )
         self.runs.append(run)
         self.ledger.add(ledger)
@@ -341,7 +363,7 @@ class _Run:
                 destination=self.destination.name,
                 evidence=evidence,
                 memberships=sum(
-                    len(r.plan.entered) for r in self.runs if r.mode is RunMode.INITIAL
+                    r.counts["entered"] for r in self.runs if r.mode is RunMode.INITIAL
                 ),
                 limit=self.config.safeguards.max_initial_sync,
             )
@@ -366,6 +388,8 @@ class _Run:
             self.lock.release([r.lease for r in self.runs])
             self.runs.clear()
             self.ledger.clear()
+            self.spool.close()
+            self.spool = ChangeSpool()
             return results
         return []
 
@@ -388,8 +412,10 @@ class _Run:
                 for run in self.runs
             ],
             retry_failed=self.retry_failed,
+            spool=self.spool,
         )
-        for run, held in zip(self.runs, changes.held, strict=True):
+        for run, held, resent in zip(self.runs, changes.held, changes.resent, strict=True):
+            run.ledger.resend = resent  # filled as batches go out, emptied as they are recorded
             run.held_failed = held
             if held:  # counted failed now, so a killed run's row adds up too
                 run.counts["pending"] -= held
@@ -397,7 +423,6 @@ class _Run:
                 self.store.update_run(
                     run.run_id, pending=run.counts["pending"], failed=run.counts["failed"]
                 )
-            run.identities = run.identities.iloc[:0]  # in the changes now; free the memory
         return changes
 
     def complete(self) -> list[AudienceResult]:
@@ -413,6 +438,7 @@ class _Run:
         """Leave no run marked running and no lock held for an error we can see."""
         message = str(exc) if isinstance(exc, AudienceSyncError) else f"unexpected error: {exc!r}"
         status = RunStatus.INTERRUPTED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
+        self.spool.close()
         with contextlib.suppress(Exception):
             self.delivery.commit()  # what the destination confirmed is kept
         with contextlib.suppress(Exception):
@@ -459,7 +485,13 @@ class _Run:
                 )
             )
         self.lock.release([r.lease for r in self.runs])
+        self.spool.close()
         return results
+
+
+def _no_identities() -> pd.DataFrame:
+    """An empty identity frame of its own (a slice of a real one would keep all its rows)."""
+    return pd.DataFrame(index=_NO_USERS)
 
 
 def sync(

@@ -30,8 +30,10 @@ class AudienceLedger:
 
     ``counts`` is the run row's counters (shared with the engine, which reports them);
     ``retry`` the audience's retry queue, indexed by user id; ``resend`` the users a full sync
-    re-sends (already members: nothing to add); ``previous`` a computed trait's values before
-    the run of the users it replaces or clears (the change log's old values).
+    re-sends (already members: nothing to add), of the batches handed to the destination and
+    not yet recorded (the engine's batches add them; recording takes them out, so the set stays
+    as small as the batches in flight); ``previous`` a computed trait's values before the run of
+    the users it replaces or clears (the change log's old values).
     """
 
     audience_id: int
@@ -138,6 +140,9 @@ class Ledger:
                     entry.old_new(update.user_id, data) if change.computed else None,
                 )
             counts["pending"] -= 1
+            resent = update.user_id in entry.resend
+            if resent:
+                entry.resend.discard(update.user_id)
             if outcome.status is DeliveryStatus.DELIVERED:
                 batch.delivered += 1
                 counts["delivered"] += 1
@@ -145,7 +150,7 @@ class Ledger:
                     batch.removed.append(update.user_id)
                 elif data is not None:
                     batch.values.append((update.user_id, data))
-                elif update.user_id not in entry.resend:
+                elif not resent:
                     batch.added.append(update.user_id)
                 if update.user_id in entry.retry_ids:
                     batch.cleared.append(update.user_id)
@@ -212,6 +217,8 @@ class Ledger:
                 batch.added.extend(
                     u for u, v in zip(users, sent, strict=True) if v and u not in entry.resend
                 )
+                if entry.resend:
+                    entry.resend.difference_update(users)
             batch.removed.extend(u for u, v in zip(users, sent, strict=True) if not v)
             if entry.retry_ids:
                 batch.cleared.extend(u for u in users if u in entry.retry_ids)

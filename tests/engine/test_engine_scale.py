@@ -159,3 +159,47 @@ def test_a_failed_commit_ends_the_run_and_the_next_run_resends_only_its_batch(
     assert result.exit_code == 0
     sent = [m["userId"] for m in read_jsonl(tmp_path / "out.jsonl")]
     assert sent == users + users[10:20]  # the failed batch once more, nothing else
+
+
+def test_a_run_whose_changes_spill_to_disk_sends_and_records_what_one_in_memory_does(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Initial, incremental (with a user entering and leaving), then ``--full`` (every member
+    re-sent, none added twice), through the spilled path on this backend and the in-memory
+    path on a SQLite file of its own: the same messages and the same members."""
+    import tempfile
+
+    from audience_sync import changes
+
+    def runs(url: str, folder: Path, spill_at: int) -> tuple[list[dict[str, Any]], set[Any]]:
+        folder.mkdir()
+        monkeypatch.setattr(changes, "SPILL_CHANGES", spill_at)
+        audiences = [{"name": "A", "source": "a.csv"}, {"name": "B", "source": "b.csv"}]
+        config = write_config(
+            folder / "c.toml",
+            state_url=url,
+            audiences=audiences,
+            destination={"type": "jsonl", "path": "out.jsonl", "flush_every": 3},
+        )
+        for a, b, full in (
+            ("1,a1@x\n2,\n3,a3@x\n", "2,,B2\n3,,B3\n4,,B4\n", False),
+            ("1,a1@x\n3,a3@x\n5,a5@x\n", "3,,B3\n4,,B4\n", False),
+            ("1,a1@x\n3,a3@x\n5,a5@x\n", "3,,B3\n4,,B4\n6,,B6\n", True),
+        ):
+            write_csv(folder / "a.csv", "user_id,email\n" + a)
+            write_csv(folder / "b.csv", "user_id,email,name\n" + b)
+            assert sync(load_config(config), full=full).exit_code == 0
+        messages = [
+            {k: v for k, v in m.items() if k != "timestamp"}
+            for m in read_jsonl(folder / "out.jsonl")
+        ]
+        return messages, set(dump(url)["sync_members"])
+
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill_dir))
+    spilled = runs(state_url, tmp_path / "spilled", 0)
+    assert list(spill_dir.iterdir()) == []  # each run removed its spilled changes
+    kept = runs(f"sqlite:///{tmp_path / 'memory.db'}", tmp_path / "memory", 10**9)
+    assert spilled == kept
+    assert len(spilled[0]) == 6 + 3 + 6  # initial, incremental, full (two new, four re-sent)
