@@ -16,8 +16,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -33,6 +33,9 @@ from audience_sync.model import (
     Identity,
     input_hash,
 )
+
+if TYPE_CHECKING:
+    import duckdb
 
 __all__ = [
     "MESSAGE_NAMESPACE",
@@ -222,6 +225,8 @@ class RunChanges:
         """The changes in batches of at most ``users`` users each (a user is never split)."""
         if self.users == 0:
             return
+        import duckdb  # imported when used: a run with no change never loads it
+
         with duckdb.connect(":memory:") as con:
             for first in range(0, self.users, users):
                 last = min(first + users, self.users)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import duckdb
 import pandas as pd
 import pyarrow as pa
 
@@ -21,6 +20,8 @@ def has_repeated(ids: pd.Index | pd.Series) -> bool:
     if len(ids) < 2:
         return False
     table = pa.table({"u": arrow_text(ids)})
+    import duckdb  # imported when used: a run with nothing to diff never loads it
+
     with duckdb.connect(":memory:") as con:
         con.register("ids", table)
         found = con.sql("SELECT 1 AS found FROM ids GROUP BY u HAVING count(*) > 1 LIMIT 1")

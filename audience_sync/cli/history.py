@@ -133,6 +133,7 @@ def history(
                 "trigger",
                 "status",
                 *COUNTERS,
+                "unchanged_since",  # a run that skipped its diff: the snapshot's last run
                 "error",
             )
             title = "Sync runs"

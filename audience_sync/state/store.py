@@ -499,8 +499,12 @@ class StateStore:
     # -- runs ----------------------------------------------------------------------------
 
     def start_run(self, audience: AudienceRef, *, mode: str, trigger: str) -> int:
-        """Write the run's row as ``running`` (so a crash leaves a visible trace)."""
+        """Write the run's row as ``running`` (so a crash leaves a visible trace), and forget
+        the audience's snapshot fingerprint in the same transaction."""
+        from audience_sync.state import fingerprints
+
         with self.engine.begin() as conn:
+            fingerprints.clear(conn, audience.id)
             run_id = conn.execute(
                 sync_runs.insert().values(
                     audience_id=audience.id,
