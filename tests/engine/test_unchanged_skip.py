@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import query, runs, write_config, write_users
+from conftest import cli, query, runs, write_config, write_users
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
@@ -242,6 +242,9 @@ def test_an_unchanged_snapshot_is_recorded_as_a_skipped_run(vip: Config, state_u
     newest = runs(state_url)[0]
     assert newest["unchanged_since"] == first.audiences[0].run_id
     assert newest["status"] == "succeeded"
+    shown = cli("history", str(newest["id"]), "--config", str(vip.path))
+    assert shown.returncode == 0, shown.stderr
+    assert f"snapshot unchanged since run {first.audiences[0].run_id}" in shown.stdout
     # The off switch and --full diff for real; neither is shown as skipped.
     sync(_without_skip(vip), destination=RecordingDestination("jsonl"))
     assert runs(state_url)[0]["unchanged_since"] is None
