@@ -18,8 +18,8 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -35,6 +35,9 @@ from audience_sync.model import (
     Identity,
     input_hash,
 )
+
+if TYPE_CHECKING:
+    import duckdb
 
 __all__ = [
     "MESSAGE_NAMESPACE",
@@ -194,6 +197,8 @@ class ChangeSpool:
         pa.default_memory_pool().release_unused()
 
     def _open(self) -> duckdb.DuckDBPyConnection:
+        import duckdb  # imported when used: a run with no change never loads it
+
         self._dir = tempfile.TemporaryDirectory(prefix="audience-sync-changes-", dir=self.directory)
         folder = Path(self._dir.name)
         con = duckdb.connect(str(folder / "changes.duckdb"))
@@ -380,6 +385,8 @@ class RunChanges:
         """The changes in batches of at most ``users`` users each (a user is never split)."""
         if self.users == 0:
             return
+        import duckdb  # imported when used: a run with no change never loads it
+
         with duckdb.connect(":memory:") as con:
             for rows, count in self._user_slices(users):
                 yield self._batch(rows, count, con)

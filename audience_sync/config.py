@@ -76,6 +76,9 @@ class StateConfig(_Strict):
     """Write one ``sync_changes`` row per attempted user change."""
     auto_migrate: bool = True
     """Bring the schema to the current version at the start of ``run`` and ``serve``."""
+    skip_unchanged: bool = True
+    """Skip reading the state and diffing for a file snapshot unchanged since a run left the
+    state equal to it (its fingerprint); false: every run diffs (after editing the state)."""
 
 
 class AudienceConfig(_Strict):

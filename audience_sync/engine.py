@@ -58,9 +58,12 @@ from audience_sync.progress import Progress
 from audience_sync.result import AudienceResult, SyncResult, partial_reason
 from audience_sync.runtime import open_destination, open_resources, prepare_schema, ready
 from audience_sync.safeguards import check_initial_sync, check_snapshot
+from audience_sync.sources.fingerprint import SourceFingerprint
 from audience_sync.state import AudienceRef, Lease, RunLock, StateStore
+from audience_sync.state.fingerprints import Confirmed, record
 from audience_sync.state.ledger import AudienceLedger, Ledger
 from audience_sync.state.store import COUNTERS, Clock, holder_id, schema_is_current, utc_now
+from audience_sync.unchanged import confirmed_fact, fingerprint, matching, skipped_plan
 
 __all__ = [
     "AudienceResult",
@@ -90,6 +93,8 @@ class _AudienceRun:
     ledger: AudienceLedger
     rejected: tuple[RejectedRow, ...]
     held_failed: int = 0
+    unchanged: Confirmed | None = None
+    """Stored as the audience's fingerprint if the run leaves the state equal to its snapshot."""
 
     @property
     def counts(self) -> dict[str, int]:
@@ -159,10 +164,13 @@ class _Run:
                 audience, RunStatus.FAILED, mode, error=str(exc), error_type=ConfigError
             )
         mode = run_mode(self.store, ref.id, full=self.full)
-        begun = self._begin(audience, ref, mode)
+        now = fingerprint(audience) if self.config.state.skip_unchanged else None
+        begun = self._begin(audience, ref, mode, now)
         if isinstance(begun, AudienceResult):
             return begun
-        lease, run_id = begun
+        lease, run_id, same = begun
+        if same is not None and now is not None:
+            return self._skip(audience, ref, mode, lease, run_id, same, now)
         started = time.perf_counter()
         try:
             snapshot, the_plan = load_and_plan(audience, self.store, ref.id, full=self.full)
@@ -188,6 +196,7 @@ class _Run:
         if refused is not None:
             return refused
         identities = the_plan.sent  # the snapshot rows of the users it sends `true`
+        fact = confirmed_fact(audience, now, run_id, snapshot, the_plan)
         self._enlist(
             audience,
             ref,
@@ -199,6 +208,7 @@ class _Run:
             snapshot.rejected,
             plan_counts(snapshot, the_plan),
         )
+        self.runs[-1].unchanged = fact
         for r in snapshot.rejected[:SAMPLE_SIZE]:
             log.warning(
                 "audience=%s source=%s row=%d user_id=%s rejected: %s",
@@ -215,7 +225,7 @@ class _Run:
         begun = self._begin(audience, ref, RunMode.RETIRE)
         if isinstance(begun, AudienceResult):
             return begun
-        lease, run_id = begun
+        lease, run_id, _ = begun
         previous = None
         if audience.computed:  # every value is cleared; the log keeps what it was
             members, values = self.store.values(ref.id)
@@ -233,9 +243,14 @@ class _Run:
         return None
 
     def _begin(
-        self, audience: AudienceConfig, ref: AudienceRef, mode: RunMode
-    ) -> tuple[Lease, int] | AudienceResult:
-        """Take the audience's lock and write its run row; a result when it is locked."""
+        self,
+        audience: AudienceConfig,
+        ref: AudienceRef,
+        mode: RunMode,
+        now: SourceFingerprint | None = None,
+    ) -> tuple[Lease, int, Confirmed | None] | AudienceResult:
+        """Take the audience's lock and write its run row; a result when it is locked. With
+        the snapshot's fingerprint ``now``: also whether the state is known to equal it."""
         try:
             lease = self._acquire(ref)
         except AlreadyRunning as exc:
@@ -250,10 +265,43 @@ class _Run:
             log.warning(
                 "audience=%s marked an earlier unfinished run interrupted", audience.trait_key
             )
+        # Read under the lock and before the run's row, whose transaction deletes it.
+        same = matching(self.store, ref.id, audience, now, mode, self.config.safeguards)
         run_id = self.store.start_run(ref, mode=mode.value, trigger=self.trigger.value)
         self.lock.attach_run(lease, run_id)
         log.info("audience=%s run=%d mode=%s started", audience.trait_key, run_id, mode.value)
-        return lease, run_id
+        return lease, run_id, same
+
+    def _skip(
+        self,
+        audience: AudienceConfig,
+        ref: AudienceRef,
+        mode: RunMode,
+        lease: Lease,
+        run_id: int,
+        same: Confirmed,
+        now: SourceFingerprint,
+    ) -> AudienceResult:
+        """Record a run whose snapshot is unchanged since run ``same.run_id`` left the state
+        equal to it: no state read, no diff, nothing to send (the safeguards still apply)."""
+        snapshot, the_plan = skipped_plan(audience, same, now)
+        refused = self._guard(audience, mode, run_id, lease, snapshot, the_plan)
+        if refused is not None:
+            return refused
+        counts = plan_counts(snapshot, the_plan) | dict.fromkeys(COUNTERS[5:], 0)
+        self.store.finish_run(
+            run_id, RunStatus.SUCCEEDED, None, **counts, unchanged_since=same.run_id
+        )
+        record(self.store.engine, ref.id, same, self.store.clock())
+        self.lock.release([lease])
+        log.info(
+            "audience=%s run=%d status=succeeded snapshot unchanged since run %d, not diffed: %s",
+            audience.trait_key,
+            run_id,
+            same.run_id,
+            " ".join(f"{k}={v}" for k, v in counts.items()),
+        )
+        return AudienceResult(audience, RunStatus.SUCCEEDED, mode, run_id, counts)
 
     def _enlist(
         self,
@@ -465,6 +513,12 @@ class _Run:
                 status = RunStatus.PARTIAL
                 message = partial_reason(counts, run.run_id, run.held_failed, run.plan.exits_held)
             self.store.finish_run(run.run_id, status, message, **counts)
+            if (
+                run.unchanged is not None
+                and status is RunStatus.SUCCEEDED
+                and not any(counts[k] for k in ("failed", "skipped", "pending", "rejected_rows"))
+            ):
+                record(self.store.engine, run.ref.id, run.unchanged, self.store.clock())
             log.info(
                 "audience=%s run=%d status=%s %s",
                 run.ref.key,

@@ -4,7 +4,6 @@ ids)."""
 
 from __future__ import annotations
 
-import duckdb
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,6 +28,8 @@ def has_repeated(ids: pd.Index | pd.Series) -> bool:
     if pc.all(pc.less(text[:-1], text[1:]), skip_nulls=False).as_py() is True:
         return False
     table = pa.table({"u": text})
+    import duckdb  # imported when used: a run with nothing to diff never loads it
+
     with duckdb.connect(":memory:") as con:
         con.register("ids", table)
         # Equal ids hash alike, so ids whose 64-bit hashes are all distinct repeat none; grouping

@@ -134,6 +134,7 @@ def history(
                 "trigger",
                 "status",
                 *COUNTERS,
+                "unchanged_since",  # a run that skipped its diff: the snapshot's last run
                 "error",
             )
             title = "Sync runs"
@@ -232,6 +233,13 @@ def history_show(
             "duration", f"{(run['finished_at'] - run['started_at']).total_seconds():.1f}s"
         )
     out.print(table)
+    if run.get("unchanged_since") is not None:
+        since = run["unchanged_since"]
+        out.print(
+            f"snapshot unchanged since run {since}, which left the state equal to it: not diffed, "
+            "nothing sent (`run --full` or [state] skip_unchanged = false diff for real)",
+            highlight=False,
+        )
     if detail.outcomes:
         out.print(
             "change log: " + ", ".join(f"{n} {k}" for k, n in sorted(detail.outcomes.items()))

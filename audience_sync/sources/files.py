@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from audience_sync.errors import SnapshotError
 from audience_sync.model import IDENTITY_TRAITS
 
-__all__ = ["file_header", "read_file"]
+__all__ = ["file_header", "read_blocks", "read_file", "require_content"]
 
 #: Bytes read at a time when counting lines.
 _BLOCK = 1 << 24
@@ -36,7 +36,7 @@ def read_file(path: Path, *, multiline: bool = False, keep: str | None = None) -
     ``multiline``: a CSV's quoted values may span lines (else that is an error naming the line).
     ``keep``: a Parquet column read with its own type (a computed trait's values), not as text.
     """
-    _require_content(path)
+    require_content(path)
     try:
         if path.suffix.lower() == ".parquet":
             return _read_parquet(path, keep)
@@ -50,7 +50,7 @@ def read_file(path: Path, *, multiline: bool = False, keep: str | None = None) -
 def file_header(path: Path) -> tuple[list[str], int]:
     """The column names and the number of data rows of ``path``, without loading the rows
     (Parquet: from the footer; CSV: one pass of the csv module, no frame)."""
-    _require_content(path)
+    require_content(path)
     try:
         if path.suffix.lower() == ".parquet":
             parquet = pq.ParquetFile(path)
@@ -63,7 +63,8 @@ def file_header(path: Path) -> tuple[list[str], int]:
         raise SnapshotError(f"{path}: cannot read snapshot: {_first_line(exc)}") from None
 
 
-def _require_content(path: Path) -> None:
+def require_content(path: Path) -> None:
+    """Raise a ``SnapshotError`` when ``path`` is missing or empty."""
     if not path.exists():
         raise SnapshotError(
             f"{path}: snapshot file not found; check the audience's `source` and that the "
@@ -164,7 +165,8 @@ def _csv_header(path: Path) -> tuple[list[str], bool]:
         return header, next(rows, None) is not None
 
 
-def _blocks(path: Path) -> Iterator[bytes]:
+def read_blocks(path: Path) -> Iterator[bytes]:
+    """The bytes of ``path``, a block at a time."""
     with path.open("rb") as f:
         while block := f.read(_BLOCK):
             yield block
@@ -174,7 +176,7 @@ def _count_lines(path: Path) -> tuple[int, bool]:
     """How many lines ``path`` has (LF, CRLF or CR ends), and whether the last one is ended."""
     lf = cr = crlf = 0
     last = b""
-    for block in _blocks(path):
+    for block in read_blocks(path):
         # NumPy's vectorised compare is about twice as fast as bytes.count for one byte.
         lf += int(np.count_nonzero(np.frombuffer(block, dtype=np.uint8) == 0x0A))
         if block.find(b"\r") >= 0:  # memchr: most files have no carriage return at all

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from audience_sync.clock import Clock
 from audience_sync.model import MAX_REJECTED_ROWS, RejectedRow, RunMode, RunStatus
+from audience_sync.state import fingerprints
 from audience_sync.state.audiences import AudienceRef
 from audience_sync.state.database import as_dict, scoped
 from audience_sync.state.schema import sync_changes, sync_rejected_rows, sync_runs
@@ -74,8 +75,10 @@ class Runs:
         return row is not None
 
     def start_run(self, audience: AudienceRef, *, mode: str, trigger: str) -> int:
-        """Write the run's row as ``running`` (so a crash leaves a visible trace)."""
+        """Write the run's row as ``running`` (so a crash leaves a visible trace), and forget
+        the audience's snapshot fingerprint in the same transaction."""
         with self.engine.begin() as conn:
+            fingerprints.clear(conn, audience.id)
             run_id = conn.execute(
                 sync_runs.insert().values(
                     audience_id=audience.id,

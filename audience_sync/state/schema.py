@@ -18,6 +18,7 @@ __all__ = [
     "sync_alerts",
     "sync_audiences",
     "sync_changes",
+    "sync_fingerprints",
     "sync_locks",
     "sync_members",
     "sync_pending",
@@ -76,6 +77,8 @@ sync_runs = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("host", sa.String(255)),
     sa.Column("pid", sa.Integer),
+    # A run that skipped the diff: the run whose state its snapshot is unchanged since.
+    sa.Column("unchanged_since", sa.Integer),
     sa.Index("ix_sync_runs_audience_started", "audience_id", "started_at"),
 )
 
@@ -156,4 +159,21 @@ sync_alerts = sa.Table(
     sa.Column("raised_at", _ts, nullable=False),
     sa.Column("run_id", sa.Integer),
     sa.Column("message", sa.Text, nullable=False),
+)
+
+#: The fingerprint of the snapshot (``sources/fingerprint.py``) of each audience's last run
+#: that left the state exactly equal to its snapshot; deleted when any run of the audience
+#: starts (``state/fingerprints.py``).
+sync_fingerprints = sa.Table(
+    "sync_fingerprints",
+    metadata,
+    sa.Column("audience_id", sa.Integer, sa.ForeignKey("sync_audiences.id"), primary_key=True),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("run_id", sa.Integer, nullable=False),
+    sa.Column("snapshot_rows", sa.Integer, nullable=False),
+    sa.Column("members", sa.Integer, nullable=False),
+    # The snapshot's time when it came from a `snapshot_at` column (NULL: the file's mtime).
+    sa.Column("snapshot_at", _ts),
+    sa.Column("mtime", _ts, nullable=False),
+    sa.Column("recorded_at", _ts, nullable=False),
 )
