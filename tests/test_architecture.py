@@ -35,6 +35,7 @@ FOUNDATION = {
     "drivers",
     "logs",
     "clock",
+    "messageids",
 }
 
 #: The pipeline's stages, which the config describes and so must not import.

@@ -16,17 +16,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audience_sync.changes import (
-    MESSAGE_NAMESPACE,
-    AudienceChanges,
-    ChangeSpool,
-    RunChanges,
-    input_hash,
-    message_ids,
-)
+from audience_sync.changes import AudienceChanges, ChangeSpool, RunChanges, input_hash
 from audience_sync.destinations.base import Destination, DestinationSettings
 from audience_sync.destinations.jsonl import JsonlDestination, JsonlSettings, identify_lines
 from audience_sync.diff import plan
+from audience_sync.messageids import MESSAGE_NAMESPACE, message_ids
 from audience_sync.model import IDENTITY_TRAITS, Change, ChangeBatch, Identity, UserUpdate
 
 # Text a snapshot may hold: quotes, backslashes, control characters, non-ASCII, emoji.
