@@ -43,16 +43,17 @@ from audience_sync.model import (
     RunMode,
     RunStatus,
     Snapshot,
-    SyncKind,
     Trigger,
     UserUpdate,
 )
 from audience_sync.planning import (
     SAMPLE_SIZE,
     load_and_plan,
+    orphans,
     plan_all,
     plan_counts,
     run_mode,
+    synced_before,
 )
 from audience_sync.progress import Progress
 from audience_sync.result import AudienceResult, SyncResult, partial_reason
@@ -580,9 +581,19 @@ def sync(
     engine, dest = open_resources(config, destination, create=not dry_run)
     try:
         store = StateStore(engine, clock)
-        if dry_run:
+        if dry_run:  # it changes nothing, the schema included
             if sa.inspect(engine).has_table("sync_audiences") and not schema_is_current(engine):
                 raise StateError("the state database needs `audience-sync db upgrade` first")
+        else:
+            ready(config, engine, dest, schema_checked=schema_checked)
+        # Read with the schema current: what the lost-state guard goes on, and the warnings.
+        evidence = (
+            None
+            if force or initial
+            else synced_before(config, store, dest.name, dest.previous_sync)
+        )
+        warnings = orphans(config, store, dest.name)
+        if dry_run:
             # Only a destination that prices a plan (Crisp: requests) pays for collecting it.
             changed: dict[str, Identity] | None = {} if dest.prices_plans else None
             planned = plan_all(
@@ -593,12 +604,11 @@ def sync(
                 full=full,
                 changed=changed,
                 force=force,
-                evidence=None if force or initial else _previous_sync(config, store, dest),
+                evidence=evidence,
             )
             updates = [UserUpdate(u, identity, ()) for u, identity in (changed or {}).items()]
             cost = dest.describe_plan(updates) if updates else {}
-            return SyncResult(dest.name, True, planned, cost, _orphans(config, store, dest.name))
-        ready(config, engine, dest, schema_checked=schema_checked)
+            return SyncResult(dest.name, True, planned, cost, warnings)
         run = _Run(
             config,
             store,
@@ -611,9 +621,7 @@ def sync(
             force=force,
             wait=wait,
         )
-        evidence = None if force or initial else _previous_sync(config, store, dest)
-        orphans = _orphans(config, store, dest.name)
-        for warning in orphans:
+        for warning in warnings:
             log.warning("%s", warning)
         results: list[AudienceResult] = []
         try:
@@ -630,33 +638,6 @@ def sync(
         results.extend(run.complete())
         order = {a.trait_key: i for i, a in enumerate(selected)}
         results.sort(key=lambda r: order[r.audience.trait_key])
-        return SyncResult(dest.name, False, results, warnings=orphans)
+        return SyncResult(dest.name, False, results, warnings=warnings)
     finally:
         engine.dispose()
-
-
-def _previous_sync(config: Config, store: StateStore, dest: Destination) -> str | None:
-    """Why the destination counts as synced before, when the state holds nothing for it."""
-    if not store.holds_nothing(dest.name):
-        return None
-    if config.safeguards.destination_synced_before:
-        return "[safeguards] destination_synced_before = true"
-    return dest.previous_sync()
-
-
-def _orphans(config: Config, store: StateStore, destination: str) -> list[str]:
-    """A warning per audience the state holds members of but the config no longer lists."""
-    configured = {a.trait_key for a in config.audiences}
-    return [
-        (
-            f"computed trait {ref.name!r} ({ref.key}) has values in the state but is no longer "
-            f"in {config.path}: its values stay on the profiles. `audience-sync retire "
-            f"{ref.key}` clears them and drops its state."
-            if ref.kind is SyncKind.TRAIT
-            else f"audience {ref.name!r} ({ref.key}) has members in the state but is no longer "
-            f"in {config.path}: its trait stays true on their profiles. `audience-sync retire "
-            f"{ref.key}` sets it to false for them and drops its state."
-        )
-        for ref in store.with_members(destination)
-        if ref.key not in configured
-    ]

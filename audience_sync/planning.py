@@ -6,7 +6,7 @@ nothing. The engine calls these; they send nothing and write nothing.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,7 +19,7 @@ from audience_sync import pushdown
 from audience_sync.config import AudienceConfig, Config
 from audience_sync.diff import Plan, plan
 from audience_sync.errors import ConfigError, SafeguardError, SnapshotError, StateMissing
-from audience_sync.model import Identity, RunMode, RunStatus, Snapshot
+from audience_sync.model import Identity, RunMode, RunStatus, Snapshot, SyncKind
 from audience_sync.result import AudienceResult
 from audience_sync.safeguards import check_initial_sync, check_snapshot
 from audience_sync.sources import load_snapshot
@@ -30,9 +30,11 @@ __all__ = [
     "SAMPLE_SIZE",
     "collect_changed",
     "load_and_plan",
+    "orphans",
     "plan_all",
     "plan_counts",
     "run_mode",
+    "synced_before",
 ]
 
 #: Changes shown per audience by a dry run (and rejected rows logged per audience).
@@ -227,3 +229,34 @@ def plan_all(
         if changed is not None:
             changed.clear()
     return results
+
+
+def synced_before(
+    config: Config, store: StateStore, destination: str, previous_sync: Callable[[], str | None]
+) -> str | None:
+    """Why the destination counts as synced before when the state holds nothing for it (the
+    evidence the lost-state safeguard refuses an initial sync on); ``previous_sync`` asks the
+    destination itself."""
+    if not store.holds_nothing(destination):
+        return None
+    if config.safeguards.destination_synced_before:
+        return "[safeguards] destination_synced_before = true"
+    return previous_sync()
+
+
+def orphans(config: Config, store: StateStore, destination: str) -> list[str]:
+    """A warning per audience the state holds members of but the config no longer lists."""
+    configured = {a.trait_key for a in config.audiences}
+    return [
+        (
+            f"computed trait {ref.name!r} ({ref.key}) has values in the state but is no longer "
+            f"in {config.path}: its values stay on the profiles. `audience-sync retire "
+            f"{ref.key}` clears them and drops its state."
+            if ref.kind is SyncKind.TRAIT
+            else f"audience {ref.name!r} ({ref.key}) has members in the state but is no longer "
+            f"in {config.path}: its trait stays true on their profiles. `audience-sync retire "
+            f"{ref.key}` sets it to false for them and drops its state."
+        )
+        for ref in store.with_members(destination)
+        if ref.key not in configured
+    ]
