@@ -89,7 +89,8 @@ class Delivery:
             await asyncio.to_thread(self._commit, batches)
 
     async def _commit_behind(self, running: list[asyncio.Task[None]]) -> None:
-        """Commit the outcomes recorded so far in the background, beside earlier commits.
+        """Commit the outcomes recorded so far in the background, beside earlier commits (for
+        a destination that takes batches).
 
         So the destination delivers the next batch while the database commits this one, and a
         batch destination on PostgreSQL has up to ``COMMITS_IN_FLIGHT`` commits at once, on
@@ -121,7 +122,14 @@ class Delivery:
                 ):
                     async for users in confirmations:
                         self.done += users
-                        await self._commit_behind(committing)
+                        if dest.takes_batches:
+                            await self._commit_behind(committing)
+                        else:
+                            # A per-user destination starts its next users once we come back
+                            # for more (Crisp holds a permit per user until then), so what it
+                            # confirmed is committed first: a kill then re-sends at most its
+                            # in-flight calls, however slow the database is.
+                            await self._commit_async()
                         if self.progress is not None:
                             self.progress("delivering", None, self.done, total)
         except QuotaExhausted as exc:

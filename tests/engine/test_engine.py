@@ -3,8 +3,11 @@ the state and the history say afterwards, and that nothing unconfirmed ever adva
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -21,7 +24,9 @@ from audience_sync import (
     sync,
 )
 from audience_sync.errors import AlreadyRunning, CredentialsError
+from audience_sync.model import Outcome, UserUpdate
 from audience_sync.state import RunLock, StateStore, connect, upgrade
+from audience_sync.state.ledger import Ledger
 from audience_sync.state.schema import sync_changes, sync_locks, sync_members, sync_pending
 
 DAY1 = """
@@ -278,6 +283,42 @@ def test_dry_run_changes_nothing(setup, state_url):
     assert len(read_jsonl(path.parent / "out.jsonl")) == lines_before
     assert members(state_url, "jsonl")["order_completed_last_30days"] == {"007", "u2", "u3"}
     engine.dispose()
+
+
+class CommitCheckingDestination(RecordingDestination):
+    """Each time the engine comes back for more, notes which users it confirmed so far are not
+    in the state yet."""
+
+    def __init__(self, state_url: str) -> None:
+        super().__init__(batch=1)
+        self.state_url = state_url
+        self.unrecorded: list[set[str]] = []
+
+    async def deliver(self, updates: Iterable[UserUpdate]) -> AsyncIterator[list[Outcome]]:
+        confirmed: set[str] = set()
+        async for outcomes in super().deliver(updates):
+            yield outcomes
+            confirmed |= {o.user_id for o in outcomes}
+            self.unrecorded.append(confirmed - set().union(*members(self.state_url).values()))
+
+
+def test_a_per_user_destination_is_asked_for_more_only_once_its_outcomes_are_committed(
+    setup, state_url, monkeypatch
+):
+    """So a per-user destination may start its next users knowing that a kill at that moment
+    re-sends only its calls in flight (Crisp holds a permit per user until then)."""
+    path, _ = setup
+    commit = Ledger.commit
+
+    def slow_commit(self: Ledger, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.2)  # a slow database: the destination must still find its users recorded
+        commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "commit", slow_commit)
+    dest = CommitCheckingDestination(state_url)
+    sync(load_config(path), destination=dest)
+    assert len(dest.unrecorded) == 4  # 007, u2, u3, u5: one check after each
+    assert dest.unrecorded == [set()] * 4
 
 
 def test_a_crash_mid_delivery_keeps_what_was_confirmed_and_the_next_run_finishes(setup, state_url):
