@@ -134,9 +134,8 @@ class _Run:
         self.ledger = Ledger(store, change_log=config.state.change_log)
         # Each audience's changes, added as it is planned (on disk past a size: changes.py).
         self.spool = ChangeSpool()
-        # Commits at once: see Delivery._commit_behind. Per-user destinations are paced by a
-        # remote API, never by the database, and their at-most-re-sent bound assumes one commit
-        # at a time.
+        # Commits at once for a batch destination: see Delivery._commit_behind. A per-user
+        # destination's confirmations are committed before it is resumed (Delivery.run).
         postgres = store.engine.dialect.name == "postgresql"
         parallel = postgres and destination.takes_batches
         self.delivery = Delivery(
