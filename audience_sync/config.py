@@ -79,6 +79,34 @@ class StateConfig(_Strict):
     skip_unchanged: bool = True
     """Skip reading the state and diffing for a file snapshot unchanged since a run left the
     state equal to it (its fingerprint); false: every run diffs (after editing the state)."""
+    member_cache: bool = True
+    """Keep a copy of each audience's confirmed members in a file (``state/membercache.py``),
+    so a changed file snapshot is diffed without reading them from the database. Needs
+    ``skip_unchanged`` (the copy is named by the same fact); false: always read the database."""
+    cache_dir: Path | None = None
+    """The member cache's folder (relative: to the config file's). Default: beside a SQLite
+    state file, ``<file>.cache``; else ``$XDG_CACHE_HOME/audience-sync/<hash of the URL>``."""
+
+    def member_cache_folder(self) -> Path | None:
+        """Where the member cache lives; None when it is off or the state is in memory."""
+        if not (self.member_cache and self.skip_unchanged):
+            return None
+        if self.cache_dir is not None:
+            return self.cache_dir
+        database = sqlite_path(self.url)
+        if database is not None:
+            return database.with_name(database.name + ".cache")
+        if self.url.startswith("sqlite"):
+            return None  # in memory: gone with the process, nothing to cache for
+        import hashlib
+
+        from sqlalchemy.engine import make_url
+
+        # Named by the database, never its password: one folder per state database.
+        where = make_url(self.url).set(password=None).render_as_string(hide_password=True)
+        name = hashlib.blake2b(where.encode(), digest_size=8).hexdigest()
+        home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(home) / "audience-sync" / name
 
 
 class AudienceConfig(_Strict):
@@ -460,6 +488,8 @@ def load_config(
         state = state.model_copy(update={"url": env[STATE_URL_ENV]})
     else:
         state = state.model_copy(update={"url": _resolve_state_url(path, state.url)})
+    if state.cache_dir is not None and not state.cache_dir.is_absolute():
+        state = state.model_copy(update={"cache_dir": path.parent / state.cache_dir})
     return Config(
         path=path,
         state=state,

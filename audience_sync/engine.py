@@ -60,9 +60,10 @@ from audience_sync.result import AudienceResult, SyncResult, partial_reason
 from audience_sync.runtime import open_destination, open_resources, prepare_schema, ready
 from audience_sync.safeguards import check_initial_sync, check_snapshot
 from audience_sync.sources.fingerprint import SourceFingerprint
-from audience_sync.state import AudienceRef, Lease, RunLock, StateStore
+from audience_sync.state import AudienceRef, Lease, RunLock, StateStore, fingerprints
 from audience_sync.state.fingerprints import Confirmed, record
 from audience_sync.state.ledger import AudienceLedger, Ledger
+from audience_sync.state.membercache import MemberCache
 from audience_sync.state.store import COUNTERS, Clock, holder_id, schema_is_current, utc_now
 from audience_sync.unchanged import confirmed_fact, fingerprint, matching, skipped_plan
 
@@ -134,6 +135,8 @@ class _Run:
         self.ledger = Ledger(store, change_log=config.state.change_log)
         # Each audience's changes, added as it is planned (on disk past a size: changes.py).
         self.spool = ChangeSpool()
+        folder = config.state.member_cache_folder()
+        self.member_cache = MemberCache(folder) if folder is not None else None
         # Commits at once for a batch destination: see Delivery._commit_behind. A per-user
         # destination's confirmations are committed before it is resumed (Delivery.run).
         postgres = store.engine.dialect.name == "postgresql"
@@ -168,12 +171,27 @@ class _Run:
         begun = self._begin(audience, ref, mode, now)
         if isinstance(begun, AudienceResult):
             return begun
-        lease, run_id, same = begun
+        lease, run_id, stored = begun
+        same = matching(stored, audience, now, mode, self.config.safeguards)
         if same is not None and now is not None:
             return self._skip(audience, ref, mode, lease, run_id, same, now)
+        # The member cache: read the state's members from the file the fingerprint row names,
+        # and write this snapshot's, which the row this run may record will name.
+        cache = self.member_cache if now is not None and not audience.computed else None
+        cached = None
+        if cache is not None and stored is not None and stored.members_cache is not None:
+            cached = cache.read(ref.id, stored.members_cache, stored.members)
+        written: list[str | None] = []
+
+        def keep(ids: pd.Index) -> None:
+            if cache is not None:
+                written.append(cache.write(ref.id, ids))
+
         started = time.perf_counter()
         try:
-            snapshot, the_plan = load_and_plan(audience, self.store, ref.id, full=self.full)
+            snapshot, the_plan = load_and_plan(
+                audience, self.store, ref.id, full=self.full, synced=cached, keep=keep
+            )
         except SnapshotError as exc:
             self.store.finish_run(run_id, RunStatus.FAILED, str(exc))
             self.lock.release([lease])
@@ -197,6 +215,8 @@ class _Run:
             return refused
         identities = the_plan.sent  # the snapshot rows of the users it sends `true`
         fact = confirmed_fact(audience, now, run_id, snapshot, the_plan)
+        if fact is not None and written and written[0] is not None:
+            fact = dataclasses.replace(fact, members_cache=written[0])
         self._enlist(
             audience,
             ref,
@@ -226,6 +246,8 @@ class _Run:
         if isinstance(begun, AudienceResult):
             return begun
         lease, run_id, _ = begun
+        if self.member_cache is not None:  # a retired audience's members are never read again
+            self.member_cache.prune(ref.id)
         previous = None
         if audience.computed:  # every value is cleared; the log keeps what it was
             members, values = self.store.values(ref.id)
@@ -250,7 +272,8 @@ class _Run:
         now: SourceFingerprint | None = None,
     ) -> tuple[Lease, int, Confirmed | None] | AudienceResult:
         """Take the audience's lock and write its run row; a result when it is locked. With
-        the snapshot's fingerprint ``now``: also whether the state is known to equal it."""
+        the snapshot's fingerprint ``now``: also the state's fingerprint row, if any (what
+        snapshot the state is known to equal, and the member cache's file)."""
         try:
             lease = self._acquire(ref)
         except AlreadyRunning as exc:
@@ -266,11 +289,11 @@ class _Run:
                 "audience=%s marked an earlier unfinished run interrupted", audience.trait_key
             )
         # Read under the lock and before the run's row, whose transaction deletes it.
-        same = matching(self.store, ref.id, audience, now, mode, self.config.safeguards)
+        stored = fingerprints.confirmed(self.store.engine, ref.id) if now is not None else None
         run_id = self.store.start_run(ref, mode=mode.value, trigger=self.trigger.value)
         self.lock.attach_run(lease, run_id)
         log.info("audience=%s run=%d mode=%s started", audience.trait_key, run_id, mode.value)
-        return lease, run_id, same
+        return lease, run_id, stored
 
     def _skip(
         self,

@@ -80,7 +80,13 @@ def hold_exits(snapshot: Snapshot, the_plan: Plan) -> Plan:
 
 
 def load_and_plan(
-    audience: AudienceConfig, store: StateStore, audience_id: int | None, *, full: bool
+    audience: AudienceConfig,
+    store: StateStore,
+    audience_id: int | None,
+    *,
+    full: bool,
+    synced: pd.Index | None = None,
+    keep: Callable[[pd.Index], None] | None = None,
 ) -> tuple[Snapshot, Plan]:
     """Load and diff one audience, inside the state database when its query lives there.
 
@@ -89,20 +95,33 @@ def load_and_plan(
     snapshot its counts, rejected rows and age, its ``members`` emptied (nothing after
     planning needs them; the rows sent are in the plan). Exits are held while the snapshot has
     rejected rows (``hold_exits``).
+
+    ``synced``: the state's members when the caller already has them (the member cache), so
+    they are not read from the database. ``keep`` is given the snapshot's member ids before
+    they are dropped (to write the member cache).
     """
-    snapshot, the_plan = _load_and_plan(audience, store, audience_id, full=full)
+    snapshot, the_plan = _load_and_plan(
+        audience, store, audience_id, full=full, synced=synced, keep=keep
+    )
     return snapshot, hold_exits(snapshot, the_plan)
 
 
 def _load_and_plan(
-    audience: AudienceConfig, store: StateStore, audience_id: int | None, *, full: bool
+    audience: AudienceConfig,
+    store: StateStore,
+    audience_id: int | None,
+    *,
+    full: bool,
+    synced: pd.Index | None,
+    keep: Callable[[pd.Index], None] | None,
 ) -> tuple[Snapshot, Plan]:
     if audience_id is not None and pushdown.applies(audience, store.engine):
         return pushdown.plan_in_database(store.engine, audience, audience_id, full=full)
     # A computed trait is diffed the same way, its values compared too (``synced_values``).
-    synced: pd.Index
     synced_values: pa.Array | None = None
-    if audience_id is None:
+    if synced is not None and not audience.computed:
+        snapshot = load_snapshot(audience)
+    elif audience_id is None:
         synced = pd.Index([], dtype="string[pyarrow]", name="user_id")
         if audience.computed:
             synced_values = pa.array([], pa.large_string())
@@ -123,6 +142,8 @@ def _load_and_plan(
     if synced_values is not None:
         values = (pa.array(rows["value"].array), synced_values)
     the_plan = plan(rows, synced, full=full, held=snapshot.held, values=values)
+    if keep is not None:
+        keep(rows.index)
     return dataclasses.replace(snapshot, members=rows.iloc[:0]), the_plan
 
 

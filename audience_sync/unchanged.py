@@ -19,9 +19,7 @@ from audience_sync.diff import Plan
 from audience_sync.model import RunMode, Snapshot
 from audience_sync.safeguards import limits_for
 from audience_sync.sources.fingerprint import SourceFingerprint, fingerprint, unchanged_since
-from audience_sync.state import fingerprints
 from audience_sync.state.fingerprints import Confirmed
-from audience_sync.state.store import StateStore
 
 __all__ = ["confirmed_fact", "fingerprint", "matching", "skipped_plan"]
 
@@ -29,18 +27,16 @@ _NONE = pd.Index([], dtype="string[pyarrow]", name="user_id")
 
 
 def matching(
-    store: StateStore,
-    audience_id: int,
+    stored: Confirmed | None,
     audience: AudienceConfig,
     now: SourceFingerprint | None,
     mode: RunMode,
     safeguards: SafeguardConfig,
 ) -> Confirmed | None:
-    """The stored fact that the state equals the snapshot fingerprinted ``now``, if it does;
-    read before the run's row is written (which deletes it)."""
+    """``stored``, the fact that the state equals a snapshot (read before the run's row is
+    written, which deletes it), if that snapshot is the one fingerprinted ``now``."""
     if now is None or mode is not RunMode.INCREMENTAL:
         return None
-    stored = fingerprints.confirmed(store.engine, audience_id)
     if stored is None or stored.fingerprint != now.digest:
         return None
     if (

@@ -30,6 +30,8 @@ class Confirmed:
     snapshot_at: datetime | None
     """The time of a ``snapshot_at`` column; None when the snapshot's time was ``mtime``."""
     mtime: datetime
+    members_cache: str | None = None
+    """The digest of the member cache's file holding exactly the state's members (None: none)."""
 
 
 def clear(conn: sa.Connection, audience_id: int) -> None:
@@ -55,6 +57,7 @@ def confirmed(engine: sa.Engine, audience_id: int) -> Confirmed | None:
         row["members"],
         _aware(row["snapshot_at"]) if row["snapshot_at"] is not None else None,
         _aware(row["mtime"]),
+        row["members_cache"],
     )
 
 
@@ -70,6 +73,7 @@ def record(engine: sa.Engine, audience_id: int, fact: Confirmed, now: datetime) 
         sa.literal(fact.snapshot_at, sync_fingerprints.c.snapshot_at.type),
         sa.literal(fact.mtime, sync_fingerprints.c.mtime.type),
         sa.literal(now, sync_fingerprints.c.recorded_at.type),
+        sa.literal(fact.members_cache, sync_fingerprints.c.members_cache.type),
     ).where(~retries)
     columns = [c.name for c in sync_fingerprints.columns]
     with engine.begin() as conn:

@@ -163,7 +163,7 @@ sync_alerts = sa.Table(
 
 #: The fingerprint of the snapshot (``sources/fingerprint.py``) of each audience's last run
 #: that left the state exactly equal to its snapshot; deleted when any run of the audience
-#: starts (``state/fingerprints.py``).
+#: starts (``state/fingerprints.py``); and the member cache's file that holds those members.
 sync_fingerprints = sa.Table(
     "sync_fingerprints",
     metadata,
@@ -176,4 +176,7 @@ sync_fingerprints = sa.Table(
     sa.Column("snapshot_at", _ts),
     sa.Column("mtime", _ts, nullable=False),
     sa.Column("recorded_at", _ts, nullable=False),
+    # The digest of the file holding exactly these members (``state/membercache.py``; NULL:
+    # none was written).
+    sa.Column("members_cache", sa.String(64)),
 )

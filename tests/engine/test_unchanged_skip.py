@@ -1,10 +1,13 @@
-"""Issue 14: a run whose snapshot is unchanged since the state matched it skips the diff.
+"""Issue 14: a run whose snapshot is unchanged since the state matched it skips the diff, and
+one whose snapshot changed diffs against the member cache instead of reading the database.
 
-The skip must never change a result: a state machine drives two states in one database (two
+Neither may ever change a result: a state machine drives two states in one database (two
 destination names) through the same snapshot edits, configuration changes, destination faults,
-``--full`` runs, retires and interrupted runs, one with the skip and one without, and every
-run must send exactly the same changes, end the same way and leave the same state. Focused
-tests pin the rules the machine relies on (SQLite and PostgreSQL).
+``--full`` runs, retires and interrupted runs, one with the skip and the member cache and one
+without either, while the cache's files are deleted, corrupted, truncated, replaced by stale
+ones or by valid files holding other ids; every run must send exactly the same changes, end the
+same way and leave the same state. Focused tests pin the rules the machine relies on (SQLite
+and PostgreSQL).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -29,6 +33,7 @@ from audience_sync.config import Config
 from audience_sync.errors import AudienceSyncError
 from audience_sync.model import RunStatus
 from audience_sync.state import StateStore, connect, upgrade
+from audience_sync.state.membercache import MemberCache
 
 USERS = [f"u{i}" for i in range(6)]
 SPELLINGS = ["7", "7.0", "7.5", "true", "gold", ""]
@@ -82,6 +87,8 @@ class SkipEquivalence(RuleBasedStateMachine):
     state_url: ClassVar[str]
     folder: ClassVar[Path]
     skipped: ClassVar[int] = 0
+    #: Member cache reads that found their file, and that fell back to the database.
+    cache_reads: ClassVar[dict[str, int]] = {"hit": 0, "miss": 0}
 
     def __init__(self) -> None:
         super().__init__()
@@ -94,6 +101,7 @@ class SkipEquivalence(RuleBasedStateMachine):
         self.compression = "snappy"
         self.crlf = False
         self.column, self.type = "value", "auto"
+        self.old_files: list[bytes] = []  # cache files seen before, to put back as stale ones
         self._write()
 
     def _write(self) -> None:
@@ -187,19 +195,65 @@ class SkipEquivalence(RuleBasedStateMachine):
             stop_with=KeyboardInterrupt(),
         )
 
+    @rule(
+        how=st.sampled_from(["delete", "corrupt", "edit an id", "truncate", "stale", "other ids"]),
+        user=st.sampled_from(USERS),
+    )
+    def tamper_with_the_cache_then_run(self, how: str, user: str) -> None:
+        """Whatever happens to the cache's files, the next run whose snapshot changed (here
+        ``user`` entered or left) reads the database instead."""
+        folder = self._configs()[0].state.member_cache_folder()
+        assert folder is not None
+        for path in sorted(folder.glob("audience-*.arrow")):
+            data = path.read_bytes()
+            stale = [old for old in self.old_files if old != data]
+            if how == "delete":
+                path.unlink()
+            elif how == "corrupt":  # one byte flipped: metadata, ids or padding
+                middle = len(data) // 2
+                path.write_bytes(data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :])
+            elif how == "edit an id":  # still well formed, as many ids, one of them another
+                found = [u.encode() for u in USERS if u.encode() in data]
+                if found:
+                    path.write_bytes(data.replace(found[0], b"u9", 1))
+            elif how == "truncate":
+                path.write_bytes(data[: len(data) // 2])
+            elif how == "stale" and stale:
+                path.write_bytes(stale[-1])
+            elif how == "other ids":  # a well-formed cache file, of other members
+                other = MemberCache(folder / "other")
+                digest = other.write(0, pd.Index(["u9", *USERS[:2]], dtype="string[pyarrow]"))
+                path.write_bytes((folder / "other" / f"audience-0-{digest}.arrow").read_bytes())
+            self.old_files.append(data)
+        if self.members.pop(user, None) is None:
+            self.members[user] = f"{user}@x.io"
+        self._write()
+        self._both(lambda c, d: sync(c, destination=d, force=True))
+
     @rule()
     def retire_vip(self) -> None:
         """Retire the audience (the config without it); the next run syncs it from scratch."""
         self._both(lambda c, d: retire(c, "VIP", destination=d), vip=False)
 
 
-def test_the_skip_never_changes_what_is_sent_or_the_state(tmp_path: Path, state_url: str) -> None:
+def test_the_skip_and_the_member_cache_never_change_what_is_sent_or_the_state(
+    tmp_path: Path, state_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = connect(state_url)
     upgrade(engine)
     engine.dispose()
     SkipEquivalence.state_url = state_url
     SkipEquivalence.folder = tmp_path
     SkipEquivalence.skipped = 0
+    SkipEquivalence.cache_reads = reads = {"hit": 0, "miss": 0}
+    read = MemberCache.read
+
+    def counted(self: MemberCache, audience_id: int, digest: str, members: int) -> Any:
+        found = read(self, audience_id, digest, members)
+        reads["miss" if found is None else "hit"] += 1
+        return found
+
+    monkeypatch.setattr(MemberCache, "read", counted)
     run_state_machine_as_test(
         SkipEquivalence,
         settings=settings(
@@ -212,6 +266,8 @@ def test_the_skip_never_changes_what_is_sent_or_the_state(tmp_path: Path, state_
         ),
     )
     assert SkipEquivalence.skipped > 0  # the skip did happen, so it was compared
+    # So did diffs against the cache, and against the database after the cache was spoiled.
+    assert reads["hit"] > 0 and reads["miss"] > 0, reads
 
 
 # -- focused rules -------------------------------------------------------------------------------

@@ -1,0 +1,137 @@
+"""The member cache: a columnar copy of each audience's confirmed members, beside the state.
+
+A run whose snapshot changed must diff it against the members the state holds; reading them
+from the database is most of a small incremental run's cost (issue 14). So a run that may leave
+the state exactly equal to its snapshot writes the snapshot's member ids to a file here (Arrow
+IPC, one ``user_id`` column), and when it does leave the state so, the fingerprint row it
+records (``state/fingerprints.py``) names the file by the BLAKE2b digest of its bytes. The next
+run reads the fingerprint row before its own run row deletes it; if the file with those bytes
+is here, it holds exactly the state's members, and the run diffs against it instead of reading
+the database.
+
+SQL stays the source of truth: the row is deleted whenever any run of the audience starts, a
+file is trusted only if its bytes hash to the digest the row names, and its row count must be
+the row's ``members``. A file missing, stale (another run's), truncated or edited, or a folder
+that belongs to another host or a restored database, is only a cache miss: the run reads the
+database, as it would without the cache, and says why in the log. Deleting the folder at any
+time changes no result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from audience_sync.arrowtext import arrow_text
+
+__all__ = ["MemberCache"]
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = pa.schema([pa.field("user_id", pa.string(), nullable=False)])
+
+
+class MemberCache:
+    """The cache's folder: a file per audience, ``audience-<id>-<digest>.arrow``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def read(self, audience_id: int, digest: str, members: int) -> pd.Index | None:
+        """The members in the file the state's fingerprint row names (``digest``, ``members``
+        ids), or None (and why, in the log) when no such file is here."""
+        path = self._path(audience_id, digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            log.info(
+                "audience_id=%d member cache %s not found: reading the members from the state",
+                audience_id,
+                path,
+            )
+            return None
+        except OSError as exc:
+            _miss(audience_id, path, f"cannot be read ({exc.strerror or exc})")
+            return None
+        if _digest(data) != digest:
+            _miss(audience_id, path, "does not hold what the state recorded")
+            return None
+        try:
+            table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+        except (pa.ArrowException, OSError) as exc:
+            _miss(audience_id, path, f"is not a member cache ({exc})")
+            return None
+        if not table.schema.equals(_SCHEMA) or table.num_rows != members:
+            _miss(audience_id, path, f"holds {table.num_rows:,} ids, not {members:,}")
+            return None
+        ids = table.column("user_id").combine_chunks()
+        index: pd.Index = pd.Index(pd.array(ids, dtype="string[pyarrow]"), name="user_id")
+        return index
+
+    def write(self, audience_id: int, ids: pd.Index) -> str | None:
+        """Write ``ids`` as the audience's cache file; its digest, or None when the folder
+        cannot be written (logged: the runs go on reading the members from the state)."""
+        column = arrow_text(ids)
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        table = pa.table([column.cast(pa.string())], schema=_SCHEMA)
+        sink = pa.BufferOutputStream()
+        # Uncompressed: 2 ms for 500,000 ids where zstd takes 48 ms, and read without a copy.
+        with pa.ipc.new_file(sink, _SCHEMA) as writer:
+            writer.write_table(table)
+        data = sink.getvalue()
+        digest = _digest(data)
+        path = self._path(audience_id, digest)
+        try:
+            # The ids are customer data: the folder is the owner's only.
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Written whole under another name, then renamed: a reader sees all of it or none
+            # (and a torn file would not hash to its digest anyway).
+            fd, temporary = tempfile.mkstemp(dir=self.folder, prefix=".writing-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(temporary, path)
+            except BaseException:
+                Path(temporary).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            log.warning(
+                "audience_id=%d member cache not written to %s (%s): the next run reads the "
+                "members from the state",
+                audience_id,
+                self.folder,
+                exc.strerror or exc,
+            )
+            return None
+        self.prune(audience_id, keep=path)
+        return digest
+
+    def prune(self, audience_id: int, keep: Path | None = None) -> None:
+        """Remove the audience's files but ``keep``: once a run of it has started (and so
+        deleted the row naming one), no other file of it can be used again."""
+        for path in self.folder.glob(f"audience-{audience_id}-*.arrow"):
+            if path != keep:
+                path.unlink(missing_ok=True)
+
+    def _path(self, audience_id: int, digest: str) -> Path:
+        return self.folder / f"audience-{audience_id}-{digest}.arrow"
+
+
+def _digest(data: pa.Buffer | bytes) -> str:
+    return hashlib.blake2b(memoryview(data), digest_size=32).hexdigest()
+
+
+def _miss(audience_id: int, path: Path, why: str) -> None:
+    log.warning(
+        "audience_id=%d member cache %s %s: reading the members from the state",
+        audience_id,
+        path,
+        why,
+    )
