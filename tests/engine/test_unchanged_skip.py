@@ -355,14 +355,23 @@ def test_a_run_clears_the_fingerprint_as_it_starts(vip: Config, state_url: str) 
     assert len(_fingerprints(state_url)) == 1
 
 
-def test_a_dry_run_never_writes_the_fingerprint(vip: Config, state_url: str) -> None:
+def test_a_dry_run_never_writes_the_fingerprint_or_the_member_cache(
+    vip: Config, state_url: str
+) -> None:
     sync(vip, destination=RecordingDestination("jsonl"))
     stored = _fingerprints(state_url)
-    assert len(stored) == 1
+    assert len(stored) == 1 and stored[0]["members_cache"]
+    folder = vip.state.member_cache_folder()
+    assert folder is not None
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert list(files) == [
+        f"audience-{stored[0]['audience_id']}-{stored[0]['members_cache']}.arrow"
+    ]
     sync(vip, destination=RecordingDestination("jsonl"), dry_run=True)
     (vip.config_dir / "vip.csv").write_text("user_id\nu1\n")
     sync(vip, destination=RecordingDestination("jsonl"), dry_run=True, full=True)
     assert _fingerprints(state_url) == stored
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
 
 
 def test_a_stale_unchanged_snapshot_is_still_refused(vip: Config, state_url: str) -> None:
