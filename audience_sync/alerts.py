@@ -21,19 +21,22 @@ import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import sqlalchemy as sa
 
 from audience_sync.clock import Clock, utc_now
 from audience_sync.config import AlertConfig, AudienceConfig, Config
 from audience_sync.errors import AlreadyRunning, SafeguardError
-from audience_sync.history import StatusReport
 from audience_sync.model import RunStatus
 from audience_sync.result import AudienceResult, SyncResult
 from audience_sync.runtime import open_state
 from audience_sync.state.schema import sync_alerts
+
+if TYPE_CHECKING:  # every run makes an Alerter; httpx loads only to send a webhook
+    import httpx
+
+    from audience_sync.history import StatusReport
 
 __all__ = ["Alert", "Alerter", "Condition"]
 
@@ -246,6 +249,8 @@ class Alerter:
         ok = True
         timeout = self.settings.timeout.total_seconds()
         if self.settings.webhook_url is not None:
+            import httpx  # only here: a run with nothing to alert sends nothing
+
             try:
                 with httpx.Client(timeout=timeout, transport=self._transport) as client:
                     response = client.post(self.settings.webhook_url, json={"text": alert.text()})

@@ -26,8 +26,8 @@ four cases, each as rounds of anchor then measured run (A B A B ...), every one 
 Each round's ratio is measured run / anchor of that round; the table gives the median ratio and
 the min-max spread, by wall time and by CPU time (the child's user + system time from wait4; on
 a local PostgreSQL plus the server's: its processes' time, read from /proc). Peak RSS is the
-measured process's. The machine's load average is printed at start and end. Needs the `bench`
-and `postgres` extras (pip install -e '.[test,bench]').
+measured process's, read by GNU time (/usr/bin/time). The machine's load average is printed at
+start and end. Needs the `bench` and `postgres` extras (pip install -e '.[test,bench]').
 """
 
 from __future__ import annotations
@@ -257,11 +257,16 @@ def child(argv: list[str], logs: Path, server_cpu: Callable[[], float] | None) -
     """Run ``argv`` in a fresh process: wall time, CPU time (its own and, given ``server_cpu``,
     the database server's over the same span), peak RSS, and its JSON result (last line)."""
     out_path, err_path = logs / "child.out", logs / "child.err"
+    rss_path = logs / "child.rss"
     server0 = server_cpu() if server_cpu else 0.0
     with out_path.open("wb") as out, err_path.open("wb") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's own rusage
+        # Peak RSS through GNU time, not wait4: Linux starts a forked child's peak at its
+        # parent's (this script holds the generated data), so wait4 reported the larger of the
+        # two; time's own child is forked from a 1 MB process.
+        timed = ["/usr/bin/time", "-f", "%M", "-o", str(rss_path), *argv]
+        proc = subprocess.Popen(timed, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # wait4: time's rusage and its child's
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if server_cpu:
@@ -275,7 +280,7 @@ def child(argv: list[str], logs: Path, server_cpu: Callable[[], float] | None) -
         "wall": wall,
         "cpu": usage.ru_utime + usage.ru_stime + server,
         "server_cpu": server,
-        "rss_mb": usage.ru_maxrss / 1024,
+        "rss_mb": int(rss_path.read_text().split()[-1]) / 1024,  # %M is in KB
         **result,
     }
 

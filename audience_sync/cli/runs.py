@@ -32,14 +32,6 @@ if TYPE_CHECKING:
 def _progress(config: Config, bar: bool) -> Iterator[ProgressCallback | None]:
     """On a terminal a bar naming the phase and audience (when ``bar``); otherwise a progress
     log line every ``[service] progress_every``."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     from audience_sync.progress import ProgressLog
 
     if not err.is_terminal:
@@ -49,6 +41,15 @@ def _progress(config: Config, bar: bool) -> Iterator[ProgressCallback | None]:
     if not bar:
         yield None
         return
+    # Only a bar on a terminal needs rich's progress widgets (a scheduled run never does).
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),

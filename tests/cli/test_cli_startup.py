@@ -1,6 +1,7 @@
 """`--help`, `key`, `status` and `history` start without the run machinery: no pandas, pyarrow
-or DuckDB (and `--help`/`key` no SQLAlchemy). Checked in a fresh interpreter by the modules it
-loaded, not by a timing (benchmarks/cli_startup.py measures the time)."""
+or DuckDB (and `--help`/`key` no SQLAlchemy); a `run` with nothing changed loads no more than it
+uses. Checked in a fresh interpreter by the modules it loaded, not by a timing
+(benchmarks/cli_startup.py measures the time)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_config, write_csv
+from conftest import query, write_config, write_csv
 
 HEAVY = ("pandas", "pyarrow", "duckdb", "numpy")
 
@@ -50,7 +51,9 @@ def test_help_and_key_load_neither_the_data_stack_nor_sqlalchemy(args: list[str]
     assert loaded_by(*args, watched=(*HEAVY, "sqlalchemy", "alembic", "httpx")) == []
 
 
-def test_status_and_history_load_no_data_stack(tmp_path: Path) -> None:
+def synced_once(tmp_path: Path) -> Path:
+    """The config of one scheduled audience from a CSV file, synced once to a JSONL file (its
+    SQLite state is ``state.db`` beside it)."""
     write_csv(tmp_path / "vip.csv", "user_id,email\nu1,a@x.io\n")
     config = write_config(
         tmp_path / "c.toml",
@@ -63,8 +66,46 @@ def test_status_and_history_load_no_data_stack(tmp_path: Path) -> None:
         capture_output=True,
         timeout=120,
     )
+    return config
+
+
+def test_status_and_history_load_no_data_stack(tmp_path: Path) -> None:
+    config = synced_once(tmp_path)
     for args in (["status"], ["history"], ["history", "1"], ["history", "--failed"]):
         assert loaded_by(*args, "--config", str(config), watched=HEAVY) == [], args
+
+
+#: What a run whose snapshots are all unchanged must not load: the Crisp client and the
+#: webhook's HTTP (httpx, tenacity), `serve`'s scheduler (the config checks a cron `schedule`
+#: with APScheduler's trigger) and metrics, the web UI's templates, Alembic (the schema is
+#: checked by its stamped revision), DuckDB (nothing is diffed) and the progress bar (not on
+#: a terminal).
+NOT_FOR_A_SKIPPED_RUN = (
+    "httpx",
+    "tenacity",
+    "apscheduler.schedulers",
+    "prometheus_client",
+    "jinja2",
+    "alembic",
+    "mako",
+    "duckdb",
+    "audience_sync.destinations.crisp",
+    "audience_sync.service",
+    "audience_sync.web",
+    "audience_sync.history",
+    "rich.progress",
+)
+
+
+def test_a_run_with_nothing_changed_loads_no_sender_scheduler_ui_or_migrations(
+    tmp_path: Path,
+) -> None:
+    config = synced_once(tmp_path)
+    loaded = loaded_by("run", "--config", str(config), watched=NOT_FOR_A_SKIPPED_RUN)
+    last = "SELECT unchanged_since FROM sync_runs ORDER BY id DESC LIMIT 1"
+    skipped = query(f"sqlite:///{tmp_path / 'state.db'}", last)
+    assert skipped == [{"unchanged_since": 1}]  # the run measured is the skipping one
+    assert loaded == []
 
 
 def test_the_lazy_public_api_still_resolves_every_name() -> None:

@@ -13,6 +13,7 @@ from alembic.runtime.migration import MigrationContext
 
 from audience_sync.destinations import table_metadata
 from audience_sync.state import connect, schema_is_current, upgrade
+from audience_sync.state.database import SCHEMA_HEAD, _alembic_config
 from audience_sync.state.schema import metadata
 
 
@@ -26,6 +27,32 @@ def test_migrations_match_the_declared_schema(state_url: str):
     assert diff == []
     upgrade(engine)  # a second upgrade is a no-op
     assert schema_is_current(engine)
+    engine.dispose()
+
+
+def test_the_known_schema_head_is_alembics_head():
+    """A run checks the schema against ``SCHEMA_HEAD`` without loading the scripts: a new
+    migration must move it (this fails until it does)."""
+    from alembic.script import ScriptDirectory
+
+    assert ScriptDirectory.from_config(_alembic_config()).get_heads() == [SCHEMA_HEAD]
+
+
+def test_the_schema_is_current_at_the_head_only_as_alembic_says(state_url: str):
+    """At every revision, from none to the head, the check without Alembic answers as Alembic
+    does."""
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(_alembic_config())
+    head = scripts.get_current_head()
+    revisions = [None, *reversed([s.revision for s in scripts.walk_revisions()])]
+    engine = connect(state_url)
+    for revision in revisions:
+        if revision is not None:
+            upgrade(engine, revision)
+        with engine.connect() as conn:
+            alembic_says = MigrationContext.configure(conn).get_current_revision() == head
+        assert schema_is_current(engine) == alembic_says == (revision == head), revision
     engine.dispose()
 
 
@@ -130,8 +157,6 @@ def test_upgrading_to_0009_keeps_audiences_as_they_were_and_takes_trait_values(s
     """Issue 11: existing audiences stay audiences with their members, retry rows and log; the
     new columns take a computed trait's values; and the downgrade drops them again."""
     from alembic import command
-
-    from audience_sync.state.database import _alembic_config
 
     engine = connect(state_url)
     upgrade(engine, "0008")
