@@ -26,8 +26,9 @@ four cases, each as rounds of anchor then measured run (A B A B ...), every one 
 Each round's ratio is measured run / anchor of that round; the table gives the median ratio and
 the min-max spread, by wall time and by CPU time (the child's user + system time from wait4; on
 a local PostgreSQL plus the server's: its processes' time, read from /proc). Peak RSS is the
-measured process's. The machine's load average is printed at start and end. Needs the `bench`
-and `postgres` extras (pip install -e '.[test,bench]').
+measured process's (started from a small launcher, see `_LAUNCHER`). The machine's load average
+is printed at start and end. Needs the `bench` and `postgres` extras
+(pip install -e '.[test,bench]').
 """
 
 from __future__ import annotations
@@ -253,29 +254,52 @@ def _lines(path: Path) -> int:
 # -- measuring a process -------------------------------------------------------------------------
 
 
+#: Starts the measured command from a process of a few MB and writes its wall time and rusage
+#: (wait4) to the file named first. Why not from this script: Popen spawns with vfork, and the
+#: kernel's exec then raises the child's ru_maxrss to the peak RSS of the process it was
+#: spawned from, so every child of this script reported at least this script's own peak
+#: (generating 20M memberships: 1,687 MB, the "initial sync of 20M" peak this benchmark once
+#: reported; the run itself, started from a shell, peaked at 938 MB). A forked child would
+#: start with the script's current RSS instead. Measured: /bin/true reports 1,511 MB after its
+#: parent touched 1.5 GB; through the launcher, 11 MB.
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+start = time.perf_counter()
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - start
+with open(sys.argv[1], "w") as f:
+    json.dump({"status": status, "wall": wall, "utime": usage.ru_utime,
+               "stime": usage.ru_stime, "maxrss": usage.ru_maxrss}, f)
+"""
+
+
 def child(argv: list[str], logs: Path, server_cpu: Callable[[], float] | None) -> dict[str, Any]:
     """Run ``argv`` in a fresh process: wall time, CPU time (its own and, given ``server_cpu``,
-    the database server's over the same span), peak RSS, and its JSON result (last line)."""
+    the database server's over the same span), peak RSS, and its JSON result (last line).
+    It is started by a small launcher process (``_LAUNCHER`` says why)."""
     out_path, err_path = logs / "child.out", logs / "child.err"
+    usage_path = logs / "child.rusage.json"
+    usage_path.unlink(missing_ok=True)
     server0 = server_cpu() if server_cpu else 0.0
     with out_path.open("wb") as out, err_path.open("wb") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's own rusage
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
+        launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(usage_path), *argv]
+        subprocess.run(launcher, stdout=out, stderr=err, check=True)
+    usage = json.loads(usage_path.read_text())
+    wall = usage["wall"]
+    returncode = os.waitstatus_to_exitcode(usage["status"])
     if server_cpu:
         time.sleep(0.1)  # the run's backends exit (and are reaped) just after it does
     server = server_cpu() - server0 if server_cpu else 0.0
-    if proc.returncode != 0:
+    if returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{err_path.read_text()[-3000:]}")
     lines = out_path.read_text().strip().splitlines()
     result = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
     return {
         "wall": wall,
-        "cpu": usage.ru_utime + usage.ru_stime + server,
+        "cpu": usage["utime"] + usage["stime"] + server,
         "server_cpu": server,
-        "rss_mb": usage.ru_maxrss / 1024,
+        "rss_mb": usage["maxrss"] / 1024,
         **result,
     }
 
