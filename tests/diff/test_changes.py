@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from audience_sync import changes
 from audience_sync.changes import AudienceChanges, ChangeSpool, RunChanges, input_hash
 from audience_sync.destinations.base import Destination, DestinationSettings
 from audience_sync.destinations.jsonl import JsonlDestination, JsonlSettings, identify_lines
@@ -431,3 +432,36 @@ def test_spilled_changes_give_exactly_the_batches_kept_in_memory(
         folder = spool._dir.name if spool._dir is not None else None
         spool.close()
         assert folder is None or not Path(folder).exists()  # the spilled file is removed
+
+
+def test_spilled_changes_are_added_under_a_small_memory_limit_and_sorted_under_a_larger_one() -> (
+    None
+):
+    """DuckDB caches a table's blocks up to its memory limit: while audiences are added (each
+    planned beside the spool) the spool may hold only SPILL_ADD_MEMORY, so its cache does not
+    grow with every audience under the next one's planning; the sort then gets SPILL_MEMORY."""
+
+    def limit(con: duckdb.DuckDBPyConnection) -> str:
+        [(value,)] = con.sql("SELECT current_setting('memory_limit')").fetchall()
+        return str(value)
+
+    def as_set(size: str) -> str:  # DuckDB's own spelling of a limit
+        with duckdb.connect(":memory:") as con:
+            con.sql(f"SET memory_limit = '{size}'")
+            return limit(con)
+
+    assert as_set(changes.SPILL_ADD_MEMORY) != as_set(changes.SPILL_MEMORY)
+    audiences = [
+        spill_audience(i, ({"u1", "u2", "z"}, {"a"}, False, ("email",), [])) for i in range(3)
+    ]
+    spool = ChangeSpool(spill_at=0)
+    try:
+        for a in audiences:
+            spool.add(a)
+            assert spool.con is not None
+            assert limit(spool.con) == as_set(changes.SPILL_ADD_MEMORY)
+        run = RunChanges("crisp", audiences, retry_failed=False, spool=spool)
+        assert limit(spool.con) == as_set(changes.SPILL_MEMORY)
+        assert sum(b.users for b in run.batches(2)) == 4
+    finally:
+        spool.close()
