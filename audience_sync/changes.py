@@ -35,6 +35,7 @@ from audience_sync.model import (
     Identity,
     input_hash,
 )
+from audience_sync.scratch import scratch
 
 if TYPE_CHECKING:
     import duckdb
@@ -312,9 +313,7 @@ class RunChanges:
         """The changes in batches of at most ``users`` users each (a user is never split)."""
         if self.users == 0:
             return
-        import duckdb  # imported when used: a run with no change never loads it
-
-        with duckdb.connect(":memory:") as con:
+        with scratch() as con:
             for rows, count in self._user_slices(users):
                 yield self._batch(rows, count, con)
 

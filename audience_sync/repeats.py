@@ -4,11 +4,13 @@ ids)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from audience_sync.arrowtext import arrow_text
+from audience_sync.scratch import scratch
 
 __all__ = ["has_repeated"]
 
@@ -18,8 +20,10 @@ def has_repeated(ids: pd.Index | pd.Series) -> bool:
 
     Ids in strictly increasing (byte) order repeat none: comparing each with the next, 20 ms
     for 1M ids, answers for a sorted export (a query's ``ORDER BY``, most files) without a
-    hash. Otherwise a DuckDB ``GROUP BY`` over the Arrow buffers: 0.17 s for 2.5M ids on two
-    quiet cores, where Arrow's ``unique`` takes 0.6 s and pandas' ``duplicated`` several seconds.
+    hash. Otherwise each id's 64-bit hash (DuckDB's, over the Arrow buffers), sorted by NumPy:
+    equal ids hash alike, so distinct hashes mean no repeat. 0.05 s for 500,000 ids where
+    grouping them in DuckDB took 0.2 s. Equal hashes are a repeat or (rarely) a collision,
+    which grouping the ids themselves then decides.
     """
     if len(ids) < 2:
         return False
@@ -27,16 +31,10 @@ def has_repeated(ids: pd.Index | pd.Series) -> bool:
     # A null compares as null, and then ``all`` is not True: the hash decides.
     if pc.all(pc.less(text[:-1], text[1:]), skip_nulls=False).as_py() is True:
         return False
-    table = pa.table({"u": text})
-    import duckdb  # imported when used: a run with nothing to diff never loads it
-
-    with duckdb.connect(":memory:") as con:
-        con.register("ids", table)
-        # Equal ids hash alike, so ids whose 64-bit hashes are all distinct repeat none; grouping
-        # integers is 40% faster than grouping the text. A shared hash is a repeat or (rarely)
-        # a collision: the ids themselves decide.
-        for key in ("hash(u)", "u"):
-            query = f"SELECT 1 AS found FROM ids GROUP BY {key} HAVING count(*) > 1 LIMIT 1"
-            if len(con.sql(query).fetchnumpy()["found"]) == 0:
-                return False
-        return True
+    with scratch() as con:
+        con.register("ids", pa.table({"u": text}))
+        hashes = np.sort(con.sql("SELECT hash(u) AS h FROM ids").fetchnumpy()["h"])
+        if not (hashes[1:] == hashes[:-1]).any():
+            return False
+        query = "SELECT 1 AS found FROM ids GROUP BY u HAVING count(*) > 1 LIMIT 1"
+        return len(con.sql(query).fetchnumpy()["found"]) > 0

@@ -36,6 +36,7 @@ FOUNDATION = {
     "logs",
     "clock",
     "messageids",
+    "scratch",
 }
 
 #: The pipeline's stages, which the config describes and so must not import.

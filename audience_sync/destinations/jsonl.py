@@ -26,6 +26,7 @@ from pydantic import Field
 from audience_sync.destinations.base import Call, Destination, DestinationSettings, IdentifyCall
 from audience_sync.errors import DestinationError
 from audience_sync.model import IDENTITY_TRAITS, ChangeBatch, Outcome
+from audience_sync.scratch import scratch
 
 if TYPE_CHECKING:  # loaded by the first batch: a config naming this destination costs nothing
     import duckdb
@@ -254,12 +255,10 @@ class JsonlDestination(Destination):
     async def deliver_batches(
         self, batches: Iterable[ChangeBatch]
     ) -> AsyncGenerator[ChangeBatch, None]:
-        import duckdb
-
         timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         paced = type(self).pace is not JsonlDestination.pace
         users = 0
-        with duckdb.connect(":memory:") as con:
+        with scratch() as con:
             for batch in batches:
                 if paced:
                     for n in range(users, users + batch.users):
