@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -39,3 +42,42 @@ def test_a_closed_cursor_takes_its_tables_with_it() -> None:
         con.register("leftover", pa.table({"x": [1]}))
     with scratch() as con, pytest.raises(Exception, match="leftover"):
         con.sql("SELECT * FROM leftover").fetchnumpy()
+
+
+_DIFF_THEN_WAIT = """
+import sys, time
+import numpy as np, pandas as pd, pyarrow as pa
+from audience_sync.diff import plan
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+def ids(numbers):
+    text = pa.array([f"u{n:010d}" for n in numbers])
+    return pd.Index(text.to_pandas(types_mapper=pd.ArrowDtype)).astype("string[pyarrow]")
+
+n = 1_500_000
+members, synced = ids(range(n)), ids(range(n // 100, n + n // 100))
+before = rss_mb()
+plan(members, synced)
+after = rss_mb()
+for _ in range(240):  # up to a minute: the allocator hands pages back in the background
+    if rss_mb() - before < 60:
+        break
+    time.sleep(0.25)
+print(round(after - before), round(rss_mb() - before))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc")
+def test_memory_a_diff_used_goes_back_to_the_system() -> None:
+    # A process keeps the scratch database for its life (a service, for days): what a big
+    # diff's hash table used must not stay with it.
+    done = subprocess.run(
+        [sys.executable, "-c", _DIFF_THEN_WAIT], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    during, left = (int(x) for x in done.stdout.split())
+    assert during >= 60, f"the diff should have used memory to give back ({during} MB)"
+    assert left < 60, f"{left} MB of the diff's memory still held a minute later"
