@@ -33,6 +33,7 @@ start and end. Needs the `bench` and `postgres` extras (pip install -e '.[test,b
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -55,6 +56,8 @@ import sqlalchemy as sa
 AUDIENCES = 8
 CHURN = 0.01
 SEED = 20261125
+#: audience_sync.messageids.MESSAGE_NAMESPACE, the namespace of the run's message ids.
+_MESSAGE_NAMESPACE = "6f1c3a523c1e4bd49a8e5d2b7f0c9e11"
 PG_URL_ENV = "AUDIENCE_SYNC_TEST_PG_URL"
 CASES = ("initial", "zero-change", "incremental", "pushdown", "trait")
 #: Each case's anchor (a mode of this script).
@@ -175,8 +178,9 @@ def load_sources(folder: Path, url: str) -> None:
 
 
 def anchor_initial(folder: Path, snapshot: str) -> dict[str, Any]:
-    """The floor of an initial sync: DuckDB writes one identify line per membership and inserts
-    the member rows into a table keyed like ``sync_members``."""
+    """The floor of an initial sync: DuckDB writes the identify line the run writes for each
+    membership (the same bytes but for the timestamp: traits, context, the uuid5 ``messageId``
+    and the tail) and inserts the member rows into a table keyed like ``sync_members``."""
     import duckdb
 
     database, out = folder / "floor.duckdb", folder / "floor.jsonl"
@@ -187,16 +191,42 @@ def anchor_initial(folder: Path, snapshot: str) -> dict[str, Any]:
         "CREATE TABLE members (audience_id INTEGER, user_id VARCHAR, "
         "PRIMARY KEY (audience_id, user_id))"
     )
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+    tail = "," + json.dumps(
+        {"timestamp": stamp, "integrations": {"All": False, "Crisp": True}},
+        separators=(",", ":"),
+    )[1:]
     parts = []
     for a in range(AUDIENCES):
-        snap = folder / f"snap_{snapshot}_{a}.parquet"
+        snap, key = folder / f"snap_{snapshot}_{a}.parquet", f"audience_{a}"
         con.execute(f"INSERT INTO members SELECT {a}, user_id FROM '{snap}'")
-        parts.append(
-            f"SELECT 'identify' AS type, user_id AS userId, "
-            f"json_object('email', email, 'audience_{a}', true) AS traits, "
-            f"sha1(user_id || '/audience_{a}') AS messageId FROM '{snap}'"
+        personas = {
+            "computation_class": "audience",
+            "computation_key": key,
+            "computation_id": "aud_" + hashlib.sha1(key.encode()).hexdigest()[:24],
+            "space_id": "audience-sync",
+            "namespace": "spa_audience-sync",
+        }
+        context = json.dumps({"personas": personas}, separators=(",", ":"))
+        # The message id is the run's: uuid5 of "jsonl<US>key<US>user<US>True<US>run", its
+        # SHA-1 written 8-4-4-4-12 with the version and variant nibbles set.
+        digest = (
+            f"sha1(from_hex('{_MESSAGE_NAMESPACE}') || "
+            f"encode('jsonl\x1f{key}\x1f' || user_id || '\x1fTrue\x1f{a + 1}'))"
         )
-    con.execute(f"COPY ({' UNION ALL '.join(parts)}) TO '{out}' (FORMAT json)")
+        parts.append(
+            f"SELECT concat('{{\"type\":\"identify\",\"userId\":', to_json(user_id), "
+            f"',\"traits\":{{\"email\":', to_json(email), ',\"{key}\":true}},\"context\":"
+            f"{context},\"messageId\":\"', substr(d, 1, 8), '-', substr(d, 9, 4), '-5', "
+            "substr(d, 14, 3), '-', substr('89ab89ab89ab89ab', "
+            "instr('0123456789abcdef', substr(d, 17, 1)), 1), substr(d, 18, 3), '-', "
+            f"substr(d, 21, 12), '\"{tail}') AS line "
+            f"FROM (SELECT *, {digest} AS d FROM '{snap}')"
+        )
+    con.execute(
+        f"COPY ({' UNION ALL '.join(parts)}) TO '{out}' "
+        "(FORMAT csv, HEADER false, QUOTE '', ESCAPE '', DELIMITER '\x01')"
+    )
     con.close()
     with out.open("rb") as f:
         os.fsync(f.fileno())

@@ -27,7 +27,7 @@ from audience_sync.state.schema import sync_changes, sync_members
 
 __all__ = [
     "ChangeRows",
-    "Membership",
+    "Members",
     "add_members",
     "log_changes",
     "read_members",
@@ -207,25 +207,35 @@ def _copy_csv(pg: Any, name: str, table: pa.Table) -> None:
         copy.write(out.getvalue())
 
 
-Membership = tuple[int, str]
-"""An ``(audience_id, user_id)`` row of ``sync_members``."""
+Members = tuple[int, Sequence[str]]
+"""An audience's id and user ids: rows ``(audience_id, user_id)`` of ``sync_members``."""
 
 
-def add_members(conn: sa.Connection, rows: Sequence[Membership]) -> None:
-    """Insert member rows, for any number of audiences, in one statement."""
-    if not rows:
+def add_members(conn: sa.Connection, members: Sequence[Members]) -> None:
+    """Insert member rows, for any number of audiences, in one statement (SQLite: one per
+    audience)."""
+    members = [(a, users) for a, users in members if len(users)]
+    if not members:
         return
     pg = _postgres(conn)
     if pg is not None:
-        audience_ids, user_ids = zip(*rows, strict=True)
-        table = pa.table({"audience_id": pa.array(audience_ids), "user_id": pa.array(user_ids)})
-        _copy_csv(pg, "sync_members", table)
+        sizes = [len(users) for _, users in members]
+        audience_ids = pa.array(np.repeat([a for a, _ in members], sizes), pa.int32())
+        user_ids = _joined([users for _, users in members], pa.string())
+        _copy_csv(pg, "sync_members", pa.table({"audience_id": audience_ids, "user_id": user_ids}))
     elif conn.dialect.name == "sqlite":
-        _sqlite_executemany(
-            conn, "INSERT INTO sync_members (audience_id, user_id) VALUES (?, ?)", rows
-        )
+        for audience_id, users in members:
+            _sqlite_each(
+                conn,
+                "INSERT INTO sync_members (audience_id, user_id) SELECT ?, value FROM json_each(?)",
+                (audience_id,),
+                users,
+            )
     else:
-        conn.execute(sync_members.insert(), [{"audience_id": a, "user_id": u} for a, u in rows])
+        conn.execute(
+            sync_members.insert(),
+            [{"audience_id": a, "user_id": u} for a, users in members for u in users],
+        )
 
 
 def set_values(conn: sa.Connection, rows: Sequence[tuple[int, str, str]]) -> None:
@@ -258,9 +268,11 @@ def set_values(conn: sa.Connection, rows: Sequence[tuple[int, str, str]]) -> Non
             conn.execute(sync_members.insert().values(audience_id=a, user_id=u, value=v))
 
 
-def remove_members(conn: sa.Connection, rows: Sequence[Membership]) -> None:
-    """Delete member rows, for any number of audiences, in one statement."""
-    if not rows:
+def remove_members(conn: sa.Connection, members: Sequence[Members]) -> None:
+    """Delete member rows, for any number of audiences, in one statement (SQLite: one per
+    audience)."""
+    members = [(a, users) for a, users in members if len(users)]
+    if not members:
         return
     pg = _postgres(conn)
     if pg is not None:
@@ -269,20 +281,24 @@ def remove_members(conn: sa.Connection, rows: Sequence[Membership]) -> None:
             cursor.execute(
                 "DELETE FROM sync_members m USING unnest(%s::int[], %s::text[]) AS d(a, u) "
                 "WHERE m.audience_id = d.a AND m.user_id = d.u",
-                ([a for a, _ in rows], [u for _, u in rows]),
+                ([a for a, users in members for _ in users], [u for _, us in members for u in us]),
             )
     elif conn.dialect.name == "sqlite":
-        _sqlite_executemany(
-            conn, "DELETE FROM sync_members WHERE audience_id = ? AND user_id = ?", rows
-        )
+        for audience_id, users in members:
+            # SQLite looks each id of the list up in the primary key (the IN-operator plan).
+            _sqlite_each(
+                conn,
+                "DELETE FROM sync_members WHERE audience_id = ? "
+                "AND user_id IN (SELECT value FROM json_each(?))",
+                (audience_id,),
+                users,
+            )
     else:
-        members = sync_members.c
-        conn.execute(
-            sync_members.delete().where(
-                members.audience_id == sa.bindparam("a"), members.user_id == sa.bindparam("u")
-            ),
-            [{"a": a, "u": u} for a, u in rows],
-        )
+        c = sync_members.c
+        for audience_id, users in members:
+            conn.execute(
+                sync_members.delete().where(c.audience_id == audience_id, c.user_id.in_(users))
+            )
 
 
 def _sqlite_executemany(conn: sa.Connection, sql: str, rows: Iterable[Sequence[Any]]) -> None:
@@ -295,6 +311,19 @@ def _sqlite_executemany(conn: sa.Connection, sql: str, rows: Iterable[Sequence[A
         cursor.executemany(sql, rows)
     finally:
         cursor.close()
+
+
+def _sqlite_each(conn: sa.Connection, sql: str, params: Sequence[Any], ids: Sequence[str]) -> None:
+    """Run ``sql`` with ``params`` and, last, ``ids`` as one JSON array, which the statement's
+    ``json_each(?)`` unpacks in C into rows (column ``value``).
+
+    For 1M ids in 50 commits, a third of the CPU of ``executemany`` (1.4 s against 4.4 s, member
+    rows and change-log rows), which builds and binds a tuple per row in Python.
+    """
+    driver = conn.connection.dbapi_connection
+    assert driver is not None
+    # Text, not bytes: SQLite takes a BLOB argument for JSONB (or refuses it, before 3.45).
+    driver.execute(sql, (*params, orjson.dumps(list(ids)).decode()))
 
 
 @dataclass(slots=True)
@@ -403,6 +432,20 @@ def _log(conn: sa.Connection, at: datetime, logs: Sequence[ChangeRows], values: 
         # The timestamp as SQLAlchemy stores it in SQLite, converted once rather than per row.
         stamp = sync_changes.c.at.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
         at_value = stamp(at) if stamp is not None else at
+        if not values:  # an audience's rows: one statement per run, value, outcome and reason
+            for log in logs:
+                groups: dict[tuple[bool, str, str | None], list[str]] = {}
+                for user_id, value, outcome, reason in log.rows():
+                    groups.setdefault((value, outcome, reason), []).append(user_id)
+                for same, users in groups.items():
+                    _sqlite_each(
+                        conn,
+                        "INSERT INTO sync_changes (run_id, trait_key, value, outcome, reason, "
+                        "at, user_id) SELECT ?, ?, ?, ?, ?, ?, value FROM json_each(?)",
+                        (log.run_id, log.trait_key, *same, at_value),
+                        users,
+                    )
+            return
         names = ", ".join(("user_id", "value", "outcome", "reason", *extra))
         marks = ", ".join("?" * (6 + len(extra)))
         _sqlite_executemany(

@@ -86,9 +86,9 @@ class StateStore(Audiences, Runs, RetryQueue):
         # One statement per table for all audiences: a commit's cost is its rows, not its
         # number of audiences (the engine commits every few hundred users).
         with self.engine.begin() as conn:
-            bulk.add_members(conn, [(b.audience_id, u) for b in batches for u in b.added])
+            bulk.add_members(conn, [(b.audience_id, b.added) for b in batches])
             bulk.set_values(conn, [(b.audience_id, u, v) for b in batches for u, v in b.values])
-            bulk.remove_members(conn, [(b.audience_id, u) for b in batches for u in b.removed])
+            bulk.remove_members(conn, [(b.audience_id, b.removed) for b in batches])
             for b in batches:
                 delete_retries(conn, b.audience_id, b.cleared + [p["user_id"] for p in b.pending])
                 if b.pending:

@@ -142,7 +142,7 @@ def test_in_memory_and_pushed_down_diffs_agree(
     table = f"src_{next(_example)}"
     with store.engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM sync_members WHERE audience_id = :a"), {"a": audience_id})
-        add_members(conn, [(audience_id, u) for u in sorted(state)])
+        add_members(conn, [(audience_id, sorted(state))])
         conn.execute(sa.text(f"CREATE TABLE {table} (user_id TEXT, email TEXT)"))
         if rows:
             conn.execute(

@@ -30,10 +30,10 @@ def test_every_read_path_round_trips_awkward_ids(state_url: str) -> None:
     ref = store.audience("jsonl", "bulk", "Bulk")
     other = store.audience("jsonl", "other", "Other")
     with engine.begin() as conn:
-        add_members(conn, [(ref.id, u) for u in AWKWARD])
+        add_members(conn, [(ref.id, AWKWARD)])
         # The other audience shares the ids (so the median id PostgreSQL's statistics give is one
         # of them) and has one of its own.
-        add_members(conn, [(other.id, u) for u in [*AWKWARD, "not-this-audience"]])
+        add_members(conn, [(other.id, [*AWKWARD, "not-this-audience"])])
     with engine.connect() as conn:
         by_driver = read_members(conn, ref.id).to_pylist()
     arrow = read_members_arrow(engine.url, ref.id)
@@ -84,7 +84,7 @@ def test_the_change_log_round_trips_awkward_ids_reasons_and_nulls(state_url: str
     changes.extend(["delivered-1", "cr\r, lf\n"], [True, False], "delivered")
     with engine.begin() as conn:
         log_changes(conn, at, [changes, ChangeRows(run_id, "nothing")])
-        add_members(conn, [(ref.id, u) for u in AWKWARD])
+        add_members(conn, [(ref.id, AWKWARD)])
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text("SELECT run_id, user_id, value, outcome, reason, at FROM sync_changes")
