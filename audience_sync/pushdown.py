@@ -255,7 +255,8 @@ def _diff(
         [tuple(r) for r in conn.execute(sends_query)],
         columns=["row_", "user_id", *traits, "entered_"],
     )
-    in_snapshot = sa.exists().where(src.c.user_id == members_table.c.user_id)
+    # A rejected row is no member: its user exits like one without a row (as in memory).
+    in_snapshot = sa.exists().where(usable, src.c.user_id == members_table.c.user_id)
     exited = [
         str(user_id)
         for user_id in conn.execute(

@@ -192,10 +192,8 @@ def anchor_initial(folder: Path, snapshot: str) -> dict[str, Any]:
         "PRIMARY KEY (audience_id, user_id))"
     )
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
-    tail = "," + json.dumps(
-        {"timestamp": stamp, "integrations": {"All": False, "Crisp": True}},
-        separators=(",", ":"),
-    )[1:]
+    ending = {"timestamp": stamp, "integrations": {"All": False, "Crisp": True}}
+    tail = "," + json.dumps(ending, separators=(",", ":"))[1:]  # after the messageId
     parts = []
     for a in range(AUDIENCES):
         snap, key = folder / f"snap_{snapshot}_{a}.parquet", f"audience_{a}"
@@ -215,14 +213,16 @@ def anchor_initial(folder: Path, snapshot: str) -> dict[str, Any]:
             f"encode('jsonl\x1f{key}\x1f' || user_id || '\x1fTrue\x1f{a + 1}'))"
         )
         parts.append(
-            f"SELECT concat('{{\"type\":\"identify\",\"userId\":', to_json(user_id), "
-            f"',\"traits\":{{\"email\":', to_json(email), ',\"{key}\":true}},\"context\":"
+            f'SELECT concat(\'{{"type":"identify","userId":\', to_json(user_id), '
+            f'\',"traits":{{"email":\', to_json(email), \',"{key}":true}},"context":'
             f"{context},\"messageId\":\"', substr(d, 1, 8), '-', substr(d, 9, 4), '-5', "
             "substr(d, 14, 3), '-', substr('89ab89ab89ab89ab', "
             "instr('0123456789abcdef', substr(d, 17, 1)), 1), substr(d, 18, 3), '-', "
             f"substr(d, 21, 12), '\"{tail}') AS line "
             f"FROM (SELECT *, {digest} AS d FROM '{snap}')"
         )
+    # One text column written as CSV without quotes, escapes or header (and a delimiter no
+    # line holds): each line's bytes as they are, one per row.
     con.execute(
         f"COPY ({' UNION ALL '.join(parts)}) TO '{out}' "
         "(FORMAT csv, HEADER false, QUOTE '', ESCAPE '', DELIMITER '\x01')"

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from audience_sync.config import AudienceConfig
@@ -132,6 +132,9 @@ _example = count()
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(rows=_rows, state=st.sets(_ids, max_size=15), full=st.booleans())
+# Found by hypothesis on PostgreSQL: a member whose only row is rejected (a control character)
+# exits; the pushed-down diff had counted the rejected row as the member's.
+@example(rows=[("0\n0 ", None)], state={"0\n0"}, full=False)
 def test_in_memory_and_pushed_down_diffs_agree(
     sandbox: tuple[StateStore, int, str],
     rows: list[tuple[str | None, str | None]],
