@@ -214,9 +214,12 @@ class RunChanges:
         # Every audience is in: the sort and the settling get their memory.
         con.sql(f"SET memory_limit = '{SPILL_MEMORY}'")
         queued = [a.retry.index for a in audiences if not a.retry.empty]
+        # A queued user's identity is shared over all their rows before any is held (as in
+        # memory): a held row's email still goes out with the user's other changes.
+        traits = "".join(f", {t} VARCHAR" for t in IDENTITY_TRAITS)
         con.sql(
             "CREATE OR REPLACE TABLE settled (user_id VARCHAR, audience INTEGER, "
-            "held BOOLEAN, retry_message_id VARCHAR)"
+            f"held BOOLEAN, retry_message_id VARCHAR{traits})"
         )
         held_rows = held_users = 0
         if queued:
@@ -238,6 +241,7 @@ class RunChanges:
                     "retry_message_id": kept
                     if kept is not None
                     else pa.nulls(picked.num_rows, pa.string()),
+                    **{t: picked.column(t) for t in IDENTITY_TRAITS},
                 }
             )
             ends = _user_ends(picked.column("user_id"))
@@ -335,8 +339,15 @@ class RunChanges:
         at user boundaries: the rows of a user a read ends in wait for the next read."""
         con = self._spool.con
         assert con is not None
+        # A settled (queued) user's rows take the identity shared before held rows went.
+        columns = ", ".join(
+            f"CASE WHEN s.user_id IS NULL THEN c.{f.name} ELSE s.{f.name} END AS {f.name}"
+            if f.name in IDENTITY_TRAITS
+            else f"c.{f.name}"
+            for f in _CHANGES_SCHEMA
+        )
         query = (
-            "SELECT c.*, s.retry_message_id FROM changes c LEFT JOIN settled s "
+            f"SELECT {columns}, s.retry_message_id FROM changes c LEFT JOIN settled s "
             "ON c.user_id = s.user_id AND c.audience = s.audience "
             "WHERE s.held IS NOT TRUE ORDER BY c.user_id, c.audience"
             if self._settled
