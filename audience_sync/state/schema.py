@@ -50,6 +50,8 @@ sync_members = sa.Table(
     sa.Column("user_id", sa.String(255), primary_key=True),
     # A computed trait's last confirmed value, as canonical JSON; NULL for an audience member.
     sa.Column("value", sa.Text),
+    # On SQLite one B-tree by the key, not a rowid table plus its index (migration 0012).
+    sqlite_with_rowid=False,
 )
 
 sync_runs = sa.Table(

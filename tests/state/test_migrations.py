@@ -201,3 +201,58 @@ def test_upgrading_to_0009_keeps_audiences_as_they_were_and_takes_trait_values(s
     columns = {c["name"] for c in sa.inspect(engine).get_columns("sync_members")}
     assert columns == {"audience_id", "user_id"}
     engine.dispose()
+
+
+def _has_rowid(engine: sa.Engine, table: str) -> bool:
+    with engine.connect() as conn:
+        try:
+            conn.execute(sa.text(f"SELECT rowid FROM {table}"))
+        except sa.exc.OperationalError:  # "no such column": a WITHOUT ROWID table
+            return False
+    return True
+
+
+def test_upgrading_to_0012_keeps_the_members_in_one_tree_on_sqlite(state_url: str):
+    """On SQLite the members table is rebuilt WITHOUT ROWID with every row, value and the key
+    kept; PostgreSQL's is untouched. The downgrade rebuilds it with its rowid."""
+    from alembic import command
+
+    engine = connect(state_url)
+    upgrade(engine, "0011")
+    rows = [(1, "u1", None), (1, "u2", None), (2, "u1", '"gold"'), (2, "ü \u2028", "7.5")]
+    with engine.begin() as conn:
+        for audience_id, name in ((1, "vip"), (2, "plan")):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO sync_audiences (id, destination, audience_key, audience_name, "
+                    "created_at) VALUES (:id, 'jsonl', :key, :key, CURRENT_TIMESTAMP)"
+                ),
+                {"id": audience_id, "key": name},
+            )
+        conn.execute(
+            sa.text("INSERT INTO sync_members (audience_id, user_id, value) VALUES (:a, :u, :v)"),
+            [{"a": a, "u": u, "v": v} for a, u, v in rows],
+        )
+    sqlite = engine.dialect.name == "sqlite"
+    assert _has_rowid(engine, "sync_members") if sqlite else True
+    upgrade(engine)
+    assert schema_is_current(engine)
+    if sqlite:
+        assert not _has_rowid(engine, "sync_members")
+
+    def members() -> list[tuple[int, str, str | None]]:
+        with engine.connect() as conn:
+            found = conn.execute(sa.text("SELECT audience_id, user_id, value FROM sync_members"))
+            return sorted(tuple(r) for r in found)  # type: ignore[misc]
+
+    assert members() == sorted(rows)
+    with engine.begin() as conn, pytest.raises(sa.exc.IntegrityError):  # still one per member
+        conn.execute(sa.text("INSERT INTO sync_members (audience_id, user_id) VALUES (1, 'u1')"))
+    cfg = _alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0011")
+    assert members() == sorted(rows)
+    if sqlite:
+        assert _has_rowid(engine, "sync_members")
+    engine.dispose()
