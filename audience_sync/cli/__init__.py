@@ -21,9 +21,10 @@ from pathlib import Path
 # runs' NumPy work is elementwise, and those threads took the cores DuckDB and SQLite work on:
 # 1M-membership initial syncs used 0.3 s (4%) more CPU with them. A user's own setting stays.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-# Before pyarrow loads: its allocator (mimalloc) keeps the pages a freed table used until a
-# later allocation in the same thread, so each audience planned left 300-400 MB behind at 20M
-# memberships. Given back at once, an incremental 20M run peaked at 707-721 MB, not 843-916.
+# Before pyarrow loads: its allocator (mimalloc) holds on to the pages of freed Arrow data, so
+# each audience planned left 300-400 MB behind at 20M memberships. Given back at once, a 20M
+# incremental run peaked at 726 MB instead of 921 (an initial sync at 620 instead of 777), for
+# 2-7% more CPU (docs/scale.md); a serve process no longer keeps them between runs either.
 os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
 
 import click
