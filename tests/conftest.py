@@ -202,6 +202,19 @@ def kill_when_written(config: Path, out: Path, size: int = 200_000) -> int:
 
 # -- Crisp: the loopback server and a destination pointed at it ----------------------------------
 
+#: Source of ``rss_mb()``, the resident memory in MB, for the child scripts of memory tests.
+RSS_MB_SOURCE = """
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+"""
+
+#: Memory tests read RSS from /proc (Linux).
+needs_proc_rss = pytest.mark.skipif(
+    not Path("/proc/self/statm").exists(), reason="reads RSS from /proc"
+)
+
+
 CRISP_WEBSITE = "website-1"
 CRISP_IDENTIFIER = "plugin-identifier-7f3a"
 CRISP_KEY = "plugin-key-s3cr3t-91c2"

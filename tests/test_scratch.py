@@ -5,10 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from conftest import RSS_MB_SOURCE, needs_proc_rss
 
 from audience_sync.scratch import scratch
 
@@ -44,14 +44,12 @@ def test_a_closed_cursor_takes_its_tables_with_it() -> None:
         con.sql("SELECT * FROM leftover").fetchnumpy()
 
 
-_DIFF_THEN_WAIT = """
+_DIFF_THEN_WAIT = (
+    RSS_MB_SOURCE
+    + """
 import sys, time
 import numpy as np, pandas as pd, pyarrow as pa
 from audience_sync.diff import plan
-
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
 
 def ids(numbers):
     text = pa.array([f"u{n:010d}" for n in numbers])
@@ -68,9 +66,10 @@ for _ in range(240):  # up to a minute: the allocator hands pages back in the ba
     time.sleep(0.25)
 print(round(after - before), round(rss_mb() - before))
 """
+)
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc")
+@needs_proc_rss
 def test_memory_a_diff_used_goes_back_to_the_system() -> None:
     # A process keeps the scratch database for its life (a service, for days): what a big
     # diff's hash table used must not stay with it.

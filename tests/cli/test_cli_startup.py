@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import query, write_config, write_csv
+from conftest import RSS_MB_SOURCE, needs_proc_rss, query, write_config, write_csv
 
 HEAVY = ("pandas", "pyarrow", "duckdb", "numpy")
 
@@ -148,26 +148,27 @@ def test_the_cli_sets_native_libraries_up_before_they_load_unless_told(
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [False, expected]
 
 
+@needs_proc_rss
 def test_arrow_memory_freed_in_a_cli_process_goes_back_to_the_system(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """What the purge delay is for: Arrow columns a step freed (a planned audience's snapshot)
     no longer count in the process's memory. mimalloc's own default held all ~600 MB here."""
     monkeypatch.delenv("MIMALLOC_PURGE_DELAY", raising=False)
-    script = """
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)  # pyarrow's own: mimalloc
+    script = (
+        RSS_MB_SOURCE
+        + """
 import audience_sync.cli
 import pyarrow as pa, pyarrow.compute as pc
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) // 1024
-start = rss()
+start = rss_mb()
 ids = pc.cast(pa.array(range(3_000_000)), pa.string())
 columns = [pc.binary_join_element_wise(ids, "@example.com", "") for _ in range(8)]
-peak = rss()
+peak = rss_mb()
 del ids, columns
-print(start, peak, rss())
+print(round(start), round(peak), round(rss_mb()))
 """
+    )
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
