@@ -208,6 +208,9 @@ class Runs:
         A computed trait's rows carry its value before and after (``old_value``,
         ``new_value``: canonical JSON, None for none); ``history.user_changes`` shows them.
         """
+        # The log's one index is by (run_id, user_id) (migration 0013): ask for the user in
+        # each run's part of it. As a join, SQLite scans the whole log backwards by id instead.
+        runs = scoped(sa.select(sync_runs.c.id), sync_runs.c, destination, ())
         query = (
             sa.select(
                 sync_changes,
@@ -216,11 +219,10 @@ class Runs:
                 sync_runs.c.mode,
             )
             .join(sync_runs, sync_runs.c.id == sync_changes.c.run_id)
-            .where(sync_changes.c.user_id == user_id)
+            .where(sync_changes.c.run_id.in_(runs), sync_changes.c.user_id == user_id)
             .order_by(sync_changes.c.id.desc())
             .limit(limit)
         )
-        query = scoped(query, sync_runs.c, destination, ())
         with self.engine.connect() as conn:
             rows = [as_dict(r) for r in conn.execute(query).mappings()]
         return rows

@@ -102,9 +102,8 @@ def test_upgrading_from_0002_keeps_the_change_log_and_drops_its_foreign_key(stat
     assert not any(
         fk["referred_table"] == "sync_runs" for fk in inspector.get_foreign_keys("sync_changes")
     )
-    assert {i["name"] for i in inspector.get_indexes("sync_changes")} >= {
-        "ix_sync_changes_user",
-        "ix_sync_changes_run",
+    assert {i["name"] for i in inspector.get_indexes("sync_changes")} == {
+        "ix_sync_changes_run_user"
     }
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT run_id, user_id, value FROM sync_changes")).all()
@@ -255,4 +254,39 @@ def test_upgrading_to_0012_keeps_the_members_in_one_tree_on_sqlite(state_url: st
     assert members() == sorted(rows)
     if sqlite:
         assert _has_rowid(engine, "sync_members")
+    engine.dispose()
+
+
+def test_0013_keeps_the_change_log_on_one_index_by_run_and_user_and_downgrades(state_url: str):
+    from alembic import command
+
+    def indexes() -> set[str]:
+        return {i["name"] for i in sa.inspect(engine).get_indexes("sync_changes")}
+
+    def log() -> list[tuple[int, str]]:
+        with engine.connect() as conn:
+            found = conn.execute(sa.text("SELECT run_id, user_id FROM sync_changes"))
+            return sorted(tuple(r) for r in found)  # type: ignore[misc]
+
+    engine = connect(state_url)
+    upgrade(engine, "0012")
+    rows = [(1, "u2"), (1, "u1"), (2, "u1"), (3, "ü 3")]
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO sync_changes (run_id, user_id, trait_key, value, outcome, at) "
+                "VALUES (:r, :u, 'vip', TRUE, 'delivered', CURRENT_TIMESTAMP)"
+            ),
+            [{"r": r, "u": u} for r, u in rows],
+        )
+    assert indexes() == {"ix_sync_changes_user", "ix_sync_changes_run"}
+    upgrade(engine)
+    assert indexes() == {"ix_sync_changes_run_user"}
+    assert log() == sorted(rows)
+    cfg = _alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0012")
+    assert indexes() == {"ix_sync_changes_user", "ix_sync_changes_run"}
+    assert log() == sorted(rows)
     engine.dispose()
