@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,7 @@ from audience_sync.scratch import scratch
 __all__ = ["Plan", "plan"]
 
 _EMPTY = pd.Index([], dtype="string[pyarrow]")
+IndexOrSeries = TypeVar("IndexOrSeries", pd.Index, pd.Series)
 
 
 def _no_rows() -> pd.DataFrame:
@@ -80,8 +82,8 @@ def plan(
     if len(synced) == 0:  # an initial sync: everyone enters, nothing to join
         return Plan(entered=members, exited=synced, resend=_EMPTY, unchanged=0, sent=rows)
     entered_at, exited_at, replaced_at = _anti_joins(members, synced, values)
-    entered = members.take(entered_at)
-    exited = synced.take(exited_at)
+    entered = _take(members, entered_at)
+    exited = _take(synced, exited_at)
     if len(held) and len(exited):
         keep = ~exited.isin(list(held))
         exited, exited_at = exited[keep], exited_at[keep]
@@ -91,7 +93,7 @@ def plan(
         before = np.concatenate([replaced_at, exited_at])
         previous = pd.Series(
             pd.array(values[1].take(pa.array(before)), dtype="string[pyarrow]"),
-            index=synced.take(before),
+            index=_take(synced, before),
         )
     # State members who stay with the same value, held users included.
     unchanged = len(synced) - len(exited) - changed
@@ -100,12 +102,48 @@ def plan(
         keep = np.ones(len(members), dtype=bool)
         keep[entered_at] = False
         resend_at = np.flatnonzero(keep)
-        resend = members.take(resend_at)
+        resend = _take(members, resend_at)
         sent_rows = np.concatenate([entered_at, resend_at])
     else:
         resend = _EMPTY
-    sent = rows.iloc[sent_rows]
+    sent = pd.DataFrame(
+        {name: _take(rows[name], sent_rows).array for name in rows.columns},
+        index=_take(members, sent_rows),
+    )
     return Plan(entered, exited, resend, unchanged, sent, changed=changed, previous=previous)
+
+
+def _take(values: IndexOrSeries, positions: np.ndarray) -> IndexOrSeries:
+    """``values.take(positions)``, without joining the chunks of Arrow-backed values first.
+
+    pandas hands a chunked Arrow array to ``pyarrow.compute.take``, which concatenates every
+    chunk to take a few rows: a snapshot read in 4 chunks paid 4.5 ms per take of 5,000 of
+    500,000 ids, 20x the take itself, and growing with the audience. Here each chunk gives its
+    own rows (``positions`` in any order: they are taken chunk by chunk, then put back).
+    """
+    array = values.array
+    if not isinstance(array, pd.arrays.ArrowExtensionArray):
+        return values.take(positions)
+    chunked = pa.chunked_array(array.__arrow_array__())
+    if chunked.num_chunks <= 1:
+        return values.take(positions)
+    starts = np.cumsum([0] + [len(chunk) for chunk in chunked.chunks])
+    chunk_of = np.searchsorted(starts, positions, side="right") - 1
+    order = np.argsort(chunk_of, kind="stable")
+    by_chunk = positions[order]
+    bounds = np.searchsorted(chunk_of[order], np.arange(chunked.num_chunks + 1))
+    taken = pa.concat_arrays(
+        [
+            chunk.take(pa.array(by_chunk[bounds[k] : bounds[k + 1]] - starts[k]))
+            for k, chunk in enumerate(chunked.chunks)
+        ]
+    )
+    if not (np.diff(order) > 0).all():  # back to the order of ``positions``
+        taken = taken.take(pa.array(np.argsort(order)))
+    result = type(array)(taken)
+    if isinstance(values, pd.Index):
+        return pd.Index(result, name=values.name)
+    return pd.Series(result, name=values.name)
 
 
 def _anti_joins(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -142,6 +144,59 @@ def test_plan_matches_set_model(case: tuple[list[str], list[str], set[str], bool
     # Applying the plan to the state gives the snapshot's members plus the held state members.
     after = (s | set(p.entered) | set(p.resend)) - set(p.exited)
     assert after == m | (s & held)
+
+
+def chunked(values: list[str], cuts: list[int], *, name: str) -> pd.api.extensions.ExtensionArray:
+    """``values`` as a pyarrow-backed string array in the chunks ``cuts`` make, as a
+    Parquet file read in row groups gives them."""
+    bounds = sorted({0, len(values), *(c % (len(values) + 1) for c in cuts)})
+    chunks = [pa.array(values[a:b], pa.large_string()) for a, b in itertools.pairwise(bounds)]
+    array = pa.chunked_array(chunks, pa.large_string())
+    return pd.array(
+        array, dtype="string[pyarrow]" if name == "user_id" else pd.ArrowDtype(array.type)
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    case=diff_inputs(),
+    member_cuts=st.lists(st.integers(0, 31), max_size=4),
+    synced_cuts=st.lists(st.integers(0, 31), max_size=4),
+)
+def test_a_plan_over_chunked_arrays_is_the_plan_over_whole_ones(
+    case: tuple[list[str], list[str], set[str], bool],
+    member_cuts: list[int],
+    synced_cuts: list[int],
+) -> None:
+    """Snapshots and states arrive in several Arrow chunks; the plan takes its rows chunk by
+    chunk (``diff._take``) and must give exactly what it gives over one chunk: the same ids in
+    the same order, and each sent row the row of its own user."""
+    members, synced, held, full = case
+    emails = [f"{u}@example.com" for u in members]
+
+    def rows(cuts: list[int] | None) -> pd.DataFrame:
+        if cuts is None:
+            return pd.DataFrame(
+                {"email": pd.array(emails, dtype=pd.ArrowDtype(pa.large_string()))},
+                index=index(members),
+            )
+        return pd.DataFrame(
+            {"email": chunked(emails, cuts, name="email")},
+            index=pd.Index(chunked(members, cuts, name="user_id"), name="user_id"),
+        )
+
+    split = plan(
+        rows(member_cuts),
+        pd.Index(chunked(synced, synced_cuts, name="user_id"), name="user_id"),
+        full=full,
+        held=held,
+    )
+    whole = plan(rows(None), index(synced), full=full, held=held)
+    assert as_lists(split) == as_lists(whole)
+    assert list(split.sent.index) == [*whole.entered, *whole.resend]
+    assert list(split.sent["email"]) == [f"{u}@example.com" for u in split.sent.index]
+    assert split.sent.index.dtype == whole.sent.index.dtype
+    assert split.sent["email"].dtype == whole.sent["email"].dtype
 
 
 @pytest.mark.parametrize(
