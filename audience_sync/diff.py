@@ -25,7 +25,7 @@ from audience_sync.scratch import scratch
 __all__ = ["Plan", "plan"]
 
 _EMPTY = pd.Index([], dtype="string[pyarrow]")
-IndexOrSeries = TypeVar("IndexOrSeries", pd.Index, pd.Series)
+_Values = TypeVar("_Values", pd.Index, pd.Series)
 
 
 def _no_rows() -> pd.DataFrame:
@@ -106,14 +106,17 @@ def plan(
         sent_rows = np.concatenate([entered_at, resend_at])
     else:
         resend = _EMPTY
-    sent = pd.DataFrame(
-        {name: _take(rows[name], sent_rows).array for name in rows.columns},
-        index=_take(members, sent_rows),
-    )
+    if rows.columns.is_unique:
+        sent = pd.DataFrame(
+            {name: _take(rows[name], sent_rows).array for name in rows.columns},
+            index=_take(members, sent_rows),
+        )
+    else:  # a frame with two columns of one name: pandas' own take keeps both
+        sent = rows.iloc[sent_rows]
     return Plan(entered, exited, resend, unchanged, sent, changed=changed, previous=previous)
 
 
-def _take(values: IndexOrSeries, positions: np.ndarray) -> IndexOrSeries:
+def _take(values: _Values, positions: np.ndarray) -> _Values:
     """``values.take(positions)``, without joining the chunks of Arrow-backed values first.
 
     pandas hands a chunked Arrow array to ``pyarrow.compute.take``, which concatenates every

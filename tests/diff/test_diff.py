@@ -199,6 +199,17 @@ def test_a_plan_over_chunked_arrays_is_the_plan_over_whole_ones(
     assert split.sent["email"].dtype == whole.sent["email"].dtype
 
 
+def test_sent_rows_keep_two_columns_of_one_name() -> None:
+    rows = pd.DataFrame(
+        [["a@x.io", "A"], ["b@x.io", "B"], ["c@x.io", "C"]],
+        columns=["email", "email"],
+        index=index(["a", "b", "c"]),
+    )
+    p = plan(rows, index(["b", "d"]), full=True)
+    assert list(p.sent.columns) == ["email", "email"]
+    assert p.sent.to_numpy().tolist() == [["a@x.io", "A"], ["c@x.io", "C"], ["b@x.io", "B"]]
+
+
 @pytest.mark.parametrize(
     ("members", "synced", "repeats"),
     [
