@@ -131,7 +131,7 @@ def test_a_users_history_is_found_through_the_index_not_by_scanning_the_log(stat
         conn.execute(
             sa.text(
                 "INSERT INTO sync_changes (run_id, user_id, trait_key, value, outcome, at) "
-                f"SELECT 1 + g % 20, 'u' || g, 'vip', TRUE, 'delivered', CURRENT_TIMESTAMP "
+                "SELECT 1 + g % 20, 'u' || g, 'vip', TRUE, 'delivered', CURRENT_TIMESTAMP "
                 f"FROM ({numbers}) AS numbers"
             )
         )
