@@ -200,7 +200,7 @@ def kill_when_written(config: Path, out: Path, size: int = 200_000) -> int:
     return out.read_text().count("\n") if out.exists() else 0
 
 
-# -- Crisp: the loopback server and a destination pointed at it ----------------------------------
+# -- Memory tests: resident memory of a child process --------------------------------------------
 
 #: Source of ``rss_mb()``, the resident memory in MB, for the child scripts of memory tests.
 RSS_MB_SOURCE = """
@@ -214,6 +214,8 @@ needs_proc_rss = pytest.mark.skipif(
     not Path("/proc/self/statm").exists(), reason="reads RSS from /proc"
 )
 
+
+# -- Crisp: the loopback server and a destination pointed at it ----------------------------------
 
 CRISP_WEBSITE = "website-1"
 CRISP_IDENTIFIER = "plugin-identifier-7f3a"

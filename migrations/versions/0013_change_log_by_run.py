@@ -9,7 +9,7 @@ PostgreSQL each touched page also goes to the WAL whole after a checkpoint). Loo
 the new index's prefix; a user's history probes it once per run
 (``StateStore.user_changes``), milliseconds for thousands of runs.
 
-The upgrade builds the new index from the table once (about 18 s for 22M rows on SQLite).
+The upgrade builds the new index from the table once (18-20 s for 22.4M rows on SQLite).
 
 Revision ID: 0013
 Revises: 0012

@@ -17,6 +17,16 @@ from audience_sync.state.database import SCHEMA_HEAD, _alembic_config
 from audience_sync.state.schema import metadata
 
 
+def downgrade(engine: sa.Engine, revision: str) -> None:
+    """Migrate ``engine``'s schema down to ``revision`` (Alembic, on one connection)."""
+    from alembic import command
+
+    cfg = _alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+
+
 def test_migrations_match_the_declared_schema(state_url: str):
     engine = connect(state_url)
     assert not sa.inspect(engine).has_table("sync_runs")
@@ -155,8 +165,6 @@ def test_upgrading_from_0004_keeps_the_members_and_drops_their_foreign_key(state
 def test_upgrading_to_0009_keeps_audiences_as_they_were_and_takes_trait_values(state_url: str):
     """Issue 11: existing audiences stay audiences with their members, retry rows and log; the
     new columns take a computed trait's values; and the downgrade drops them again."""
-    from alembic import command
-
     engine = connect(state_url)
     upgrade(engine, "0008")
     with engine.begin() as conn:
@@ -193,10 +201,7 @@ def test_upgrading_to_0009_keeps_audiences_as_they_were_and_takes_trait_values(s
         conn.execute(
             sa.text("INSERT INTO sync_members (audience_id, user_id, value) VALUES (2, 'u1', '7')")
         )
-    cfg = _alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0008")
+    downgrade(engine, "0008")
     columns = {c["name"] for c in sa.inspect(engine).get_columns("sync_members")}
     assert columns == {"audience_id", "user_id"}
     engine.dispose()
@@ -214,8 +219,6 @@ def _has_rowid(engine: sa.Engine, table: str) -> bool:
 def test_upgrading_to_0012_keeps_the_members_in_one_tree_on_sqlite(state_url: str):
     """On SQLite the members table is rebuilt WITHOUT ROWID with every row, value and the key
     kept; PostgreSQL's is untouched. The downgrade rebuilds it with its rowid."""
-    from alembic import command
-
     engine = connect(state_url)
     upgrade(engine, "0011")
     rows = [(1, "u1", None), (1, "u2", None), (2, "u1", '"gold"'), (2, "ü \u2028", "7.5")]
@@ -247,10 +250,7 @@ def test_upgrading_to_0012_keeps_the_members_in_one_tree_on_sqlite(state_url: st
     assert members() == sorted(rows)
     with engine.begin() as conn, pytest.raises(sa.exc.IntegrityError):  # still one per member
         conn.execute(sa.text("INSERT INTO sync_members (audience_id, user_id) VALUES (1, 'u1')"))
-    cfg = _alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0011")
+    downgrade(engine, "0011")
     assert members() == sorted(rows)
     if sqlite:
         assert _has_rowid(engine, "sync_members")
@@ -258,8 +258,6 @@ def test_upgrading_to_0012_keeps_the_members_in_one_tree_on_sqlite(state_url: st
 
 
 def test_0013_keeps_the_change_log_on_one_index_by_run_and_user_and_downgrades(state_url: str):
-    from alembic import command
-
     def indexes() -> set[str]:
         return {i["name"] for i in sa.inspect(engine).get_indexes("sync_changes")}
 
@@ -283,10 +281,7 @@ def test_0013_keeps_the_change_log_on_one_index_by_run_and_user_and_downgrades(s
     upgrade(engine)
     assert indexes() == {"ix_sync_changes_run_user"}
     assert log() == sorted(rows)
-    cfg = _alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0012")
+    downgrade(engine, "0012")
     assert indexes() == {"ix_sync_changes_user", "ix_sync_changes_run"}
     assert log() == sorted(rows)
     engine.dispose()

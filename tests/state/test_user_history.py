@@ -26,8 +26,13 @@ def _fill(conn: sa.Connection, runs: list[str], changes: list[tuple[int, str, bo
     conn.execute(
         sa.insert(sync_audiences),
         [
-            {"id": i + 1, "destination": d, "audience_key": "vip", "audience_name": "VIP"}
-            | {"created_at": AT}
+            {
+                "id": i + 1,
+                "destination": d,
+                "audience_key": "vip",
+                "audience_name": "VIP",
+                "created_at": AT,
+            }
             for i, d in enumerate(DESTINATIONS)
         ],
     )
