@@ -38,6 +38,16 @@ def _pg_required() -> bool:
 
 
 @pytest.fixture(autouse=True)
+def _own_working_directory(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each test starts in an empty folder of its own, and so do the commands it runs without a
+    ``cwd``: files in the folder pytest was started from (the ``audience_sync.db`` the README's
+    first command leaves in the repository) must not change what a test sees."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+@pytest.fixture(autouse=True)
 def _own_cache_home(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
