@@ -26,6 +26,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # incremental run peaked at 726 MB instead of 921 (an initial sync at 620 instead of 777), for
 # 2-7% more CPU (docs/scale.md); a serve process no longer keeps them between runs either.
 os.environ.setdefault("MIMALLOC_PURGE_DELAY", "0")
+# And no transparent huge pages for the process (mimalloc applies it with
+# PR_SET_THP_DISABLE): it asked for them on its arena, so every fault zeroed 2 MB, and with the
+# pages given back at once each audience's buffers faulted all of them anew. A 20M incremental
+# run spent 2 s of its 14 s of CPU zeroing them (docs/scale.md).
+os.environ.setdefault("MIMALLOC_ALLOW_THP", "0")
 
 import click
 

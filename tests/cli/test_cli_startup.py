@@ -124,6 +124,8 @@ def test_the_lazy_public_api_still_resolves_every_name() -> None:
         ("OPENBLAS_NUM_THREADS", "3", "3"),
         ("MIMALLOC_PURGE_DELAY", None, "0"),
         ("MIMALLOC_PURGE_DELAY", "250", "250"),
+        ("MIMALLOC_ALLOW_THP", None, "0"),
+        ("MIMALLOC_ALLOW_THP", "1", "1"),
     ],
 )
 def test_the_cli_sets_native_libraries_up_before_they_load_unless_told(
@@ -146,6 +148,34 @@ def test_the_cli_sets_native_libraries_up_before_they_load_unless_told(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [False, expected]
+
+
+def _reports_thp() -> bool:
+    status = Path("/proc/self/status")
+    return status.exists() and "THP_enabled:" in status.read_text()
+
+
+@pytest.mark.skipif(not _reports_thp(), reason="needs Linux's THP_enabled in /proc/self/status")
+@pytest.mark.parametrize(("given", "expected"), [(None, "0"), ("1", "1")])
+def test_a_cli_process_has_no_transparent_huge_pages_once_arrow_allocates(
+    given: str | None, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What MIMALLOC_ALLOW_THP=0 is for: Arrow's allocator turns huge pages off for the whole
+    process (a fault no longer zeroes 2 MB); a user's own setting keeps them."""
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)  # pyarrow's own: mimalloc
+    if given is None:
+        monkeypatch.delenv("MIMALLOC_ALLOW_THP", raising=False)
+    else:
+        monkeypatch.setenv("MIMALLOC_ALLOW_THP", given)
+    script = (
+        "import audience_sync.cli, pyarrow as pa; column = pa.array(range(1_000_000)); "
+        "print([line for line in open('/proc/self/status') if line.startswith('THP_enabled:')]"
+        "[0].split()[1])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert proc.stdout.split()[-1] == expected
 
 
 @needs_proc_rss
