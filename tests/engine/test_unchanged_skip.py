@@ -223,7 +223,8 @@ class SkipEquivalence(RuleBasedStateMachine):
             elif how == "other ids":  # a well-formed cache file, of other members
                 other = MemberCache(folder / "other")
                 digest = other.write(0, pd.Index(["u9", *USERS[:2]], dtype="string[pyarrow]"))
-                path.write_bytes((folder / "other" / f"audience-0-{digest}.arrow").read_bytes())
+                assert digest is not None
+                path.write_bytes(other.path(0, digest).read_bytes())
             self.old_files.append(data)
         if self.members.pop(user, None) is None:
             self.members[user] = f"{user}@x.io"
@@ -364,9 +365,8 @@ def test_a_dry_run_never_writes_the_fingerprint_or_the_member_cache(
     folder = vip.state.member_cache_folder()
     assert folder is not None
     files = {p.name: p.read_bytes() for p in folder.iterdir()}
-    assert list(files) == [
-        f"audience-{stored[0]['audience_id']}-{stored[0]['members_cache']}.arrow"
-    ]
+    named = MemberCache(folder).path(stored[0]["audience_id"], stored[0]["members_cache"])
+    assert list(files) == [named.name]
     sync(vip, destination=RecordingDestination("jsonl"), dry_run=True)
     (vip.config_dir / "vip.csv").write_text("user_id\nu1\n")
     sync(vip, destination=RecordingDestination("jsonl"), dry_run=True, full=True)

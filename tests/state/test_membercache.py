@@ -4,11 +4,13 @@ fingerprint row names, and a changed snapshot is then diffed without reading the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import stat
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 from conftest import query, write_config, write_users
 from hypothesis import given, settings
@@ -44,11 +46,11 @@ def test_only_the_named_bytes_are_trusted(tmp_path: Path, caplog: pytest.LogCapt
     new = cache.write(1, _index(["a", "c"]))
     assert old is not None and new is not None and old != new
     # Writing the new file removed the old one: no run can use it again.
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"audience-1-{new}.arrow"]
+    assert list((tmp_path / "cache").iterdir()) == [cache.path(1, new)]
     caplog.set_level(logging.INFO)
     assert cache.read(1, old, 2) is None  # missing
     assert cache.read(1, new, 3) is None  # not as many ids as the state holds
-    path = tmp_path / "cache" / f"audience-1-{new}.arrow"
+    path = cache.path(1, new)
     path.write_bytes(path.read_bytes().replace(b"c", b"d"))
     assert cache.read(1, new, 2) is None  # edited
     path.write_bytes(b"not arrow")
@@ -56,6 +58,39 @@ def test_only_the_named_bytes_are_trusted(tmp_path: Path, caplog: pytest.LogCapt
     assert "does not hold what the state recorded" in caplog.text
     assert "not found" in caplog.text and "holds 2 ids, not 3" in caplog.text
     assert cache.read(2, new, 2) is None  # another audience's name
+
+
+def test_a_file_named_by_a_blake2b_digest_is_a_quiet_miss_and_is_pruned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Upgrading from BLAKE2b names: the row's old digest finds no file (an info line, not a
+    warning that the file was tampered with), and the audience's next write removes it."""
+    cache = MemberCache(tmp_path / "cache")
+    digest = cache.write(1, _index(["a", "b"]))
+    assert digest is not None
+    data = cache.path(1, digest).read_bytes()
+    old_digest = hashlib.blake2b(data, digest_size=32).hexdigest()
+    old = tmp_path / "cache" / f"audience-1-{old_digest}.arrow"
+    cache.path(1, digest).rename(old)
+    caplog.set_level(logging.INFO)
+    assert cache.read(1, old_digest, 2) is None
+    assert "not found" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    new = cache.write(1, _index(["a", "c"]))
+    assert new is not None and list((tmp_path / "cache").iterdir()) == [cache.path(1, new)]
+
+
+def test_a_chunked_index_is_written_and_read_back_whole(tmp_path: Path) -> None:
+    """A snapshot read from Parquet comes in chunks (a row group each): written a batch per
+    chunk, read back as the same ids in the same order."""
+    chunks = [["u3", "u1"], [], ["u2"], ["u9", "u0", "u7"]]
+    column = pa.chunked_array([pa.array(c, pa.large_string()) for c in chunks])
+    ids = pd.Index(pd.array(column, dtype="string[pyarrow]"), name="user_id")
+    cache = MemberCache(tmp_path / "cache")
+    digest = cache.write(1, ids)
+    assert digest is not None
+    back = cache.read(1, digest, 6)
+    assert back is not None and back.tolist() == ["u3", "u1", "u2", "u9", "u0", "u7"]
 
 
 def test_the_folder_is_the_owners_and_an_unwritable_one_only_warns(
