@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -180,7 +181,7 @@ class _Run:
         cache = self.member_cache if now is not None and not audience.computed else None
         cached = None
         if cache is not None and stored is not None and stored.members_cache is not None:
-            cached = cache.read(ref.id, stored.members_cache, stored.members)
+            cached = functools.partial(cache.read, ref.id, stored.members_cache, stored.members)
         written: list[str | None] = []
 
         def keep(ids: pd.Index) -> None:
@@ -190,7 +191,7 @@ class _Run:
         started = time.perf_counter()
         try:
             snapshot, the_plan = load_and_plan(
-                audience, self.store, ref.id, full=self.full, synced=cached, keep=keep
+                audience, self.store, ref.id, full=self.full, cached=cached, keep=keep
             )
         except SnapshotError as exc:
             self.store.finish_run(run_id, RunStatus.FAILED, str(exc))

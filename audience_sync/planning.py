@@ -85,7 +85,7 @@ def load_and_plan(
     audience_id: int | None,
     *,
     full: bool,
-    synced: pd.Index | None = None,
+    cached: Callable[[], pd.Index | None] | None = None,
     keep: Callable[[pd.Index], None] | None = None,
 ) -> tuple[Snapshot, Plan]:
     """Load and diff one audience, inside the state database when its query lives there.
@@ -96,12 +96,12 @@ def load_and_plan(
     planning needs them; the rows sent are in the plan). Exits are held while the snapshot has
     rejected rows (``hold_exits``).
 
-    ``synced``: the state's members when the caller already has them (the member cache), so
-    they are not read from the database. ``keep`` is given the snapshot's member ids before
-    they are dropped (to write the member cache).
+    ``cached`` reads the state's members from elsewhere than the database (the member cache),
+    or returns None when it cannot; the database is read then. ``keep`` is given the
+    snapshot's member ids before they are dropped (to write the member cache).
     """
     snapshot, the_plan = _load_and_plan(
-        audience, store, audience_id, full=full, synced=synced, keep=keep
+        audience, store, audience_id, full=full, cached=cached, keep=keep
     )
     return snapshot, hold_exits(snapshot, the_plan)
 
@@ -112,29 +112,29 @@ def _load_and_plan(
     audience_id: int | None,
     *,
     full: bool,
-    synced: pd.Index | None,
+    cached: Callable[[], pd.Index | None] | None,
     keep: Callable[[pd.Index], None] | None,
 ) -> tuple[Snapshot, Plan]:
     if audience_id is not None and pushdown.applies(audience, store.engine):
         return pushdown.plan_in_database(store.engine, audience, audience_id, full=full)
     # A computed trait is diffed the same way, its values compared too (``synced_values``).
     synced_values: pa.Array | None = None
-    if synced is not None and not audience.computed:
-        snapshot = load_snapshot(audience)
-    elif audience_id is None:
+    synced: pd.Index
+    if audience_id is None:
         synced = pd.Index([], dtype="string[pyarrow]", name="user_id")
         if audience.computed:
             synced_values = pa.array([], pa.large_string())
         snapshot = load_snapshot(audience)
     else:
-        # The state read is mostly the database's work: overlap it with reading the snapshot.
+        # The state read (the database's work, or reading and hashing the member cache's file)
+        # overlaps reading the snapshot.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-read") as pool:
             if audience.computed:
                 read_values = pool.submit(store.values, audience_id)
                 snapshot = load_snapshot(audience)
                 synced, synced_values = read_values.result()
             else:
-                members = pool.submit(store.members, audience_id)
+                members = pool.submit(_members, store, audience_id, cached)
                 snapshot = load_snapshot(audience)
                 synced = members.result()
     rows = snapshot.members
@@ -145,6 +145,13 @@ def _load_and_plan(
     if keep is not None:
         keep(rows.index)
     return dataclasses.replace(snapshot, members=rows.iloc[:0]), the_plan
+
+
+def _members(
+    store: StateStore, audience_id: int, cached: Callable[[], pd.Index | None] | None
+) -> pd.Index:
+    found = cached() if cached is not None else None
+    return found if found is not None else store.members(audience_id)
 
 
 def sample_changes(audience: AudienceConfig, p: Plan) -> list[dict[str, Any]]:
