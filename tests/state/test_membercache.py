@@ -91,6 +91,11 @@ def test_a_chunked_index_is_written_and_read_back_whole(tmp_path: Path) -> None:
     assert digest is not None
     back = cache.read(1, digest, 6)
     assert back is not None and back.tolist() == ["u3", "u1", "u2", "u9", "u0", "u7"]
+    none = pd.Index(pd.array(pa.chunked_array([], pa.large_string()), dtype="string[pyarrow]"))
+    digest = cache.write(2, none)  # an audience with no member: no chunk at all
+    assert digest is not None
+    back = cache.read(2, digest, 0)
+    assert back is not None and back.tolist() == []
 
 
 def test_the_folder_is_the_owners_and_an_unwritable_one_only_warns(
