@@ -426,9 +426,9 @@ def run_size(
                     out.unlink(missing_ok=True)
                     if a is None:  # one anchor per round, before the first measured run
                         anchor_argv = [*me, ANCHORS[case], str(folder)]
-                        anchor_argv += (
-                            [then] if case in ("initial", "zero-change", "full") else [synced, then]
-                        )
+                        # The floor and the read take the snapshot; the joins both sides.
+                        one_side = ANCHORS[case] in ("_initial", "_read")
+                        anchor_argv += [then] if one_side else [synced, then]
                         a = child(anchor_argv, folder, None)
                     b = child(run_argv, folder, server_cpu)
                     b["lines"] = _lines(out) if out.exists() else 0
