@@ -98,6 +98,11 @@ def plan(
     # State members who stay with the same value, held users included.
     unchanged = len(synced) - len(exited) - changed
     sent_rows = entered_at
+    if full and not len(entered_at):
+        # Every member is re-sent, in the snapshot's order: its ids and rows are the plan's as
+        # they are. Taken, they were copies of the whole snapshot beside it (at 2.5M members the
+        # highest point of a --full's memory).
+        return Plan(entered, exited, members, unchanged, rows, changed=changed, previous=previous)
     if full:
         keep = np.ones(len(members), dtype=bool)
         keep[entered_at] = False

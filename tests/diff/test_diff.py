@@ -74,6 +74,24 @@ def test_full_resends_unchanged_and_exits_leavers() -> None:
     assert p.sends == 4  # true to 1, 2, 3 and false to 4
 
 
+def test_full_of_a_synced_audience_resends_the_snapshot_rows_uncopied() -> None:
+    # Nobody enters, so every member is re-sent in the snapshot's order: the plan holds the
+    # snapshot's own rows and ids, not a copy beside them (the peak of a --full of 20M).
+    rows = pd.DataFrame(
+        {"email": pd.array(["b@x.io", "a@x.io", "c@x.io"], dtype="string[pyarrow]")},
+        index=index(["b", "a", "c"]),
+    )
+    p = plan(rows, index(["a", "c", "d", "b"]), full=True)
+    assert as_lists(p) == ([], ["d"], ["b", "a", "c"], 3)
+    assert p.sent is rows
+    assert p.resend is rows.index
+    # One member entering takes the general path: entered first, then the re-sent, copied.
+    q = plan(rows, index(["a", "d"]), full=True)
+    assert as_lists(q) == (["b", "c"], ["d"], ["a"], 1)
+    assert list(q.sent.index) == ["b", "c", "a"]
+    assert list(q.sent["email"]) == ["b@x.io", "c@x.io", "a@x.io"]
+
+
 def test_full_on_first_sync_is_all_entered() -> None:
     p = plan(index(["1", "2"]), index([]), full=True)
     assert as_lists(p) == (["1", "2"], [], [], 0)
