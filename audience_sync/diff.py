@@ -97,28 +97,34 @@ def plan(
         )
     # State members who stay with the same value, held users included.
     unchanged = len(synced) - len(exited) - changed
-    sent_rows = entered_at
+    resend, sent = _sent(rows, entered_at, full=full)
+    return Plan(entered, exited, resend, unchanged, sent, changed=changed, previous=previous)
+
+
+def _sent(
+    rows: pd.DataFrame, entered_at: np.ndarray, *, full: bool
+) -> tuple[pd.Index, pd.DataFrame]:
+    """A plan's ``resend`` (with ``full``, the members who do not enter) and ``sent`` (the rows
+    of the entered, then of the re-sent), from the snapshot's ``rows`` and the entered's
+    positions in them."""
     if full and not len(entered_at):
         # Every member is re-sent, in the snapshot's order: its ids and rows are the plan's as
         # they are. Taken, they were copies of the whole snapshot beside it (at 2.5M members the
         # highest point of a --full's memory).
-        return Plan(entered, exited, members, unchanged, rows, changed=changed, previous=previous)
+        return rows.index, rows
+    members = rows.index
+    sent_rows = entered_at
+    resend: pd.Index = _EMPTY
     if full:
         keep = np.ones(len(members), dtype=bool)
         keep[entered_at] = False
         resend_at = np.flatnonzero(keep)
         resend = _take(members, resend_at)
         sent_rows = np.concatenate([entered_at, resend_at])
-    else:
-        resend = _EMPTY
-    if rows.columns.is_unique:
-        sent = pd.DataFrame(
-            {name: _take(rows[name], sent_rows).array for name in rows.columns},
-            index=_take(members, sent_rows),
-        )
-    else:  # a frame with two columns of one name: pandas' own take keeps both
-        sent = rows.iloc[sent_rows]
-    return Plan(entered, exited, resend, unchanged, sent, changed=changed, previous=previous)
+    if not rows.columns.is_unique:  # two columns of one name: pandas' own take keeps both
+        return resend, rows.iloc[sent_rows]
+    columns = {name: _take(rows[name], sent_rows).array for name in rows.columns}
+    return resend, pd.DataFrame(columns, index=_take(members, sent_rows))
 
 
 def _take(values: _Values, positions: np.ndarray) -> _Values:
