@@ -13,9 +13,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from audience_sync import destinations
-from audience_sync.cli import main
+from audience_sync.cli import console_main
 
 destinations._REGISTRY["slow_jsonl"] = "slow_destination:SlowJsonlDestination"
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -124,3 +125,34 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(ExitCode.INTERRUPTED)
+
+
+def console_main() -> None:
+    """The ``audience-sync`` console script: ``main``, then the process ends without the
+    interpreter's teardown.
+
+    Tearing the interpreter down after a run (freeing every module and object that pandas,
+    pyarrow, SQLAlchemy and DuckDB loaded, and a last garbage collection) cost 0.18 s of CPU
+    after an incremental run of 4M memberships, 5% of the run. By the time ``main`` returns,
+    what the command wrote is committed and closed and its threads have ended; the output
+    streams and the log handlers are flushed here. If another thread is still running, or
+    the exit status is not a number, the interpreter exits the usual way instead (which
+    waits for the thread). ``main`` itself returns normally, for callers in Python.
+    """
+    try:
+        main()
+    except SystemExit as exc:
+        status = exc.code
+    else:
+        status = 0
+    if status is None:
+        status = 0
+    if not isinstance(status, int) or threading.active_count() > 1:
+        sys.exit(status)
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # a closed pipe, say: the interpreter reports it as it always does
+        sys.exit(status)
+    os._exit(status)
