@@ -20,9 +20,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from audience_sync.arrowtext import arrow_text
+from audience_sync.repeats import has_repeated
 from audience_sync.scratch import scratch
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "RepeatedIds", "plan"]
 
 _EMPTY = pd.Index([], dtype="string[pyarrow]")
 _Values = TypeVar("_Values", pd.Index, pd.Series)
@@ -59,6 +60,10 @@ class Plan:
         return len(self.entered) + len(self.resend) + len(self.exited)
 
 
+class RepeatedIds(Exception):
+    """``plan(..., unique=False)`` found an id that ``members`` holds twice."""
+
+
 def plan(
     members: pd.Index | pd.DataFrame,
     synced: pd.Index,
@@ -66,6 +71,7 @@ def plan(
     full: bool = False,
     held: Collection[str] = (),
     values: tuple[pa.Array, pa.Array] | None = None,
+    unique: bool = True,
 ) -> Plan:
     """Diff ``members`` (this snapshot) against ``synced`` (the state's members).
 
@@ -76,13 +82,27 @@ def plan(
     re-sent as ``resend``. Results keep the order of their input. ``values``: a computed
     trait's values of ``members`` and of ``synced`` (canonical JSON text, in their order); a
     member whose value differs from the state's is entered again.
+
+    ``unique=False``: ``members`` has not been checked for repeated ids yet; the plan checks
+    them and raises ``RepeatedIds`` if one repeats. Most of the proof is the join's own counts:
+    the members the state knows are unique exactly when as many of them matched as state ids
+    were matched. So only the entered ids are looked at one by one (the whole snapshot's when
+    the state is empty), where validating the snapshot hashed and sorted every id.
     """
     rows = members if isinstance(members, pd.DataFrame) else pd.DataFrame(index=members)
     members = rows.index
     if len(synced) == 0:  # an initial sync: everyone enters, nothing to join
+        if not unique and has_repeated(members):
+            raise RepeatedIds
         return Plan(entered=members, exited=synced, resend=_EMPTY, unchanged=0, sent=rows)
     entered_at, exited_at, replaced_at = _anti_joins(members, synced, values)
     entered = _take(members, entered_at)
+    if not unique:
+        # A member in the state matches its one row there; two rows of one id both match it.
+        # Members entered with another value (``replaced``) matched too.
+        matched = len(members) - len(entered_at) + len(replaced_at)
+        if matched != len(synced) - len(exited_at) or has_repeated(entered):
+            raise RepeatedIds
     exited = _take(synced, exited_at)
     if len(held) and len(exited):
         keep = ~exited.isin(list(held))

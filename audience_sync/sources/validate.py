@@ -67,12 +67,17 @@ def validate(
     *,
     value_column: str | None = None,
     value_type: str = "auto",
+    repeats: bool = True,
 ) -> Snapshot:
     """Validate ``frame`` (text columns) read from ``source`` into a ``Snapshot``.
 
     ``value_column``: a computed trait's snapshot; its values (of any column type) become the
     members' canonical ``value`` (``sources/values.py``), users without one are not members,
     and a row whose value cannot be used is rejected and its user held.
+
+    ``repeats=False`` does not look for repeated ids: the snapshot is what validation makes of
+    rows whose ids are all distinct, and the caller must prove them so (``diff.plan``'s
+    ``unique=False`` does) or validate again with ``repeats=True``.
     """
     frame = frame.rename(columns=lambda c: str(c).strip())
     require_user_id(list(frame.columns), source)
@@ -117,7 +122,7 @@ def validate(
     # of their rows is reported (also a row identical to another of the held user's rows).
     # Row-wise duplicate checks cost seconds on millions of rows: only pay when an id repeats
     # (one hash of the ids, 0.07 s for 1M, tells).
-    repeats = has_repeated(data["user_id"])
+    repeats = repeats and has_repeated(data["user_id"])
     if repeats:
         distinct_ids = data.drop_duplicates()["user_id"]
         conflicting = frozenset(distinct_ids[distinct_ids.duplicated()].tolist())

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from audience_sync.diff import Plan, plan
+from audience_sync.diff import Plan, RepeatedIds, plan
 from audience_sync.repeats import has_repeated
 
 
@@ -254,3 +254,38 @@ def test_has_repeated_matches_a_set(ids: list[str], order: str) -> None:
     if order == "sorted":
         ids = sorted(ids, key=lambda u: u.encode())
     assert has_repeated(index(ids)) is (len(set(ids)) < len(ids))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    members=st.lists(st.sampled_from("abcdefg"), max_size=10),
+    synced=st.sets(st.sampled_from("abcdefgh"), max_size=8),
+    trait=st.booleans(),
+    full=st.booleans(),
+    data=st.data(),
+)
+def test_a_plan_that_checks_repeats_itself_finds_every_one(
+    members: list[str], synced: set[str], trait: bool, full: bool, data: st.DataObject
+) -> None:
+    """``plan(unique=False)``, handed ids that validation did not check, raises
+    ``RepeatedIds`` exactly when an id repeats (entering, staying, or with a changed value),
+    and otherwise plans what it plans for checked ids."""
+    state = sorted(synced)
+    values = None
+    if trait:  # a computed trait: values from a small set, so repeats agree and disagree
+        pick = st.lists(st.sampled_from(["1", "2"]), min_size=len(members), max_size=len(members))
+        mine = data.draw(pick)
+        theirs = data.draw(
+            st.lists(st.sampled_from(["1", "2"]), min_size=len(state), max_size=len(state))
+        )
+        values = (pa.array(mine, pa.large_string()), pa.array(theirs, pa.large_string()))
+    repeats = len(set(members)) < len(members)
+    try:
+        checked = plan(index(members), index(state), full=full, values=values, unique=False)
+    except RepeatedIds:
+        assert repeats
+        return
+    assert not repeats
+    given_unique = plan(index(members), index(state), full=full, values=values)
+    assert as_lists(checked) == as_lists(given_unique)
+    assert checked.changed == given_unique.changed
