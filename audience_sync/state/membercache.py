@@ -53,7 +53,12 @@ class MemberCache:
         ids), or None (and why, in the log) when no such file is here."""
         path = self.path(audience_id, digest)
         try:
-            data = path.read_bytes()
+            # Into Arrow's memory, which goes back to the system when freed. Read as Python
+            # bytes on the thread that reads the state, each audience's ids stayed in that
+            # thread's malloc arena after they were freed (4M memberships: 8 MB more with
+            # each audience of 500,000).
+            with pa.OSFile(str(path)) as file:
+                data = file.read_buffer()
         except FileNotFoundError:
             log.info(
                 "audience_id=%d member cache %s not found: reading the members from the state",
