@@ -127,9 +127,8 @@ def _load_and_plan(
         raw, snapshot = _read(audience)
     else:
         # The state read (the database's work, or reading and hashing the member cache's file)
-        # overlaps reading and validating the snapshot. Validated after the reading thread had
-        # ended, a run's memory grew by 8 MB with each audience of 500,000 (4M memberships:
-        # 350 MB at the last audience instead of 300).
+        # overlaps reading and validating the snapshot (validated after it, a 4M run's memory
+        # grew by 8 MB an audience until the CLI capped malloc's arenas: docs/scale.md).
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-read") as pool:
             if audience.computed:
                 read_values = pool.submit(store.values, audience_id)
